@@ -1,0 +1,169 @@
+"""`s2l`: a thin command line over the stages. Everything it can set lives in the typed config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from s2l_ray import __version__
+from s2l_ray.config import ConfigError, S2LConfig, dump_config, load_config, reference_table
+
+log = logging.getLogger("s2l_ray.cli")
+PACKAGED = Path(__file__).parent / "configs"
+
+DESCRIPTION = """\
+s2l: pick the training examples worth fine-tuning a large language model on.
+
+S2L (SmallToLarge, NeurIPS 2024) trains a SMALL reference model on all of your instruction data,
+records every example's loss at each checkpoint (its loss trajectory), clusters the trajectories,
+and spends your budget evenly across the clusters. The LARGE target model is then fine-tuned on
+that subset. Every stage runs on Ray (a local one, or your cluster) and writes its result to
+<run.output_dir>/<stage>/; a rerun skips stages that are already done.
+"""
+
+
+def _epilog() -> str:
+    from s2l_ray.pipeline import PIPELINE, available
+
+    lines = ["the pipeline, in order:"]
+    for s in PIPELINE:
+        mark = "" if available(s) else "  (not in this version yet)"
+        lines.append(f"  {s.name:<13} {s.summary}{mark}\n  {'':<13} -> {s.output}")
+    lines += [
+        "",
+        "configuration: a YAML file (see s2l_ray/configs/) plus key=value overrides; unknown keys",
+        "and wrong types are rejected before any work starts. `s2l config --reference` lists",
+        "every key with its default and meaning.",
+        "",
+        "examples:",
+        "  s2l demo                                     # built-in data + tiny models, local Ray",
+        "  s2l demo demo.n_train=500 run.output_dir=/tmp/s2l",
+        "  s2l run mathinstruct select.budget=0.11       # a packaged config, by name",
+        "  s2l ingest my.yaml data.source=data/train.jsonl data.overlong=reject",
+        "  s2l config my.yaml                           # print the resolved config",
+        "  ray job submit --working-dir . -- s2l run my.yaml run.ray_address=auto",
+    ]
+    return "\n".join(lines)
+
+
+def config_path(name: str) -> Path:
+    """A YAML path, or the name of a packaged config ('demo', 'mathinstruct')."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    packaged = PACKAGED / f"{name}.yaml"
+    if packaged.is_file() and not p.suffix:
+        return packaged
+    names = ", ".join(sorted(f.stem for f in PACKAGED.glob("*.yaml")))
+    raise ConfigError(f"config '{name}' is neither a file nor a packaged config. Fix: give a "
+                      f"YAML path, or one of: {names}")
+
+
+def _load(args: argparse.Namespace) -> S2LConfig:
+    path = config_path(args.config) if getattr(args, "config", None) else None
+    cfg = load_config(path, args.overrides)
+    return cfg
+
+
+def _add_config_args(p: argparse.ArgumentParser, *, config: bool = True) -> None:
+    if config:
+        p.add_argument("config", help="pipeline YAML, or a packaged config name (demo, ...)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override config keys, e.g. select.budget=0.2 reference.epochs=1")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO (default), WARNING")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from s2l_ray.pipeline import PIPELINE
+
+    parser = argparse.ArgumentParser(
+        prog="s2l", description=DESCRIPTION, epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"s2l_ray {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the whole pipeline on the built-in demo (local Ray)",
+                       description="Built-in mathmix data + offline tiny models, end to end, on "
+                       "a local Ray. Takes key=value overrides of the packaged demo config.")
+    _add_config_args(p, config=False)
+    p = sub.add_parser("run", help="run every stage of a pipeline config, skipping done ones")
+    _add_config_args(p)
+    for s in PIPELINE:
+        p = sub.add_parser(s.name, help=s.summary, description=f"{s.summary}. Output: {s.output}")
+        _add_config_args(p)
+    p = sub.add_parser("config", help="print the resolved config, or --reference for all keys")
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]")
+    p.add_argument("--reference", action="store_true",
+                   help="print every key, type, default and meaning as a markdown table")
+    p.add_argument("--log-level", default="WARNING")
+    p = sub.add_parser("make-demo-data", help="write the mathmix demo data set as JSONL")
+    p.add_argument("out_dir")
+    p.add_argument("--n-train", type=int, default=2000)
+    p.add_argument("--n-test-per-source", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-level", default="INFO")
+    p = sub.add_parser("make-tiny-model", help="save an offline tiny Pythia-shaped model + "
+                       "tokenizer that loads with from_pretrained")
+    p.add_argument("out_dir")
+    p.add_argument("--preset", default="micro")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from s2l_ray.runtime import setup_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    setup_logging(args.log_level)
+    try:
+        return _dispatch(args)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; rerun the same command to resume from the last finished stage")
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from s2l_ray import pipeline
+
+    if args.command == "config":
+        if args.reference:
+            sys.stdout.write(reference_table() + "\n")
+            return 0
+        rest = list(args.args)
+        path = config_path(rest.pop(0)) if rest and "=" not in rest[0] else None
+        sys.stdout.write(dump_config(load_config(path, rest)))
+        return 0
+    if args.command == "make-demo-data":
+        from s2l_ray.demo_data import write_mathmix
+
+        paths = write_mathmix(args.out_dir, n_train=args.n_train,
+                              n_test_per_source=args.n_test_per_source, seed=args.seed)
+        log.info("wrote %s", ", ".join(f"{k}: {v}" for k, v in paths.items()))
+        return 0
+    if args.command == "make-tiny-model":
+        from s2l_ray.tiny_models import PRESETS, build_tiny_model
+
+        if args.preset not in PRESETS:
+            raise ConfigError(f"--preset '{args.preset}' is unknown. Fix: use one of "
+                              f"{', '.join(PRESETS)}")
+        log.info("saved %s", build_tiny_model(args.out_dir, preset=args.preset, seed=args.seed))
+        return 0
+    if args.command == "demo":
+        cfg = load_config(PACKAGED / "demo.yaml", args.overrides)
+    else:
+        cfg = _load(args)
+    if args.command in ("demo", "run"):
+        pipeline.run_pipeline(cfg)
+    else:
+        pipeline.run_stage(cfg, args.command)
+    return 0

@@ -1,0 +1,486 @@
+"""Typed, self-checking configuration: one dataclass per stage, composed into `S2LConfig`.
+
+Every field carries a docstring (the string literal under it); `field_docs` reads them back so the
+CLI (`s2l config --reference`) and the README show the same text. Loading is strict: unknown keys
+and wrong types fail before any work starts, with a message that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import hashlib
+import inspect
+import itertools
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration problem, found before any work starts. The message names key and fix."""
+
+
+def _fail(key: str, problem: str, fix: str) -> typing.NoReturn:
+    raise ConfigError(f"config key '{key}': {problem}. Fix: {fix}")
+
+
+@dataclass
+class RunConfig:
+    """Where outputs go and how Ray is reached."""
+
+    output_dir: str = "s2l_output"
+    """Folder every stage writes into (one subfolder per stage); a rerun skips finished stages."""
+    seed: int = 42
+    """Master seed: shuffling, k-means initialisation and selection derive from it."""
+    ray_address: str | None = None
+    """Ray cluster to join: 'auto' joins the running one; null uses RAY_ADDRESS if set, else
+    starts a local Ray on this machine."""
+    num_cpus: int | None = None
+    """CPUs for a local Ray (null: all of them). Ignored when joining a cluster."""
+    overwrite: bool = False
+    """Recompute stages whose stored config differs from this one, instead of failing."""
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            _fail("run.output_dir", "is empty", "give a folder, e.g. run.output_dir=out/s2l")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            _fail("run.num_cpus", f"is {self.num_cpus}", "use a positive count or null")
+
+
+@dataclass
+class DemoConfig:
+    """The built-in `mathmix` data set, used when `data.source` is 'demo:mathmix'."""
+
+    n_train: int = 2000
+    """Training rows to generate."""
+    n_test_per_source: int = 40
+    """Held-out rows per source, for evaluation."""
+    seed: int = 0
+    """Seed of the generator (the same seed gives the same rows)."""
+
+    def __post_init__(self) -> None:
+        if self.n_train < 1:
+            _fail("demo.n_train", f"is {self.n_train}", "use at least 1")
+        if self.n_test_per_source < 0:
+            _fail("demo.n_test_per_source", f"is {self.n_test_per_source}", "use 0 or more")
+
+
+@dataclass
+class DataConfig:
+    """Ingestion: where the instruction data comes from and how it becomes tokens."""
+
+    source: str = "demo:mathmix"
+    """Training data: a local JSON/JSONL/Parquet/CSV file or folder, 'hf:NAME' for a Hugging Face
+    data set (hub name or a local dataset folder), or 'demo:mathmix' for the built-in demo."""
+    split: str = "train"
+    """Split to read from a Hugging Face data set."""
+    eval_source: str | None = None
+    """Held-out data for evaluation, same forms as `source` (null: the demo's test split for
+    the demo, else none)."""
+    format: Literal["auto", "mathinstruct", "alpaca", "chat"] = "auto"
+    """Row format: mathinstruct (instruction, output), alpaca (instruction, input, output), chat
+    (messages: list of {role, content}); auto detects it per row."""
+    id_column: str | None = None
+    """Column holding a stable example id; null derives the id from a hash of the normalised
+    content."""
+    source_column: str = "source"
+    """Optional column naming each row's origin (kept for per-source reports); may be absent."""
+    template: Literal["alpaca", "plain"] = "alpaca"
+    """Prompt template: 'alpaca' (the S2L/MathInstruct prompt) or 'plain' (the instruction
+    text only)."""
+    max_length: int = 512
+    """Longest example in tokens (prompt + response + end-of-text)."""
+    overlong: Literal["truncate", "reject"] = "truncate"
+    """Examples over max_length: 'truncate' cuts the response, 'reject' moves them to rejects."""
+    tokenizer: str | None = None
+    """Tokenizer used to tokenize (null: the reference model's)."""
+    duplicates: Literal["reject", "error"] = "reject"
+    """Rows whose id repeats one already seen: 'reject' keeps the first (by file and row) and
+    moves the rest to rejects; 'error' fails the run if any id repeats."""
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            _fail("data.source", "is empty", "give a path, 'hf:NAME' or 'demo:mathmix'")
+        if self.max_length < 8:
+            _fail("data.max_length", f"is {self.max_length}", "use at least 8 tokens (512 typical)")
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tuning with Ray Train + DeepSpeed (shared by the reference and the target model)."""
+
+    model: str = "EleutherAI/pythia-70m-deduped"
+    """Hugging Face hub id, local folder, or 'tiny:<preset>' for an offline tiny model."""
+    trust_remote_code: bool = False
+    """Allow the model's own Python code from the hub; off unless you trust the source."""
+    epochs: int = 3
+    """Passes over the training data."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (null: run all epochs)."""
+    lr: float = 2e-5
+    """Peak learning rate (AdamW)."""
+    warmup_ratio: float = 0.03
+    """Fraction of steps spent warming the learning rate up (cosine decay afterwards)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    batch_size: int = 4
+    """Examples per worker per micro-batch."""
+    grad_accum: int = 8
+    """Micro-batches per optimizer step."""
+    num_checkpoints: int = 10
+    """Checkpoints (T) saved evenly over training; each becomes one point of a trajectory."""
+    checkpoint_steps: list[int] | None = None
+    """Explicit optimizer steps to checkpoint at (overrides num_checkpoints)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """'auto': bf16 on GPUs that support it, fp32 on CPU."""
+    num_workers: int = 1
+    """Ray Train workers (one process, and one GPU when use_gpu, each)."""
+    use_gpu: bool | None = None
+    """Train on GPUs; null decides from the cluster (GPUs present: yes)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+
+    def validate(self, key: str) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            _fail(f"{key}.zero_stage", f"is {self.zero_stage}", "use 0, 1, 2 or 3")
+        if self.num_workers < 1:
+            _fail(f"{key}.num_workers", f"is {self.num_workers}", "use 1 or more workers")
+        for name in ("epochs", "batch_size", "grad_accum", "num_checkpoints"):
+            if getattr(self, name) < 1:
+                _fail(f"{key}.{name}", f"is {getattr(self, name)}", "use 1 or more")
+        if self.max_steps is not None and self.max_steps < 1:
+            _fail(f"{key}.max_steps", f"is {self.max_steps}", "use 1 or more, or null")
+        if not 0 < self.lr < 1:
+            _fail(f"{key}.lr", f"is {self.lr}", "use a learning rate in (0, 1), e.g. 2e-5")
+        if not 0 <= self.warmup_ratio < 1:
+            _fail(f"{key}.warmup_ratio", f"is {self.warmup_ratio}", "use a value in [0, 1)")
+        if self.checkpoint_steps is not None:
+            steps = self.checkpoint_steps
+            if not steps or any(s < 1 for s in steps) or sorted(set(steps)) != steps:
+                _fail(f"{key}.checkpoint_steps", f"is {steps}",
+                      "list distinct positive steps in increasing order, or null")
+
+
+@dataclass
+class TrajectoryConfig:
+    """Per-example loss under every reference checkpoint, computed by Ray Data actors."""
+
+    batch_tokens: int = 16384
+    """Tokens per batch (padded length x rows); batches are length-bucketed."""
+    concurrency: int = 1
+    """Model actors (each holds all checkpoints)."""
+    use_gpu: bool | None = None
+    """One GPU per actor; null decides from the cluster."""
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """Compute dtype: 'auto' is bf16 autocast on GPU and fp32 on CPU."""
+
+    def __post_init__(self) -> None:
+        if self.batch_tokens < 64:
+            _fail("trajectories.batch_tokens", f"is {self.batch_tokens}", "use 64 or more")
+        if self.concurrency < 1:
+            _fail("trajectories.concurrency", f"is {self.concurrency}", "use 1 or more actors")
+
+
+@dataclass
+class ClusterConfig:
+    """Distributed faiss k-means over the trajectories."""
+
+    k: int = 100
+    """Number of clusters."""
+    max_iter: int = 20
+    """Lloyd iterations at most."""
+    tol: float = 1e-4
+    """Stop when the relative objective improvement falls below this."""
+    normalize: Literal["none", "standardize"] = "none"
+    """'none' clusters raw losses; 'standardize' uses per-example z-scored trajectories."""
+    num_workers: int = 2
+    """Actors holding shards of the trajectories."""
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            _fail("cluster.k", f"is {self.k}", "use 1 or more clusters (100 typical)")
+        if self.max_iter < 1:
+            _fail("cluster.max_iter", f"is {self.max_iter}", "use 1 or more")
+        if self.num_workers < 1:
+            _fail("cluster.num_workers", f"is {self.num_workers}", "use 1 or more")
+
+
+SELECTION_METHODS = ("s2l", "random", "stratified", "least_confidence", "middle_perplexity",
+                     "high_learnability", "el2n")
+
+
+@dataclass
+class SelectConfig:
+    """Spending the budget."""
+
+    method: Literal["s2l", "random", "stratified", "least_confidence", "middle_perplexity",
+                    "high_learnability", "el2n"] = "s2l"
+    """Selection method: S2L, or a baseline to compare with."""
+    budget: int | float = 0.1
+    """Examples to select: an integer count, or a float fraction in (0, 1] of the valid data."""
+
+    def __post_init__(self) -> None:
+        check_budget(self.budget, "select.budget")
+
+
+def check_budget(budget: int | float, key: str) -> None:
+    if isinstance(budget, bool):
+        _fail(key, f"is {budget}", "give a count (e.g. 5000) or a fraction (e.g. 0.1)")
+    if isinstance(budget, float) and not 0 < budget <= 1:
+        _fail(key, f"fraction {budget} is outside (0, 1]",
+              "use a fraction in (0, 1] such as 0.1, or an integer count")
+    if isinstance(budget, int) and budget < 1:
+        _fail(key, f"count {budget} is below 1", "use a positive count or a fraction")
+
+
+@dataclass
+class SweepConfig:
+    """Ray Tune grid over selection methods x budgets x seeds, fine-tuning the target each time."""
+
+    methods: list[str] = field(default_factory=lambda: ["s2l", "random"])
+    """Selection methods to compare."""
+    budgets: list[int | float] = field(default_factory=lambda: [0.1, 0.3])
+    """Budgets to compare (counts or fractions); 1.0 is the full data."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Selection/training seeds per cell."""
+    max_concurrent_trials: int = 1
+    """Trials run at once."""
+
+    def __post_init__(self) -> None:
+        for m in self.methods:
+            if m not in SELECTION_METHODS:
+                _fail("sweep.methods", f"has unknown method '{m}'",
+                      f"choose from {', '.join(SELECTION_METHODS)}")
+        for b in self.budgets:
+            check_budget(b, "sweep.budgets")
+        if not self.methods or not self.budgets or not self.seeds:
+            _fail("sweep", "methods, budgets and seeds must be non-empty", "list at least one")
+
+
+def _default_target() -> TrainConfig:
+    return TrainConfig(model="EleutherAI/pythia-410m", num_checkpoints=1, lr=2e-5)
+
+
+@dataclass
+class S2LConfig:
+    """The whole pipeline: one section per stage."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    """Outputs and Ray."""
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    """Built-in demo data set."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Ingestion and tokenization."""
+    reference: TrainConfig = field(default_factory=TrainConfig)
+    """Small reference model training (stage train-ref)."""
+    trajectories: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    """Loss trajectories (stage trajectories)."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """k-means over trajectories (stage cluster)."""
+    select: SelectConfig = field(default_factory=SelectConfig)
+    """Budgeted selection (stage select)."""
+    target: TrainConfig = field(default_factory=_default_target)
+    """Target model fine-tuning on the selection."""
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    """Budget/method sweeps with Ray Tune."""
+
+    def __post_init__(self) -> None:
+        self.reference.validate("reference")
+        self.target.validate("target")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, *sections: str) -> str:
+        """Hash of the named sections: a stage is stale when the sections it reads change."""
+        blob = json.dumps({s: dataclasses.asdict(getattr(self, s)) for s in sections},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# strict loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints widen to floats, nothing else converts."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        # int before float, so that 5000 stays a count in `int | float`
+        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is float):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(tp)
+            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a field type this loader does not know is a programming error
+        raise TypeError(f"unsupported config type {tp!r} at {key}")
+    _fail(key, f"expects {_type_name(tp)}, got {value!r} ({type(value).__name__})",
+          f"set it to a {_type_name(tp)}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        _fail(prefix or "<root>", f"expects a mapping of keys, got {type(data).__name__}",
+              "write it as `key: value` lines")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else (
+                f"valid keys here: {', '.join(names)}")
+            _fail(key, "is not a known key", hint + " (see `s2l config --reference`)")
+        kwargs[k] = _coerce(v, hints[k], key)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - all fields have defaults
+        raise ConfigError(f"{prefix}: {e}") from e
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'reference.lr=1e-4' -> (['reference', 'lr'], 0.0001); values are YAML scalars/lists."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not key=value. Fix: write e.g. select.budget=0.2")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key. Fix: write section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config key '{key}': value {raw!r} is not valid YAML ({e})") from e
+    return key.split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict[str, Any] | None = None) -> S2LConfig:
+    """Load a YAML config (or the defaults), apply `key=value` overrides, check everything."""
+    import yaml
+
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist. Fix: pass a YAML path, "
+                              "or run `s2l config` to print the defaults")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from e
+        data = _deep_merge(data, loaded or {})
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {} if child is None else child
+                node[part] = child
+            node = child
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{'.'.join(parts)}': '{parts[0]}' is not a section. "
+                              "Fix: override a leaf key like select.budget=0.2")
+        node[parts[-1]] = value
+    return _build(S2LConfig, data, "")
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(b, dict):
+        raise ConfigError("config root must be a mapping of sections. Fix: start with `run:`, "
+                          "`data:`, ... (see `s2l config`)")
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k),
+                                                                                dict) else v
+    return out
+
+
+def dump_config(cfg: S2LConfig, path: str | Path | None = None) -> str:
+    """The resolved config as YAML (written next to the outputs as the run's snapshot)."""
+    import yaml
+
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    if path is not None:
+        Path(path).write_text(text, encoding="utf-8")
+    return text
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field, read from the source."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in itertools.pairwise(body):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def reference_table() -> str:
+    """Markdown table of every key, its type, default and docstring."""
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    root = S2LConfig()
+    hints_root = typing.get_type_hints(S2LConfig)
+    for section in dataclasses.fields(S2LConfig):
+        cls = hints_root[section.name]
+        hints = typing.get_type_hints(cls)
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = getattr(getattr(root, section.name), f.name)
+            lines.append(f"| `{section.name}.{f.name}` | {_type_name(hints[f.name])} | "
+                         f"`{json.dumps(default)}` | {docs.get(f.name, '')} |")
+    return "\n".join(lines)

@@ -1,0 +1,43 @@
+"""Model and tokenizer specs: hub ids, local folders, and offline `tiny:<preset>` models.
+
+Everything ends in a string that `from_pretrained` accepts, so a tiny offline model and
+`EleutherAI/pythia-70m` take exactly the same loading path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from s2l_ray.config import ConfigError, S2LConfig
+
+
+def tokenizer_spec(cfg: S2LConfig) -> str:
+    return cfg.data.tokenizer or cfg.reference.model
+
+
+def models_dir(cfg: S2LConfig) -> Path:
+    return Path(cfg.run.output_dir) / "models"
+
+
+def check_spec(spec: str, key: str) -> None:
+    """Fail early on a spec that cannot load: unknown tiny preset, or a missing local folder."""
+    if spec.startswith("tiny:"):
+        from s2l_ray.tiny_models import PRESETS
+
+        if spec[5:] not in PRESETS:
+            raise ConfigError(f"config key '{key}': unknown tiny preset '{spec[5:]}'. Fix: use "
+                              f"one of {', '.join('tiny:' + p for p in PRESETS)}")
+        return
+    path = Path(spec).expanduser()
+    looks_local = spec.startswith(("/", ".", "~")) or path.exists() or spec.count("/") != 1
+    if looks_local and not (path / "config.json").is_file():
+        raise ConfigError(f"config key '{key}': '{spec}' is neither a model folder (no "
+                          "config.json there) nor a hub id like 'EleutherAI/pythia-70m'. Fix: "
+                          "point at a folder saved with save_pretrained, or give a hub id")
+
+
+def resolve_model(spec: str, cfg: S2LConfig) -> str:
+    """A path or hub id for from_pretrained; builds tiny models once under run.output_dir."""
+    from s2l_ray.tiny_models import resolve_model as resolve
+
+    return resolve(spec, models_dir(cfg))

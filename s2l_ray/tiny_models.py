@@ -1,0 +1,216 @@
+"""Offline tiny models and tokenizer, so that the whole pipeline runs with no network.
+
+`resolve_model("tiny:micro", cache_dir)` returns a local directory that
+`AutoTokenizer.from_pretrained` / `AutoModelForCausalLM.from_pretrained` load exactly as they would
+a hub id such as "EleutherAI/pythia-70m": a GPT-NeoX (Pythia-shaped) model with random weights and
+a byte-level BPE tokenizer trained on the demo data. Random weights are enough for the demo: S2L
+only needs the small model's loss trajectories to differ between kinds of example, which they do
+as soon as the model trains for a few steps.
+
+Parameter counts with the default tokenizer (512 tokens; embed_in and embed_out are separate,
+as in Pythia):
+
+    preset  hidden/layers/heads  total      non-embedding
+    nano    32/2/2                  58,240         25,472
+    micro   64/2/4                 165,632        100,096
+    small   128/4/4                924,416        793,344
+    base    256/6/8              5,001,216      4,739,072
+
+(For scale: pythia-70m is 70M total, 19M non-embedding; "base" is about 1/14 of it.)
+
+torch, transformers and tokenizers are imported inside the functions so that importing this
+module (for example from the CLI) stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+logger = logging.getLogger(__name__)
+
+_SHAPES = {"nano": (32, 2, 2), "micro": (64, 2, 4), "small": (128, 4, 4), "base": (256, 6, 8)}
+PRESETS: dict[str, dict[str, Any]] = {
+    name: {
+        "hidden_size": h,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": 4 * h,
+        "max_position_embeddings": 1024,
+        "rotary_pct": 0.25,  # Pythia rotates a quarter of each head's dimensions
+        "use_parallel_residual": True,
+        "tie_word_embeddings": False,
+    }
+    for name, (h, layers, heads) in _SHAPES.items()
+}
+EOS_TOKEN = "<|endoftext|>"  # eos and bos, as in Pythia
+PAD_TOKEN = "<|padding|>"
+MODEL_MAX_LENGTH = 1024
+TINY_PREFIX = "tiny:"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512,
+                    seed: int = 0) -> PreTrainedTokenizerFast:
+    """Trains a byte-level BPE on demo_data.tokenizer_corpus(seed) and saves it to out_dir.
+
+    Digits are split into single tokens before BPE runs, so numbers are always spelled digit by
+    digit: a tiny model can then learn arithmetic-like patterns instead of memorising multi-digit
+    tokens, and every digit of an answer gets its own loss term.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from s2l_ray.demo_data import tokenizer_corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],  # ids 0 and 1, like Pythia's tokenizer
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable: no unk
+        show_progress=False,
+    )
+    tok.train_from_iterator(tokenizer_corpus(seed=seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=MODEL_MAX_LENGTH,
+        clean_up_tokenization_spaces=False,  # decode(encode(x)) == x, spaces before "." included
+    )
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out_dir))
+    _portable_tokenizer_class(Path(out_dir))
+    logger.info("built tokenizer (%d tokens) in %s", len(fast), out_dir)
+    return fast
+
+
+def _portable_tokenizer_class(out_dir: Path) -> None:
+    """Names the tokenizer class so that transformers 4.x loads it too.
+
+    transformers 5 writes its own class name "TokenizersBackend", which 4.x does not know;
+    "PreTrainedTokenizerFast" is understood by both (5.x aliases it).
+    """
+    path = out_dir / "tokenizer_config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    if cfg.get("tokenizer_class") != "PreTrainedTokenizerFast":
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _is_complete(model_dir: Path) -> bool:
+    names = ("config.json", "model.safetensors", *_TOKENIZER_FILES)
+    return all((model_dir / n).is_file() for n in names)
+
+
+def _check_preset(preset: str) -> dict[str, Any]:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown tiny model preset {preset!r}; choose one of {sorted(PRESETS)} "
+                         f"(e.g. 'tiny:micro')")
+    return PRESETS[preset]
+
+
+def build_tiny_model(out_dir: str | os.PathLike, preset: str = "micro",
+                     tokenizer_dir: str | os.PathLike | None = None, seed: int = 0,
+                     vocab_size: int = 512) -> str:
+    """Builds (or reuses) a randomly initialised GPT-NeoX model of `preset` in out_dir.
+
+    The tokenizer is loaded from tokenizer_dir when given, otherwise trained into out_dir.
+    Returns str(out_dir).
+    """
+    shape = _check_preset(preset)
+    out = Path(out_dir)
+    if _is_complete(out):
+        cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        mismatch = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")
+                    if cfg.get(k) != shape[k]]
+        if mismatch:  # reusing another preset's weights silently would skew every result
+            raise ValueError(f"{out} already holds a model that is not preset {preset!r} "
+                             f"(differs in {mismatch}); delete it or pick another directory")
+        logger.info("reusing tiny model in %s", out)
+        return str(out)
+
+    import torch
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer_dir is not None:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        tokenizer.save_pretrained(str(out))
+    else:
+        tokenizer = build_tokenizer(out, vocab_size=vocab_size, seed=seed)
+    config = GPTNeoXConfig(
+        vocab_size=-(-len(tokenizer) // 8) * 8,  # round up like Pythia's padded vocab
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **shape,
+    )
+    # fork_rng: seed the init without disturbing the caller's global torch RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPTNeoXForCausalLM(config)
+    kwargs = {}
+    if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
+        kwargs["safe_serialization"] = True  # transformers 4.x; 5.x always writes safetensors
+    model.save_pretrained(str(out), **kwargs)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("built tiny model %r (%d params) in %s", preset, n_params, out)
+    return str(out)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("S2L_RAY_CACHE", Path.home() / ".cache" / "s2l_ray")) / "models"
+
+
+def resolve_model(spec: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """'tiny:<preset>' -> a built model directory under cache_dir; anything else unchanged.
+
+    The build goes into a temporary directory next to the target and is renamed into place, so
+    concurrent callers (several Ray workers) never see a half-written model: the first rename
+    wins and the others discard their identical copy.
+    """
+    if not spec.startswith(TINY_PREFIX):
+        return spec  # hub id or local path: transformers resolves it
+    preset = spec[len(TINY_PREFIX):]
+    _check_preset(preset)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache / f"tiny-{preset}"
+    if _is_complete(target):
+        return str(target)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{preset}.", dir=cache))
+    try:
+        build_tiny_model(tmp, preset=preset)
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache is meant to be shared
+        if target.exists() and not _is_complete(target):
+            # Left over from a crash before atomic builds: move it aside, then remove it.
+            stale = Path(tempfile.mkdtemp(prefix=f".stale-tiny-{preset}.", dir=cache))
+            with contextlib.suppress(FileNotFoundError):  # another process moved it already
+                os.replace(target, stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not _is_complete(target):  # not a lost race: a real error
+                raise
+            logger.info("another process built %s first; using it", target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
