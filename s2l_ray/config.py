@@ -147,6 +147,8 @@ class TrainConfig:
     """Train on GPUs; null decides from the cluster (GPUs present: yes)."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker."""
+    max_failures: int = 0
+    """Worker-group failures to survive by restarting from the last checkpoint (-1: forever)."""
 
     def validate(self, key: str) -> None:
         if self.zero_stage not in (0, 1, 2, 3):

@@ -25,7 +25,7 @@ PIPELINE = (
     StageInfo("ingest", "s2l_ray.ingest:run_ingest",
               "read, validate, tokenize the instruction data; stable ids; rejects kept",
               "ingest/examples/*.parquet, ingest/rejects/"),
-    StageInfo("train-ref", "",
+    StageInfo("train-ref", "s2l_ray.train_ref:run_train_ref",
               "fine-tune the small reference model (Ray Train + DeepSpeed), T checkpoints",
               "train_ref/checkpoints/"),
     StageInfo("trajectories", "",

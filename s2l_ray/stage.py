@@ -79,10 +79,16 @@ class Stage:
             f"run.output_dir, or pass run.overwrite=true to recompute it")
 
     def begin(self, *, keep_tmp: bool = False) -> Path:
-        """Start (or, with keep_tmp, continue) the work folder."""
-        if self.tmp.exists() and not keep_tmp:
-            shutil.rmtree(self.tmp)
+        """Start the work folder, or with keep_tmp continue one left by the same config."""
+        stamp = self.tmp / ".fingerprint"
+        if self.tmp.exists():
+            same = stamp.is_file() and stamp.read_text() == self.fingerprint
+            if keep_tmp and same:
+                log.info("%s: continuing the interrupted run in %s", self.name, self.tmp)
+            else:
+                shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(self.fingerprint)
         self.started = time.time()
         log.info("%s: starting (work folder %s)", self.name, self.tmp)
         return self.tmp
@@ -97,6 +103,7 @@ class Stage:
         marker = {"stage": self.name, "fingerprint": self.fingerprint,
                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": elapsed}
         (self.tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        (self.tmp / ".fingerprint").unlink(missing_ok=True)
         old = self.root / f".{self.name}.old"
         if old.exists():
             shutil.rmtree(old)
