@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import itertools
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -183,12 +184,17 @@ class TrajectoryConfig:
     """One GPU per actor; null decides from the cluster."""
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     """Compute dtype: 'auto' is bf16 autocast on GPU and fp32 on CPU."""
+    cpus_per_actor: float = 1.0
+    """CPUs reserved per actor; a CPU actor computes with that many threads (at least 1)."""
 
     def __post_init__(self) -> None:
         if self.batch_tokens < 64:
             _fail("trajectories.batch_tokens", f"is {self.batch_tokens}", "use 64 or more")
         if self.concurrency < 1:
             _fail("trajectories.concurrency", f"is {self.concurrency}", "use 1 or more actors")
+        if not self.cpus_per_actor > 0:
+            _fail("trajectories.cpus_per_actor", f"is {self.cpus_per_actor}",
+                  "use a positive number of CPUs, e.g. 1 (0.5 on a 2-core laptop)")
 
 
 @dataclass
@@ -205,6 +211,18 @@ class ClusterConfig:
     """'none' clusters raw losses; 'standardize' uses per-example z-scored trajectories."""
     num_workers: int = 2
     """Actors holding shards of the trajectories."""
+    init: Literal["kmeans++", "random"] = "kmeans++"
+    """Initial centroids, drawn from a sample of the examples picked by a hash of (run.seed, id):
+    'kmeans++' (D² sampling) or 'random' (k rows of the sample). Lloyd iterations then use every
+    example, not a sample."""
+    init_sample_per_centroid: int = 64
+    """Size of the initialisation sample, per centroid (capped at the number of examples)."""
+    cpus_per_worker: float | None = None
+    """CPUs reserved per shard actor (null: the cluster's CPUs shared among num_workers, at most
+    1 each); faiss uses that many threads."""
+    use_gpu: bool | None = None
+    """One GPU per shard actor for the faiss index (needs faiss built with GPU support); null:
+    yes when the cluster has GPUs and this faiss has GPU support."""
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -213,6 +231,15 @@ class ClusterConfig:
             _fail("cluster.max_iter", f"is {self.max_iter}", "use 1 or more")
         if self.num_workers < 1:
             _fail("cluster.num_workers", f"is {self.num_workers}", "use 1 or more")
+        if not self.tol >= 0:
+            _fail("cluster.tol", f"is {self.tol}", "use 0 (run all max_iter) or a small positive "
+                  "relative improvement such as 1e-4")
+        if self.init_sample_per_centroid < 1:
+            _fail("cluster.init_sample_per_centroid", f"is {self.init_sample_per_centroid}",
+                  "use 1 or more (64 typical)")
+        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
+            _fail("cluster.cpus_per_worker", f"is {self.cpus_per_worker}",
+                  "use a positive number of CPUs, or null")
 
 
 SELECTION_METHODS = ("s2l", "random", "stratified", "least_confidence", "middle_perplexity",
@@ -228,9 +255,15 @@ class SelectConfig:
     """Selection method: S2L, or a baseline to compare with."""
     budget: int | float = 0.1
     """Examples to select: an integer count, or a float fraction in (0, 1] of the valid data."""
+    early_fraction: float = 0.2
+    """el2n: an example's score is its mean loss over the first ceil(early_fraction x T)
+    checkpoints."""
 
     def __post_init__(self) -> None:
         check_budget(self.budget, "select.budget")
+        if not 0 < self.early_fraction <= 1:
+            _fail("select.early_fraction", f"is {self.early_fraction}",
+                  "use a fraction in (0, 1], e.g. 0.2")
 
 
 def check_budget(budget: int | float, key: str) -> None:
@@ -325,6 +358,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; ints widen to floats, nothing else converts."""
     origin = typing.get_origin(tp)
@@ -356,6 +392,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            return float(value)  # PyYAML (YAML 1.1) reads '3e-3' as text; it means 0.003
     elif tp is str:
         if isinstance(value, str):
             return value

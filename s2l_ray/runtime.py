@@ -40,7 +40,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
         ray.init(address=address)
     else:
         log.info("starting a local Ray (num_cpus=%s)", num_cpus or "all")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
+        # The dashboard process also serves the state API that Ray Train's controller relies on;
+        # bound to 127.0.0.1 so nothing listens beyond this machine.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  runtime_env=env)
     quiet_ray_data()
     return ray

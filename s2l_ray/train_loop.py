@@ -131,7 +131,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     g, b = plan.grad_accum, plan.batch_size
     todo = plan.steps_per_epoch * g  # micro-batches trained per epoch
     loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of micro losses, count) since report
-    tokens, t0, last_log = 0, time.time(), time.time()
+    tokens, t0 = 0, time.time()
+    log_every = max(1, total // config["log_lines"])
     for epoch in range(plan.epoch_of(step + 1) if step < total else plan.epochs, plan.epochs):
         done_in_epoch = (step - epoch * plan.steps_per_epoch) * g  # > 0 only when resuming
         batches = shard.iter_batches(batch_size=b, batch_format="numpy",
@@ -154,7 +155,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             step += 1
             is_ckpt = step in plan.checkpoint_steps
             now = time.time()
-            if not is_ckpt and now - last_log < config["log_every_s"] and step < total:
+            # Every rank must take the same branch (all_reduce + report are collective), so the
+            # decision depends on the step count only, never on each worker's clock.
+            if not is_ckpt and step % log_every and step < total:
                 continue
             torch.distributed.all_reduce(loss_sum)  # mean over workers for the logged loss
             metrics = {"step": step, "epoch": epoch + (i + 1) / max(1, todo),
@@ -168,7 +171,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          "eta %dm%02ds", step, total, 100 * step // total, metrics["epoch"],
                          plan.epochs, metrics["train_loss"], metrics["lr"],
                          metrics["tokens_per_s_per_worker"], *divmod(int(eta), 60))
-            last_log = now
             if not is_ckpt:
                 ray.train.report(metrics)
                 continue

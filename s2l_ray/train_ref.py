@@ -90,7 +90,7 @@ def fit(cfg: S2LConfig, section: TrainConfig, key: str, examples: Path, plan: An
     log.info("%s: %d examples, %d workers (%s), %d steps (%d/epoch), checkpoints at %s",
              key, plan.n_examples, s.num_workers, "GPU" if use_gpu else "CPU", plan.total_steps,
              plan.steps_per_epoch, list(plan.checkpoint_steps))
-    ds = ray.data.read_parquet(str(examples), columns=["input_ids", "n_prompt_tokens"])
+    ds = ray.data.read_parquet(str(examples)).select_columns(["input_ids", "n_prompt_tokens"])
     ds = ds.randomize_block_order(seed=cfg.run.seed)
     loop_cfg = {
         "plan": plan.as_dict(), "model_path": resolve_model(s.model, cfg),
@@ -98,7 +98,7 @@ def fit(cfg: S2LConfig, section: TrainConfig, key: str, examples: Path, plan: An
         "lr": s.lr, "warmup_ratio": s.warmup_ratio, "weight_decay": s.weight_decay,
         "zero_stage": s.zero_stage, "precision": s.precision, "use_gpu": use_gpu,
         "seed": cfg.run.seed, "shuffle_buffer": 4 * s.batch_size * s.grad_accum,
-        "probe": probe_batch(examples), "log_every_s": 10.0,
+        "probe": probe_batch(examples), "log_lines": 20,
     }
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_cfg, datasets={"train": ds},

@@ -97,6 +97,13 @@ def test_ints_widen_to_float_and_lists_parse() -> None:
     assert cfg.run.ray_address == "auto"
 
 
+def test_exponent_floats_without_a_dot_are_floats() -> None:
+    # PyYAML follows YAML 1.1, where '3e-3' is a string; users mean 0.003
+    assert load_config(None, ["reference.lr=3e-3"]).reference.lr == 0.003
+    with pytest.raises(ConfigError, match="reference.epochs"):
+        load_config(None, ["reference.epochs=3e2"])
+
+
 def test_override_syntax_errors() -> None:
     with pytest.raises(ConfigError, match="key=value"):
         parse_override("select.budget")

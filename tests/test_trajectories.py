@@ -1,0 +1,226 @@
+"""Trajectories stage on a real local Ray: HF's losses for every checkpoint, every row exactly
+once, bitwise the same output with 1 or 2 actors and other block counts, clear checkpoint errors.
+
+The reference checkpoints are built directly (perturbed copies of the tiny model, published as a
+train_ref stage) instead of trained: the stage only needs T loadable checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from s2l_ray.config import load_config
+from s2l_ray.ingest import run_ingest
+from s2l_ray.tokens import labels_for
+from s2l_ray.train_ref import train_ref_stage
+from s2l_ray.trajectories import TrajectoryError, check_checkpoints, run_trajectories
+
+pytestmark = pytest.mark.ray
+T = 3
+
+
+def _cfg(out: Path, tiny_ref: str, *extra: str):
+    return load_config(None, [
+        f"run.output_dir={out}", f"reference.model={tiny_ref}", f"target.model={tiny_ref}",
+        "demo.n_train=240", "demo.n_test_per_source=2", "data.template=plain",
+        "data.max_length=128", f"reference.num_checkpoints={T}",
+        "trajectories.batch_tokens=256", "trajectories.cpus_per_actor=0.5", *extra])
+
+
+def _checkpoint(tiny_ref: str, out: Path, seed: int, tokenizer: str | None = None) -> None:
+    """The tiny model with seeded noise on every weight: a stand-in for a training checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_ref)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * seed * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(tokenizer or tiny_ref).save_pretrained(str(out))
+
+
+def _publish_ref(cfg, tiny_ref: str, tokenizers: dict[int, str] | None = None) -> list[Path]:
+    """A published train_ref stage with T checkpoints, as run_train_ref would leave it."""
+    stage = train_ref_stage(cfg)
+    tmp = stage.begin()
+    manifest = []
+    for i in range(T):
+        rel = f"checkpoints/step_{10 * (i + 1):07d}"
+        _checkpoint(tiny_ref, tmp / rel, seed=i, tokenizer=(tokenizers or {}).get(i))
+        manifest.append({"index": i, "step": 10 * (i + 1), "epoch": 0, "train_loss": 1.0,
+                         "probe_loss": 1.0, "lr": 1e-3, "attempt_start_step": 0, "path": rel})
+    (tmp / "manifest.json").write_text(json.dumps(manifest))
+    stage.publish({"checkpoints": manifest})
+    return [stage.path / m["path"] for m in manifest]
+
+
+def _copy_inputs(src_out: Path, dst_out: Path, ref: bool = True) -> None:
+    """Reuse a finished ingest (and train_ref) in another output folder: same config, so done."""
+    for name in ("ingest", "train_ref") if ref else ("ingest",):
+        shutil.copytree(src_out / name, dst_out / name)
+
+
+@contextlib.contextmanager
+def _small_blocks(max_bytes: int):
+    """Ray Data cuts blocks at max_bytes (it otherwise reads these small files as one block)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    old, ctx.target_max_block_size = ctx.target_max_block_size, max_bytes
+    try:
+        yield
+    finally:
+        ctx.target_max_block_size = old
+
+
+def _relayout(examples: Path, n_files: int) -> None:
+    """The same rows in another order, split over n_files files: other blocks for Ray Data."""
+    table = pq.read_table(examples)
+    table = table.take(np.random.default_rng(0).permutation(table.num_rows))
+    for f in examples.glob("*.parquet"):
+        f.unlink()
+    step = -(-table.num_rows // n_files)
+    for i in range(n_files):
+        pq.write_table(table.slice(i * step, step), examples / f"part-{i}.parquet")
+
+
+def _table(stage) -> pa.Table:
+    files = sorted(stage.path.glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files]).sort_by("id")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory, ray_local, tiny_ref: str):
+    """One ingest + T checkpoints + a trajectories run with 1 actor."""
+    out = tmp_path_factory.mktemp("traj") / "out"
+    cfg = _cfg(out, tiny_ref)
+    run_ingest(cfg)
+    paths = _publish_ref(cfg, tiny_ref)
+    return cfg, paths, run_trajectories(cfg)
+
+
+def test_losses_equal_hf_one_example_at_a_time(base) -> None:
+    from transformers import AutoModelForCausalLM
+
+    cfg, paths, stage = base
+    out = _table(stage)
+    assert out.schema.field("losses").type == pa.list_(pa.float32(), T)
+    assert out.column_names == ["id", "source", "n_response_tokens", "losses"]
+    examples = pq.read_table(Path(cfg.run.output_dir) / "ingest" / "examples").sort_by("id")
+    assert out["id"].to_pylist() == examples["id"].to_pylist()
+    ex = examples.to_pylist()
+    assert out["n_response_tokens"].to_pylist() == [
+        e["n_tokens"] - e["n_prompt_tokens"] for e in ex]
+    losses = np.array(out["losses"].to_pylist(), dtype=np.float32)  # (N, T)
+    for t, path in enumerate(paths):
+        model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+        with torch.no_grad():
+            hf = [float(model(input_ids=torch.tensor([e["input_ids"]]), labels=torch.tensor(
+                [labels_for(e["input_ids"], e["n_prompt_tokens"])])).loss) for e in ex]
+        np.testing.assert_allclose(losses[:, t], hf, rtol=0, atol=2e-5)
+    assert not np.allclose(losses[:, 0], losses[:, -1])  # the checkpoints really differ
+
+
+def test_report_manifest_and_marker(base) -> None:
+    cfg, paths, stage = base
+    rep = stage.report()
+    n = pq.read_metadata
+    assert rep["examples"] == sum(n(f).num_rows for f in stage.path.glob("*.parquet"))
+    assert rep["checkpoints"] == T and len(rep["seconds_per_checkpoint"]) == T
+    assert all(s > 0 for s in rep["seconds_per_checkpoint"])
+    assert 0.5 < rep["padding_efficiency"] <= 1 and rep["padded_tokens"] >= rep["tokens"] > 0
+    assert rep["examples_per_s"] > 0 and rep["tokens_per_s"] > 0 and rep["device"] == "CPU"
+    manifest = json.loads((stage.path / "manifest.json").read_text())
+    assert [m["path"] for m in manifest] == [str(p) for p in paths]
+    assert [m["column"] for m in manifest] == list(range(T))
+    marker = (stage.path / "_SUCCESS.json").read_text()
+    run_trajectories(cfg)  # current: skipped
+    assert (stage.path / "_SUCCESS.json").read_text() == marker
+
+
+def test_same_output_whatever_the_parallelism(base, tmp_path: Path, tiny_ref: str) -> None:
+    cfg, _, stage = base
+    other = tmp_path / "out"
+    _copy_inputs(Path(cfg.run.output_dir), other)
+    _relayout(other / "ingest" / "examples", 7)
+    with _small_blocks(16 * 1024):
+        two = run_trajectories(_cfg(other, tiny_ref, "trajectories.concurrency=2"))
+    a, b = _table(stage), _table(two)
+    assert b.num_rows == a.num_rows == stage.report()["examples"]
+    assert b["id"].to_pylist() == a["id"].to_pylist()  # every id once, none lost
+    assert len(set(b["id"].to_pylist())) == b.num_rows
+    assert a.equals(b)  # bitwise: ids, sources, counts and every loss
+    assert two.report()["actors"] == two.report()["actors_used"] == 2
+    assert two.report()["blocks_read"] > stage.report()["blocks_read"]
+
+
+def test_broken_checkpoint_fails_before_the_pipeline(base, tmp_path: Path, tiny_ref: str) -> None:
+    cfg0 = base[0]
+    out = tmp_path / "out"
+    _copy_inputs(Path(cfg0.run.output_dir), out, ref=False)
+    cfg = _cfg(out, tiny_ref)
+    paths = _publish_ref(cfg, tiny_ref)
+    weights = paths[1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated file
+    with pytest.raises(TrajectoryError, match=r"step_0000020 does not load.*Fix:"):
+        run_trajectories(cfg)
+    assert not (out / ".trajectories.tmp").exists() and not (out / "trajectories").exists()
+
+
+def test_missing_weights_are_an_error(tmp_path: Path, tiny_ref: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    ck = tmp_path / "ck"
+    _checkpoint(tiny_ref, ck, seed=1)
+    tensors = load_file(str(ck / "model.safetensors"))
+    name = next(k for k in tensors if "layers.1." in k)
+    del tensors[name]
+    save_file(tensors, str(ck / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(TrajectoryError, match=r"lacks or mismatches weights.*Fix:"):
+        check_checkpoints([str(ck)], None)
+
+
+def test_mismatched_tokenizers_fail(base, tmp_path: Path, tiny_ref: str) -> None:
+    from s2l_ray.tiny_models import build_tokenizer
+
+    other_tok = tmp_path / "tok"
+    build_tokenizer(other_tok, vocab_size=300)
+    cfg0 = base[0]
+    out = tmp_path / "out"
+    _copy_inputs(Path(cfg0.run.output_dir), out, ref=False)
+    cfg = _cfg(out, tiny_ref)
+    _publish_ref(cfg, tiny_ref, tokenizers={2: str(other_tok)})
+    with pytest.raises(TrajectoryError, match=r"step_0000030 has another tokenizer.*Fix:"):
+        run_trajectories(cfg)
+    # every checkpoint agrees, but the data was tokenized with another tokenizer
+    ck = tmp_path / "ck"
+    _checkpoint(tiny_ref, ck, seed=0, tokenizer=str(other_tok))
+    with pytest.raises(TrajectoryError, match=r"examples were tokenized with .*Fix:"):
+        check_checkpoints([str(ck)], tiny_ref)
+
+
+def test_lost_or_duplicated_examples_fail_loudly(tmp_path: Path) -> None:
+    from s2l_ray.trajectories import id_digest, verify_output
+
+    pq.write_table(pa.table({"id": ["a", "b", "c"]}), tmp_path / "part.parquet")
+    read = [{"side": "input", **id_digest(["a", "b"])}, {"side": "input", **id_digest(["c"])}]
+    ok = [*read, {"side": "output", **id_digest(["c", "a", "b"]), "nonfinite": 0}]
+    assert verify_output(ok, 3, tmp_path) == {"rows": 3, "nonfinite_losses": 0}
+    lost = [*read, {"side": "output", **id_digest(["a", "b"]), "nonfinite": 0}]
+    with pytest.raises(TrajectoryError, match="2 scored"):
+        verify_output(lost, 3, tmp_path)
+    swapped = [*read, {"side": "output", **id_digest(["a", "b", "b"]), "nonfinite": 0}]
+    with pytest.raises(TrajectoryError, match="duplicated and another lost"):
+        verify_output(swapped, 3, tmp_path)
+    with pytest.raises(TrajectoryError, match="4 valid examples"):
+        verify_output(ok, 4, tmp_path)
