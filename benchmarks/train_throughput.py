@@ -128,7 +128,8 @@ def main() -> None:
     peak_dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     peak = args.peak or matmul_peak(args.device, peak_dtype)
     rows = [run(m, args.device, args.steps, args.batch, args.max_len) for m in args.models]
-    dev = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()}"
+    dev = (torch.cuda.get_device_name() if args.device == "cuda"
+           else f"cpu x{torch.get_num_threads()}")
     lines = [f"# Reference-training throughput ({dev})", "",
              f"batch {args.batch}, lengths log-normal <= {args.max_len}, {args.steps} timed "
              f"steps, 1 worker; matmul peak {peak:.3g} FLOP/s "
