@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import itertools
 import json
+import os
 import re
 import types
 import typing
@@ -50,6 +51,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.output_dir:
             _fail("run.output_dir", "is empty", "give a folder, e.g. run.output_dir=out/s2l")
+        if "://" not in self.output_dir:
+            # Absolute, because Ray Train workers and Ray Data actors run in other directories.
+            self.output_dir = os.path.abspath(os.path.expanduser(self.output_dir))
         if self.num_cpus is not None and self.num_cpus < 1:
             _fail("run.num_cpus", f"is {self.num_cpus}", "use a positive count or null")
 

@@ -149,3 +149,9 @@ def test_every_field_has_a_docstring() -> None:
             assert docs.get(f.name), f"{section.name}.{f.name} has no docstring"
     table = reference_table()
     assert "`select.budget`" in table and "`reference.zero_stage`" in table
+
+
+def test_relative_output_dir_becomes_absolute(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["run.output_dir=out/demo"])
+    assert cfg.run.output_dir == str(tmp_path / "out" / "demo")
