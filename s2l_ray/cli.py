@@ -42,6 +42,7 @@ def _epilog() -> str:
         "  s2l demo demo.n_train=500 run.output_dir=/tmp/s2l",
         "  s2l run mathinstruct select.budget=0.11       # a packaged config, by name",
         "  s2l ingest my.yaml data.source=data/train.jsonl data.overlong=reject",
+        "  s2l select my.yaml budget=5000 method=random  # a stage's own keys need no prefix",
         "  s2l config my.yaml                           # print the resolved config",
         "  ray job submit --working-dir . -- s2l run my.yaml run.ray_address=auto",
     ]
@@ -61,17 +62,29 @@ def config_path(name: str) -> Path:
                       f"YAML path, or one of: {names}")
 
 
+# The section a stage's bare `key=value` overrides belong to: `s2l select CFG budget=0.2`.
+STAGE_SECTION = {"ingest": "data", "train-ref": "reference", "trajectories": "trajectories",
+                 "cluster": "cluster", "select": "select", "sweep": "sweep"}
+
+
+def _scoped(command: str, overrides: list[str]) -> list[str]:
+    section = STAGE_SECTION.get(command)
+    if section is None:
+        return list(overrides)
+    return [o if "." in o.partition("=")[0] else f"{section}.{o}" for o in overrides]
+
+
 def _load(args: argparse.Namespace) -> S2LConfig:
     path = config_path(args.config) if getattr(args, "config", None) else None
-    cfg = load_config(path, args.overrides)
-    return cfg
+    return load_config(path, _scoped(args.command, args.overrides))
 
 
 def _add_config_args(p: argparse.ArgumentParser, *, config: bool = True) -> None:
     if config:
         p.add_argument("config", help="pipeline YAML, or a packaged config name (demo, ...)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="override config keys, e.g. select.budget=0.2 reference.epochs=1")
+                   help="override config keys, e.g. select.budget=0.2 reference.epochs=1; "
+                   "a stage command also takes its own section's keys bare (budget=0.2)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO (default), WARNING")
 
 
