@@ -281,15 +281,12 @@ def cluster_stage(cfg: S2LConfig) -> Stage:
 def run_cluster(cfg: S2LConfig) -> Stage:
     """k-means over the trajectories (after the trajectories stage, which runs first if
     needed); publishes assignments, centroids, per-iteration stats and a report."""
-    from s2l_ray.runtime import init_ray
     from s2l_ray.trajectories import run_trajectories
 
     traj = run_trajectories(cfg)
     stage = cluster_stage(cfg)
-    if stage.is_done():
-        log.info("cluster: already done (%s), skipping", stage.path)
+    if not stage.needs_run():
         return stage
-    init_ray(cfg.run.ray_address, cfg.run.num_cpus)
     tmp = stage.begin()
     report = fit_files(parquet_files(traj.path), tmp, cfg.cluster, cfg.run.seed)
     stage.publish(report)

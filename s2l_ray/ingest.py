@@ -217,13 +217,10 @@ def run_ingest(cfg: S2LConfig) -> Stage:
     """Read `data.source`, validate, tokenize, dedupe; publish examples/, rejects/, report."""
     from s2l_ray.models import resolve_model, tokenizer_spec
     from s2l_ray.readers import read_raw
-    from s2l_ray.runtime import init_ray
 
     stage = ingest_stage(cfg)
-    if stage.is_done():
-        log.info("ingest: already done (%s), skipping", stage.path)
+    if not stage.needs_run():
         return stage
-    init_ray(cfg.run.ray_address, cfg.run.num_cpus)
     tmp = stage.begin()
     source = cfg.data.source
     if source == "demo:mathmix":

@@ -228,15 +228,12 @@ def run_select(cfg: S2LConfig) -> Stage:
     """Select the budget (after the cluster stage, which runs first if needed)."""
     from s2l_ray.cluster import run_cluster
     from s2l_ray.ingest import ingest_stage
-    from s2l_ray.runtime import init_ray
     from s2l_ray.trajectories import trajectories_stage
 
     cluster = run_cluster(cfg)
     stage = select_stage(cfg)
-    if stage.is_done():
-        log.info("select: already done (%s), skipping", stage.path)
+    if not stage.needs_run():
         return stage
-    init_ray(cfg.run.ray_address, cfg.run.num_cpus)
     tmp = stage.begin()
     report = select_from(cluster.path, trajectories_stage(cfg).path,
                          ingest_stage(cfg).path / "examples", tmp, cfg.select, cfg.run.seed)

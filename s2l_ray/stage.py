@@ -78,6 +78,17 @@ class Stage:
             f"(sections {', '.join(self.sections)} or an upstream stage changed). Fix: use a new "
             f"run.output_dir, or pass run.overwrite=true to recompute it")
 
+    def needs_run(self) -> bool:
+        """False (and logged) when a current result is published; otherwise joins or starts
+        Ray, which every stage's work runs on, and returns True."""
+        if self.is_done():
+            log.info("%s: already done (%s), skipping", self.name, self.path)
+            return False
+        from s2l_ray.runtime import init_ray
+
+        init_ray(self.cfg.run.ray_address, self.cfg.run.num_cpus)
+        return True
+
     def begin(self, *, keep_tmp: bool = False) -> Path:
         """Start the work folder, or with keep_tmp continue one left by the same config."""
         stamp = self.tmp / ".fingerprint"

@@ -127,14 +127,11 @@ def fit(cfg: S2LConfig, section: TrainConfig, key: str, examples: Path, plan: An
 def run_train_ref(cfg: S2LConfig) -> Stage:
     """Train the reference model (after ingest, which runs first if needed)."""
     from s2l_ray.ingest import run_ingest
-    from s2l_ray.runtime import init_ray
 
     ingest = run_ingest(cfg)
     stage = train_ref_stage(cfg)
-    if stage.is_done():
-        log.info("train-ref: already done (%s), skipping", stage.path)
+    if not stage.needs_run():
         return stage
-    init_ray(cfg.run.ray_address, cfg.run.num_cpus)
     rep = ingest.report()
     plan = plan_training(cfg.reference, "reference", rep["valid"])
     tmp = stage.begin(keep_tmp=True)  # keep Ray Train's checkpoints: an interrupted run resumes

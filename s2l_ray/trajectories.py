@@ -291,15 +291,13 @@ def run_trajectories(cfg: S2LConfig) -> Stage:
 
     from s2l_ray.ingest import ingest_stage
     from s2l_ray.losses import ScoreStats, autocast_dtype
-    from s2l_ray.runtime import cluster_has_gpus, init_ray
+    from s2l_ray.runtime import cluster_has_gpus
     from s2l_ray.train_ref import load_manifest, run_train_ref
 
     ref = run_train_ref(cfg)
     stage = trajectories_stage(cfg)
-    if stage.is_done():
-        log.info("trajectories: already done (%s), skipping", stage.path)
+    if not stage.needs_run():
         return stage
-    init_ray(cfg.run.ray_address, cfg.run.num_cpus)
     t = cfg.trajectories
     ingest = ingest_stage(cfg)
     rep = ingest.report()
