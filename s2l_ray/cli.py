@@ -43,6 +43,8 @@ def _epilog() -> str:
         "  s2l run mathinstruct select.budget=0.11       # a packaged config, by name",
         "  s2l ingest my.yaml data.source=data/train.jsonl data.overlong=reject",
         "  s2l select my.yaml budget=5000 method=random  # a stage's own keys need no prefix",
+        "  s2l sweep my.yaml methods=[s2l,random] budgets=[0.1,0.3] seeds=[0,1,2]",
+        "  s2l report s2l_output/demo                   # PNG plots of a finished run",
         "  s2l config my.yaml                           # print the resolved config",
         "  ray job submit --working-dir . -- s2l run my.yaml run.ray_address=auto",
     ]
@@ -106,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     for s in PIPELINE:
         p = sub.add_parser(s.name, help=s.summary, description=f"{s.summary}. Output: {s.output}")
         _add_config_args(p)
+    p = sub.add_parser("report", help="plot a run: accuracy vs budget, clusters, trajectories, "
+                       "source shares (PNG files in RUN_DIR/report/)",
+                       description="Plot what a run's published stages hold, as PNG files in "
+                       "RUN_DIR/report/, with an index.md. Needs no Ray.")
+    p.add_argument("run_dir", help="a run's output folder (its run.output_dir)")
+    p.add_argument("--log-level", default="INFO")
     p = sub.add_parser("config", help="print the resolved config, or --reference for all keys")
     p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]")
     p.add_argument("--reference", action="store_true",
@@ -171,12 +179,22 @@ def _dispatch(args: argparse.Namespace) -> int:
                               f"{', '.join(PRESETS)}")
         log.info("saved %s", build_tiny_model(args.out_dir, preset=args.preset, seed=args.seed))
         return 0
+    if args.command == "report":
+        from s2l_ray.report import make_report
+
+        make_report(args.run_dir)
+        return 0
     if args.command == "demo":
         cfg = load_config(PACKAGED / "demo.yaml", args.overrides)
     else:
         cfg = _load(args)
     if args.command in ("demo", "run"):
-        pipeline.run_pipeline(cfg)
+        done = pipeline.run_pipeline(cfg)
     else:
         pipeline.run_stage(cfg, args.command)
+        done = [args.command]
+    if "sweep" in done:  # the pictures of a finished sweep, regenerated: cheap and current
+        from s2l_ray.report import make_report
+
+        make_report(cfg.run.output_dir)
     return 0

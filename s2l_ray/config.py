@@ -128,6 +128,10 @@ class TrainConfig:
     """Passes over the training data."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (null: run all epochs)."""
+    train_steps: int | None = None
+    """Fixed step budget: exactly this many optimizer steps whatever the data size, repeating
+    epochs as needed, so that subsets of different sizes get equal compute (null: `epochs`
+    passes, the paper's policy)."""
     lr: float = 2e-5
     """Peak learning rate (AdamW)."""
     warmup_ratio: float = 0.03
@@ -165,6 +169,12 @@ class TrainConfig:
                 _fail(f"{key}.{name}", f"is {getattr(self, name)}", "use 1 or more")
         if self.max_steps is not None and self.max_steps < 1:
             _fail(f"{key}.max_steps", f"is {self.max_steps}", "use 1 or more, or null")
+        if self.train_steps is not None:
+            if self.train_steps < 1:
+                _fail(f"{key}.train_steps", f"is {self.train_steps}", "use 1 or more, or null")
+            if self.max_steps is not None:
+                _fail(f"{key}.train_steps", "is set together with max_steps",
+                      f"set only one: {key}.train_steps (fixed budget) or {key}.max_steps (cap)")
         if not 0 < self.lr < 1:
             _fail(f"{key}.lr", f"is {self.lr}", "use a learning rate in (0, 1), e.g. 2e-5")
         if not 0 <= self.warmup_ratio < 1:
@@ -287,11 +297,17 @@ class SweepConfig:
     methods: list[str] = field(default_factory=lambda: ["s2l", "random"])
     """Selection methods to compare."""
     budgets: list[int | float] = field(default_factory=lambda: [0.1, 0.3])
-    """Budgets to compare (counts or fractions); 1.0 is the full data."""
+    """Budgets to compare (counts or fractions); 1.0 (or the data size) is the full data, run
+    once per seed whatever the methods."""
     seeds: list[int] = field(default_factory=lambda: [0])
-    """Selection/training seeds per cell."""
+    """Seeds per cell: each one seeds both the selection and the target's training."""
     max_concurrent_trials: int = 1
-    """Trials run at once."""
+    """Trials run at once (each one is a whole Ray Train run of target.num_workers workers)."""
+    keep_models: bool = True
+    """Keep each trial's fine-tuned target (Hugging Face format, in sweep/trials/<trial>/model);
+    false deletes it once evaluated, for large targets and many trials."""
+    max_failures: int = 0
+    """Times Tune retries a failed trial (its fine-tune resumes from its last checkpoint)."""
 
     def __post_init__(self) -> None:
         for m in self.methods:
@@ -302,6 +318,47 @@ class SweepConfig:
             check_budget(b, "sweep.budgets")
         if not self.methods or not self.budgets or not self.seeds:
             _fail("sweep", "methods, budgets and seeds must be non-empty", "list at least one")
+        for name in ("methods", "budgets", "seeds"):
+            values = getattr(self, name)
+            if len(set(map(repr, values))) != len(values):
+                _fail(f"sweep.{name}", f"repeats a value ({values})", "list each value once")
+        if self.max_concurrent_trials < 1:
+            _fail("sweep.max_concurrent_trials", f"is {self.max_concurrent_trials}",
+                  "use 1 or more")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of each fine-tuned target on held-out data (`data.eval_source`)."""
+
+    generate: bool = True
+    """Greedy-generate an answer per example and score exact match of the final answer ("The
+    answer is X"), per source and macro-averaged; false scores loss/perplexity only."""
+    max_new_tokens: int = 96
+    """Longest generation, in tokens."""
+    batch_size: int = 32
+    """Prompts generated together (left-padded)."""
+    batch_tokens: int = 16384
+    """Padded tokens per batch when scoring the held-out loss."""
+    max_examples: int | None = None
+    """Evaluate at most this many held-out examples (the first by id; null: all)."""
+    split: str = "test"
+    """Split to read when data.eval_source is a Hugging Face data set."""
+    use_gpu: bool | None = None
+    """Evaluate on a GPU; null decides from the cluster."""
+    cpus: float = 1.0
+    """CPUs reserved by the evaluation task (and torch threads on CPU)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                _fail(f"eval.{name}", f"is {getattr(self, name)}", "use 1 or more")
+        if self.batch_tokens < 64:
+            _fail("eval.batch_tokens", f"is {self.batch_tokens}", "use 64 or more")
+        if self.max_examples is not None and self.max_examples < 1:
+            _fail("eval.max_examples", f"is {self.max_examples}", "use 1 or more, or null")
+        if not self.cpus > 0:
+            _fail("eval.cpus", f"is {self.cpus}", "use a positive number of CPUs, e.g. 1")
 
 
 def _default_target() -> TrainConfig:
@@ -330,6 +387,8 @@ class S2LConfig:
     """Target model fine-tuning on the selection."""
     sweep: SweepConfig = field(default_factory=SweepConfig)
     """Budget/method sweeps with Ray Tune."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation of each fine-tuned target."""
 
     def __post_init__(self) -> None:
         self.reference.validate("reference")

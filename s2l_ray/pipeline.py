@@ -37,8 +37,9 @@ PIPELINE = (
     StageInfo("select", "s2l_ray.select:run_select",
               "spend the budget evenly across clusters (or a baseline)",
               "select/selected.jsonl"),
-    StageInfo("sweep", "", "Ray Tune: methods x budgets x seeds, fine-tune + evaluate target",
-              "sweep/results.csv"),
+    StageInfo("sweep", "s2l_ray.sweep:run_sweep",
+              "Ray Tune: methods x budgets x seeds, fine-tune + evaluate the target",
+              "sweep/results.csv, summary.md, trials/*/model"),
 )
 BY_NAME = {s.name: s for s in PIPELINE}
 

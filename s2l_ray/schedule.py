@@ -44,8 +44,12 @@ def even_checkpoints(total_steps: int, count: int) -> tuple[int, ...]:
 
 def make_plan(n_examples: int, world_size: int, batch_size: int, grad_accum: int, epochs: int,
               max_steps: int | None, num_checkpoints: int,
-              checkpoint_steps: list[int] | None, key: str = "reference") -> TrainPlan:
-    """Check the training shape against the data and place the checkpoints, before any work."""
+              checkpoint_steps: list[int] | None, key: str = "reference",
+              train_steps: int | None = None) -> TrainPlan:
+    """Check the training shape against the data and place the checkpoints, before any work.
+
+    `train_steps` fixes the step count instead: as many epochs as it takes, the last one cut.
+    """
     per_worker = n_examples // world_size
     if per_worker < batch_size * grad_accum:
         raise ConfigError(
@@ -55,6 +59,9 @@ def make_plan(n_examples: int, world_size: int, batch_size: int, grad_accum: int
             f"{key}.num_workers")
     micro = math.ceil(per_worker / batch_size)
     steps_per_epoch = micro // grad_accum
+    if train_steps is not None:
+        epochs = math.ceil(train_steps / steps_per_epoch)
+        max_steps = train_steps
     total = steps_per_epoch * epochs
     if max_steps is not None:
         total = min(total, max_steps)

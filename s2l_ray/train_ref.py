@@ -64,15 +64,18 @@ def plan_training(section: TrainConfig, key: str, n_examples: int) -> Any:
 
     s = section
     plan = make_plan(n_examples, s.num_workers, s.batch_size, s.grad_accum, s.epochs,
-                     s.max_steps, s.num_checkpoints, s.checkpoint_steps, key)
+                     s.max_steps, s.num_checkpoints, s.checkpoint_steps, key, s.train_steps)
     check_cpu_headroom(s, key)
     return plan
 
 
 def fit(cfg: S2LConfig, section: TrainConfig, key: str, examples: Path, plan: Any,
-        work: Path, tokenizer_path: str) -> list[dict[str, Any]]:
+        work: Path, tokenizer_path: str, *, seed: int | None = None,
+        callbacks: list[Any] | None = None, log_lines: int = 20) -> list[dict[str, Any]]:
     """Run (or resume) Ray Train + DeepSpeed on `examples` following `plan`.
 
+    Used for the reference model and, inside Tune trials, for the target (`seed` replaces
+    run.seed; `callbacks` are Ray Train callbacks, e.g. Tune's report callback).
     Checkpoints are dicts {index, step, epoch, train_loss, probe_loss, ..., dir} in step order,
     `dir` being the Ray checkpoint folder holding `hf/`.
     """
@@ -91,14 +94,15 @@ def fit(cfg: S2LConfig, section: TrainConfig, key: str, examples: Path, plan: An
              key, plan.n_examples, s.num_workers, "GPU" if use_gpu else "CPU", plan.total_steps,
              plan.steps_per_epoch, list(plan.checkpoint_steps))
     ds = ray.data.read_parquet(str(examples)).select_columns(["input_ids", "n_prompt_tokens"])
-    ds = ds.randomize_block_order(seed=cfg.run.seed)
+    seed = cfg.run.seed if seed is None else seed
+    ds = ds.randomize_block_order(seed=seed)
     loop_cfg = {
         "plan": plan.as_dict(), "model_path": resolve_model(s.model, cfg),
         "tokenizer_path": tokenizer_path, "trust_remote_code": s.trust_remote_code,
         "lr": s.lr, "warmup_ratio": s.warmup_ratio, "weight_decay": s.weight_decay,
         "zero_stage": s.zero_stage, "precision": s.precision, "use_gpu": use_gpu,
-        "seed": cfg.run.seed, "shuffle_buffer": 4 * s.batch_size * s.grad_accum,
-        "probe": probe_batch(examples), "log_lines": 20,
+        "seed": seed, "shuffle_buffer": 4 * s.batch_size * s.grad_accum,
+        "probe": probe_batch(examples), "log_lines": log_lines,
     }
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_cfg, datasets={"train": ds},
@@ -107,7 +111,8 @@ def fit(cfg: S2LConfig, section: TrainConfig, key: str, examples: Path, plan: An
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name="ray_train", storage_path=str(work.resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=None),
-                             failure_config=FailureConfig(max_failures=s.max_failures)),
+                             failure_config=FailureConfig(max_failures=s.max_failures),
+                             callbacks=callbacks),
     )
     result = trainer.fit()
     if result.error:

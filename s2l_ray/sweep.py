@@ -1,0 +1,223 @@
+"""Stage `sweep`: fine-tune and evaluate the target on every (method, budget, seed) of a grid.
+
+    trajectories + clusters (computed once) --select_from per trial--> trials/<t>/selection/
+    ingest examples --the selected rows--> trials/<t>/subset.parquet
+    Ray Tune grid over trials: each trial builds and fits a TorchTrainer (the reference stage's
+        `fit`, DeepSpeed), then evaluates the final model in a Ray task
+        --> trials/<t>/model/ (HF), predictions.parquet, result.json
+    results.parquet / results.csv (one row per trial), summary.md (mean ± std over seeds)
+
+Everything before Tune is checked first (budgets, step plans, the held-out set), so a bad grid
+fails before any training. An interrupted sweep resumes: selections already written are kept,
+Tune restores its experiment (`Tuner.restore`), a finished trial reports its stored result, and an
+unfinished one resumes its fine-tune from Ray Train's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from s2l_ray.config import S2LConfig
+from s2l_ray.stage import Stage
+
+log = logging.getLogger(__name__)
+TRIAL_RESOURCES = {"cpu": 0, "memory": 256 * 2**20}  # the trial driver only waits on Ray Train
+
+
+def sweep_stage(cfg: S2LConfig) -> Stage:
+    from s2l_ray.cluster import cluster_stage
+
+    return Stage(cfg, "sweep", ("sweep", "target", "eval"),
+                 upstream=(cluster_stage(cfg).fingerprint,))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)  # a reader never sees half a file
+
+
+def materialize(cfg: S2LConfig, trial: Any, d: Path, dirs: dict[str, Path]) -> Path:
+    """The trial's training rows: the selection for it, written once (kept across resumes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from s2l_ray.cluster import parquet_files
+    from s2l_ray.results import FULL
+    from s2l_ray.select import _map, rows_with_ids, select_from
+
+    if trial.method == FULL:
+        return dirs["examples"]
+    subset = d / "subset.parquet"
+    if subset.is_file():
+        return subset
+    sel = replace(cfg.select, method=trial.method, budget=trial.budget)
+    report = select_from(dirs["cluster"], dirs["trajectories"], dirs["examples"],
+                         d / "selection", sel, trial.seed)
+    _write_json(d / "selection" / "report.json", report)
+    ids = pq.read_table(d / "selection" / "selected.parquet", columns=["id"])["id"].to_pylist()
+    cols = ["id", "source", "input_ids", "n_prompt_tokens"]
+    rows = pa.concat_tables(_map(rows_with_ids, parquet_files(dirs["examples"], "ingest"),
+                                 ids, cols))
+    if rows.num_rows != trial.size:
+        raise RuntimeError(f"sweep: trial {trial.name} selected {rows.num_rows} rows, expected "
+                           f"{trial.size}")
+    pq.write_table(rows, d / "subset.tmp.parquet")
+    os.replace(d / "subset.tmp.parquet", subset)
+    return subset
+
+
+def _evaluate_task(model_dir: str, eval_dir: str, ecfg: Any, trust: bool) -> Any:
+    from s2l_ray.evaluate import evaluate_model
+
+    return evaluate_model(model_dir, eval_dir, ecfg, trust)
+
+
+def run_trial(config: dict[str, Any], cfg: S2LConfig, root: str) -> None:
+    """Tune's function trainable: fine-tune the target on one trial's subset, then evaluate."""
+    import time
+
+    import pyarrow.parquet as pq
+    import ray
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from s2l_ray.runtime import cluster_has_gpus, quiet_ray_data
+    from s2l_ray.schedule import TrainPlan
+    from s2l_ray.train_ref import fit
+
+    d = Path(root) / "trials" / config["trial"]
+    done = d / "result.json"
+    if done.is_file():  # finished before an interruption: report the stored result
+        tune.report(json.loads(done.read_text()))
+        return
+    spec = json.loads((d / "trial.json").read_text())
+    quiet_ray_data()  # this trial's process builds the Dataset: its progress lines stay off
+    model = d / "model"
+    t0 = time.time()
+    if not (model / "config.json").is_file():
+        p = spec["plan"]
+        plan = TrainPlan(**{**p, "checkpoint_steps": tuple(p["checkpoint_steps"])})
+        ckpts = fit(cfg, cfg.target, "target", Path(spec["subset"]), plan, d,
+                    spec["tokenizer"], seed=spec["seed"], callbacks=[TuneReportCallback()],
+                    log_lines=4)
+        shutil.rmtree(d / "model.tmp", ignore_errors=True)
+        shutil.copytree(Path(ckpts[-1]["dir"]) / "hf", d / "model.tmp")
+        os.replace(d / "model.tmp", model)
+        _write_json(d / "train.json", {"train_loss": ckpts[-1]["train_loss"],
+                                       "steps": plan.total_steps, "epochs": plan.epochs,
+                                       "train_seconds": time.time() - t0})
+        shutil.rmtree(d / "ray_train", ignore_errors=True)  # optimizer states: done with them
+    e = cfg.eval
+    gpu = cluster_has_gpus() if e.use_gpu is None else e.use_gpu
+    # Outside the trial's placement group (which holds no CPU): training has freed its workers.
+    task = ray.remote(_evaluate_task).options(
+        num_cpus=e.cpus, num_gpus=1 if gpu else 0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+    metrics, preds = ray.get(task.remote(str(model), spec["eval_dir"], replace(e, use_gpu=gpu),
+                                         cfg.target.trust_remote_code))
+    pq.write_table(preds, d / "predictions.parquet")
+    result = {**{k: spec[k] for k in ("trial", "method", "budget", "size", "fraction",
+                                      "seed")},
+              **json.loads((d / "train.json").read_text()), **metrics}
+    _write_json(done, result)
+    if not cfg.sweep.keep_models:
+        shutil.rmtree(model)
+    tune.report(result)
+
+
+def _tune(cfg: S2LConfig, work: Path, names: list[str]) -> None:
+    from ray import tune
+
+    class Progress(tune.Callback):
+        done = 0
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **kw: Any) -> None:
+            r = trial.last_result or {}
+            self.done += 1
+            log.info("sweep: trial %s finished (%d/%d this session): macro_em %s, eval_loss %.4f",
+                     r.get("trial"), self.done, len(names),
+                     f"{r['macro_em']:.3f}" if "macro_em" in r else "n/a",
+                     r.get("eval_loss", float("nan")))
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, cfg=cfg, root=str(work)), TRIAL_RESOURCES)
+    path = work / "tune"
+    if tune.Tuner.can_restore(str(path)):
+        log.info("sweep: resuming the Tune experiment in %s", path)
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space={"trial": tune.grid_search(names)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.sweep.max_concurrent_trials),
+            run_config=tune.RunConfig(
+                name="tune", storage_path=str(work), verbose=0, callbacks=[Progress()],
+                failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures)))
+    grid = tuner.fit()
+    if grid.errors:
+        raise RuntimeError(f"sweep: {len(grid.errors)} of {len(names)} trials failed; the first:"
+                           f" {grid.errors[0]}. Rerun the same command to retry them (finished"
+                           " trials are kept)")
+
+
+def run_sweep(cfg: S2LConfig) -> Stage:
+    """Run the grid (after the cluster stage, which runs first if needed); publish the table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from s2l_ray.cluster import run_cluster
+    from s2l_ray.evaluate import eval_source_of, prepare_eval_set
+    from s2l_ray.ingest import ingest_stage
+    from s2l_ray.results import budget_label, markdown_summary, plan_trials, summarize
+    from s2l_ray.train_ref import plan_training
+    from s2l_ray.trajectories import trajectories_stage
+
+    cluster = run_cluster(cfg)
+    stage = sweep_stage(cfg)
+    if not stage.needs_run():
+        return stage
+    ingest = ingest_stage(cfg)
+    rep = ingest.report()
+    n = rep["valid"]
+    trials = plan_trials(cfg.sweep.methods, cfg.sweep.budgets, cfg.sweep.seeds, n)
+    plans = {t.name: plan_training(cfg.target, "target", t.size) for t in trials}  # fail early
+    eval_source_of(cfg)
+    work = stage.begin(keep_tmp=True)
+    dirs = {"cluster": cluster.path, "trajectories": trajectories_stage(cfg).path,
+            "examples": ingest.path / "examples"}
+    eval_dir = work / "eval"
+    if not (eval_dir / "report.json").is_file():  # held-out set: prepared once per sweep
+        eval_report = prepare_eval_set(cfg, eval_dir)
+        _write_json(eval_dir / "report.json", eval_report)
+    log.info("sweep: %d trials (%s x budgets %s x seeds %s) of the target %s", len(trials),
+             ", ".join(cfg.sweep.methods), cfg.sweep.budgets, cfg.sweep.seeds, cfg.target.model)
+    for t in trials:
+        d = work / "trials" / t.name
+        d.mkdir(parents=True, exist_ok=True)
+        subset = materialize(cfg, t, d, dirs)
+        _write_json(d / "trial.json", {
+            "trial": t.name, **t.as_dict(), "fraction": t.size / n, "subset": str(subset),
+            "plan": plans[t.name].as_dict(), "tokenizer": rep["tokenizer"],
+            "eval_dir": str(eval_dir)})
+    _tune(cfg, work, [t.name for t in trials])
+    rows = [json.loads((work / "trials" / t.name / "result.json").read_text()) for t in trials]
+    for r in rows:  # counts and fractions in one column: keep it text, as configured
+        r["budget"] = budget_label(r["budget"])
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table, work / "results.parquet")
+    table.to_pandas().to_csv(work / "results.csv", index=False)
+    summary = summarize(rows)
+    (work / "summary.md").write_text(markdown_summary(
+        summary, title=f"S2L sweep: target {cfg.target.model}, {n} examples"))
+    stage.publish({"trials": len(trials), "examples": n, "summary": summary,
+                   "eval": json.loads((eval_dir / "report.json").read_text())})
+    log.info("sweep: results in %s\n%s", stage.path / "results.csv",
+             (stage.path / "summary.md").read_text())
+    return stage
