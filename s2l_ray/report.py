@@ -1,6 +1,7 @@
 """`s2l report RUN_DIR`: the pictures of a run, as PNG files in RUN_DIR/report/.
 
-    accuracy_vs_budget.png     macro exact match and held-out loss vs budget, per method, with
+    accuracy_vs_budget.png     macro exact match and macro held-out loss (the mean over sources
+                               of each source's loss) vs budget, per method, with
                                every seed shown and the seed spread (min-max) shaded
     cluster_sizes.png          examples per cluster, and how many the selection took from each
     cluster_trajectories.png   mean loss trajectory of each cluster over the reference
@@ -42,8 +43,10 @@ def plot_accuracy(results: list[dict[str, Any]], out: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     methods = sorted({r["method"] for r in results} - {"full"})
     full = [r for r in results if r["method"] == "full"]
+    loss = "macro_loss" if any("macro_loss" in r for r in results) else "eval_loss"
     for ax, metric, label in ((axes[0], "macro_em", "macro exact match (held-out)"),
-                              (axes[1], "eval_loss", "held-out loss (response tokens)")):
+                              (axes[1], loss, f"held-out {loss.replace('_', ' ')} (lower is "
+                               "better)")):
         for m in methods:
             rs = [r for r in results if r["method"] == m and r.get(metric) is not None]
             xs = sorted({r["fraction"] for r in rs})

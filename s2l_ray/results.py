@@ -50,28 +50,30 @@ def plan_trials(methods: list[str], budgets: list[int | float], seeds: list[int]
     return trials
 
 
-def summarize(rows: list[dict[str, Any]], metric: str = "macro_em") -> list[dict[str, Any]]:
-    """One row per (method, size): mean, std (ddof=1; 0 with one seed), min, max over seeds.
+METRICS = ("macro_em", "macro_loss")  # what the summary and the plots compare
 
-    Rows lacking the metric (or NaN) are left out of the statistics and counted in `missing`.
-    """
+
+def summarize(rows: list[dict[str, Any]],
+              metrics: tuple[str, ...] = METRICS) -> list[dict[str, Any]]:
+    """One row per (method, size) and per metric: mean, std (ddof=1; 0 with one seed), min, max
+    over seeds. Rows lacking a metric (or NaN) are left out of its statistics, counted in
+    `missing`."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["size"]), []).append(r)
     out = []
     for (method, size), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        vals = np.array([r[metric] for r in rs if _finite(r.get(metric))], dtype=float)
-        loss = np.array([r["eval_loss"] for r in rs if _finite(r.get("eval_loss"))], float)
-        out.append({
-            "method": method, "size": size, "budget": rs[0]["budget"],
-            "fraction": rs[0].get("fraction"), "seeds": len(vals),
-            "missing": len(rs) - len(vals),
-            f"{metric}_mean": float(vals.mean()) if len(vals) else float("nan"),
-            f"{metric}_std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
-            f"{metric}_min": float(vals.min()) if len(vals) else float("nan"),
-            f"{metric}_max": float(vals.max()) if len(vals) else float("nan"),
-            "eval_loss_mean": float(loss.mean()) if len(loss) else float("nan"),
-        })
+        row: dict[str, Any] = {"method": method, "size": size, "budget": rs[0]["budget"],
+                               "fraction": rs[0].get("fraction"), "runs": len(rs)}
+        for m in metrics:
+            vals = np.array([r[m] for r in rs if _finite(r.get(m))], dtype=float)
+            row.update({
+                f"{m}_seeds": len(vals),
+                f"{m}_mean": float(vals.mean()) if len(vals) else float("nan"),
+                f"{m}_std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+                f"{m}_min": float(vals.min()) if len(vals) else float("nan"),
+                f"{m}_max": float(vals.max()) if len(vals) else float("nan")})
+        out.append(row)
     return out
 
 
@@ -79,24 +81,29 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def markdown_summary(summary: list[dict[str, Any]], metric: str = "macro_em",
+def markdown_summary(summary: list[dict[str, Any]], metrics: tuple[str, ...] = METRICS,
                      title: str = "Sweep results") -> str:
-    """A table a person reads: per budget, each method's mean ± std over seeds, and the gap to
-    random at the same budget where random was run."""
-    lines = [f"## {title}", "",
-             f"{metric} (mean ± std over seeds [min, max]) and held-out loss, per budget.", "",
-             "| budget | examples | method | seeds | " + metric + " | vs random | eval loss |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    random_at = {r["size"]: r[f"{metric}_mean"] for r in summary if r["method"] == "random"}
+    """A table a person reads: per budget and method, each metric's mean ± std over seeds
+    [min, max], and its gap to random at the same budget where random was run."""
+    head = "| budget | examples | method | seeds |"
+    for m in metrics:
+        head += f" {m} | vs random |"
+    lines = [f"## {title}", "", "Mean ± std over seeds [min, max]; `vs random`: the difference "
+             "of means at the same budget (higher is better for *_em, lower for *_loss).", "",
+             head, "|" + " --- |" * (4 + 2 * len(metrics))]
+    rnd = {r["size"]: r for r in summary if r["method"] == "random"}
     for r in summary:
-        mean, std = r[f"{metric}_mean"], r[f"{metric}_std"]
-        cell = (f"{mean:.3f} ± {std:.3f} [{r[f'{metric}_min']:.3f}, {r[f'{metric}_max']:.3f}]"
-                if _finite(mean) else "n/a")
-        rnd = random_at.get(r["size"])
-        gap = (f"{mean - rnd:+.3f}" if r["method"] not in ("random", FULL) and _finite(rnd)
-               and _finite(mean) else "")
         frac = f" ({r['fraction']:.0%})" if _finite(r.get("fraction")) else ""
-        seeds = f"{r['seeds']} (+{r['missing']} missing)" if r["missing"] else str(r["seeds"])
-        lines.append(f"| {budget_label(r['budget'])} | {r['size']}{frac} | {r['method']} | "
-                     f"{seeds} | {cell} | {gap} | {r['eval_loss_mean']:.4f} |")
+        n = r[f"{metrics[0]}_seeds"]
+        seeds = f"{n} (+{r['runs'] - n} missing)" if r["runs"] > n else str(n)
+        line = f"| {budget_label(r['budget'])} | {r['size']}{frac} | {r['method']} | {seeds} |"
+        for m in metrics:
+            mean, std = r[f"{m}_mean"], r[f"{m}_std"]
+            cell = (f"{mean:.3f} ± {std:.3f} [{r[f'{m}_min']:.3f}, {r[f'{m}_max']:.3f}]"
+                    if _finite(mean) else "n/a")
+            base = rnd.get(r["size"], {}).get(f"{m}_mean")
+            gap = (f"{mean - base:+.3f}" if r["method"] not in ("random", FULL)
+                   and _finite(base) and _finite(mean) else "")
+            line += f" {cell} | {gap} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"

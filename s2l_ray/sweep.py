@@ -142,10 +142,10 @@ def _tune(cfg: S2LConfig, work: Path, names: list[str]) -> None:
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **kw: Any) -> None:
             r = trial.last_result or {}
             self.done += 1
-            log.info("sweep: trial %s finished (%d/%d this session): macro_em %s, eval_loss %.4f",
-                     r.get("trial"), self.done, len(names),
+            log.info("sweep: trial %s finished (%d/%d this session): macro_em %s, macro_loss "
+                     "%.4f", r.get("trial"), self.done, len(names),
                      f"{r['macro_em']:.3f}" if "macro_em" in r else "n/a",
-                     r.get("eval_loss", float("nan")))
+                     r.get("macro_loss", float("nan")))
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, cfg=cfg, root=str(work)), TRIAL_RESOURCES)

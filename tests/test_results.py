@@ -1,0 +1,61 @@
+"""The sweep's grid and results table (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from s2l_ray.config import ConfigError, load_config
+from s2l_ray.results import FULL, markdown_summary, plan_trials, summarize
+
+
+def test_plan_trials_grid_and_full_data_collapse():
+    trials = plan_trials(["s2l", "random"], [0.1, 250, 1.0], [0, 1], n=1000)
+    names = [t.name for t in trials]
+    assert names == ["s2l-b0.1-s0", "s2l-b0.1-s1", "random-b0.1-s0", "random-b0.1-s1",
+                     "s2l-b250-s0", "s2l-b250-s1", "random-b250-s0", "random-b250-s1",
+                     "full-b1-s0", "full-b1-s1"]
+    assert {t.size for t in trials} == {100, 250, 1000}
+    assert [t for t in trials if t.method == FULL] == [t for t in trials if t.size == 1000]
+    # a count equal to the data size is the full data too, and is not run twice
+    again = plan_trials(["s2l"], [1000, 1.0], [0], n=1000)
+    assert [t.name for t in again] == ["full-b1000-s0"]
+
+
+def test_plan_trials_rejects_a_budget_over_the_data():
+    with pytest.raises(ConfigError, match="sweep.budgets"):
+        plan_trials(["s2l"], [5000], [0], n=1000)
+
+
+def test_sweep_config_checks_itself():
+    with pytest.raises(ConfigError, match="sweep.methods.*unknown method 'magic'"):
+        load_config(None, ["sweep.methods=[s2l,magic]"])
+    with pytest.raises(ConfigError, match="sweep.seeds.*repeats"):
+        load_config(None, ["sweep.seeds=[0,0]"])
+    with pytest.raises(ConfigError, match="sweep.budgets"):
+        load_config(None, ["sweep.budgets=[1.5]"])
+    with pytest.raises(ConfigError, match="target.train_steps.*max_steps"):
+        load_config(None, ["target.train_steps=100", "target.max_steps=50"])
+    with pytest.raises(ConfigError, match="eval.max_new_tokens"):
+        load_config(None, ["eval.max_new_tokens=0"])
+
+
+def _row(method, size, seed, em, loss=2.0):
+    return {"method": method, "size": size, "budget": size / 100, "fraction": size / 100,
+            "seed": seed, "macro_em": em, "macro_loss": loss}
+
+
+def test_summarize_mean_std_and_missing():
+    rows = [_row("s2l", 10, 0, 0.5), _row("s2l", 10, 1, 0.7), _row("s2l", 10, 2, float("nan")),
+            _row("random", 10, 0, 0.4), _row("random", 10, 1, 0.4),
+            _row(FULL, 100, 0, 0.9, 1.0)]
+    s = {(r["method"], r["size"]): r for r in summarize(rows)}
+    assert s[("s2l", 10)]["macro_em_mean"] == pytest.approx(0.6)
+    assert s[("s2l", 10)]["macro_em_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert (s[("s2l", 10)]["macro_em_seeds"], s[("s2l", 10)]["runs"]) == (2, 3)
+    assert s[("s2l", 10)]["macro_loss_seeds"] == 3
+    assert s[("random", 10)]["macro_em_std"] == 0.0
+    assert s[(FULL, 100)]["macro_em_std"] == 0.0 and s[(FULL, 100)]["macro_em_seeds"] == 1
+    md = markdown_summary(summarize(rows))
+    assert ("| s2l | 2 (+1 missing) | 0.600 ± 0.141 [0.500, 0.700] | +0.200 | "
+            "2.000 ± 0.000 [2.000, 2.000] | +0.000 |") in md
+    assert md.count("\n| ") == 2 + 3  # header, rule, three rows
