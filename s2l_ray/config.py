@@ -344,8 +344,6 @@ class EvalConfig:
     """Evaluate at most this many held-out examples (the first by id; null: all)."""
     split: str = "test"
     """Split to read when data.eval_source is a Hugging Face data set."""
-    split: str = "test"
-    """Split to read when data.eval_source is a Hugging Face data set."""
     use_gpu: bool | None = None
     """Evaluate on a GPU; null decides from the cluster."""
     cpus: float = 1.0
