@@ -47,15 +47,59 @@ class RunConfig:
     """CPUs for a local Ray (null: all of them). Ignored when joining a cluster."""
     overwrite: bool = False
     """Recompute stages whose stored config differs from this one, instead of failing."""
+    storage_uri: str | None = None
+    """Where finished stages are also kept: s3://bucket/prefix, gs://bucket/prefix, file:///path
+    or an absolute path. Each stage works in output_dir, then uploads its result to
+    <storage_uri>/<stage>/ (its _SUCCESS.json last); a run whose output_dir lacks a finished
+    stage downloads it from there instead of recomputing it. Credentials come from the
+    environment, never the URI. null: output_dir only."""
 
     def __post_init__(self) -> None:
         if not self.output_dir:
             _fail("run.output_dir", "is empty", "give a folder, e.g. run.output_dir=out/s2l")
-        if "://" not in self.output_dir:
-            # Absolute, because Ray Train workers and Ray Data actors run in other directories.
-            self.output_dir = os.path.abspath(os.path.expanduser(self.output_dir))
+        if "://" in self.output_dir:
+            # Stages write with local paths; a URI here would become a relative folder.
+            _fail("run.output_dir", f"is the URI '{self.output_dir}'", "give a local folder "
+                  "(the stages' work space) and put the URI in run.storage_uri")
+        # Absolute, because Ray Train workers and Ray Data actors run in other directories.
+        self.output_dir = os.path.abspath(os.path.expanduser(self.output_dir))
         if self.num_cpus is not None and self.num_cpus < 1:
             _fail("run.num_cpus", f"is {self.num_cpus}", "use a positive count or null")
+        if self.storage_uri is not None:
+            self._check_storage_uri()
+
+    def _check_storage_uri(self) -> None:
+        uri = self.storage_uri or ""
+        scheme, sep, rest = uri.partition("://")
+        if not sep:  # a plain path: must not depend on the directory the job starts in
+            local = os.path.expanduser(uri)
+            if not os.path.isabs(local):
+                _fail("run.storage_uri", f"'{uri}' is neither a URI nor an absolute path",
+                      "use s3://bucket/prefix, gs://bucket/prefix, file:///abs/path or /abs/path")
+            self.storage_uri = local = os.path.abspath(local)
+        elif scheme.lower() not in ("s3", "gs", "file"):
+            _fail("run.storage_uri", f"scheme '{scheme}' is not supported",
+                  "use s3://bucket/prefix, gs://bucket/prefix, file:///abs/path or /abs/path")
+        elif scheme.lower() == "file":
+            if not os.path.isabs(rest):
+                _fail("run.storage_uri", f"'{uri}' is not an absolute file URI",
+                      "write file:///abs/path (three slashes)")
+            local = os.path.abspath(rest)
+        else:
+            bucket = rest.split("/", 1)[0]
+            if not bucket:
+                _fail("run.storage_uri", f"'{uri}' names no bucket", f"write {scheme}://BUCKET/"
+                      "prefix")
+            if "@" in bucket:  # s3://KEY:SECRET@bucket would land in config.yaml and logs
+                _fail("run.storage_uri", "carries credentials", "remove them from the URI and "
+                      "set them in the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                      "GOOGLE_APPLICATION_CREDENTIALS) or the cloud's default credentials")
+            self.storage_uri = uri.rstrip("/")
+            return
+        out = self.output_dir
+        if os.path.commonpath([local, out]) in (local, out):  # an upload would copy onto itself
+            _fail("run.storage_uri", f"'{uri}' overlaps run.output_dir '{out}'",
+                  "keep the storage apart from run.output_dir (neither inside the other)")
 
 
 @dataclass
@@ -108,12 +152,23 @@ class DataConfig:
     duplicates: Literal["reject", "error"] = "reject"
     """Rows whose id repeats one already seen: 'reject' keeps the first (by file and row) and
     moves the rest to rejects; 'error' fails the run if any id repeats."""
+    allowed_roots: list[str] | None = None
+    """Folders local input must come from: when set, data.source and data.eval_source (files,
+    folders, every file in them and local 'hf:' folders, symlinks resolved) must lie inside one
+    of them, checked before any work starts (null: any path; hub names are not paths)."""
 
     def __post_init__(self) -> None:
         if not self.source:
             _fail("data.source", "is empty", "give a path, 'hf:NAME' or 'demo:mathmix'")
         if self.max_length < 8:
             _fail("data.max_length", f"is {self.max_length}", "use at least 8 tokens (512 typical)")
+        if self.allowed_roots is not None:
+            if not self.allowed_roots or not all(self.allowed_roots):
+                _fail("data.allowed_roots", f"is {self.allowed_roots}",
+                      "list at least one non-empty folder, or null to allow any path")
+            # Absolute now, so the check cannot depend on the directory a worker starts in.
+            self.allowed_roots = [os.path.abspath(os.path.expanduser(r))
+                                  for r in self.allowed_roots]
 
 
 @dataclass

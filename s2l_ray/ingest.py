@@ -16,7 +16,7 @@ import logging
 import shutil
 from typing import Any
 
-from s2l_ray.config import S2LConfig
+from s2l_ray.config import ConfigError, S2LConfig
 from s2l_ray.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -27,8 +27,9 @@ REJECT_COLUMNS = ["origin_file", "origin_row", "reject_reason", "reject_detail",
                   "raw"]
 
 
-class IngestError(RuntimeError):
-    """The input yields no usable example."""
+class IngestError(ConfigError, RuntimeError):
+    """The input yields no usable example. A ConfigError too: the fix is in the data or the
+    data.* keys, so the CLI reports the message (exit 2) instead of a traceback."""
 
 
 def _schema() -> Any:
@@ -187,6 +188,7 @@ def duplicate_losers(norm: Any, policy: str) -> dict[tuple[str, int], str]:
     import ray
 
     tables = ray.get(norm.map_batches(_id_hashes, batch_format="pyarrow").to_arrow_refs())
+    tables = [t for t in tables if t.num_rows]  # blocks of empty input carry no columns at all
     h = pa.concat_tables(tables)["h"].to_numpy() if tables else np.zeros(0, np.uint64)
     uniq, counts = np.unique(h, return_counts=True)
     repeated = frozenset(int(x) for x in uniq[counts > 1])
@@ -243,6 +245,9 @@ def run_ingest(cfg: S2LConfig) -> Stage:
                          final.map_batches(_stats, batch_format="pyarrow").take_all()])
     if stats["valid"] == 0:
         shutil.rmtree(tmp, ignore_errors=True)
+        if stats["rows"] == 0:
+            raise IngestError(f"'{cfg.data.source}' has no rows at all (empty files?). Fix: "
+                              "point data.source at files that hold data")
         top = sorted(stats["rejects"].items(), key=lambda kv: -kv[1])[:5]
         raise IngestError(f"'{cfg.data.source}' has no valid rows ({stats['rows']} read; "
                           f"reasons: {top}). Fix: check data.format and the field names")

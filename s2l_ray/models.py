@@ -19,8 +19,10 @@ def models_dir(cfg: S2LConfig) -> Path:
     return Path(cfg.run.output_dir) / "models"
 
 
-def check_spec(spec: str, key: str) -> None:
-    """Fail early on a spec that cannot load: unknown tiny preset, or a missing local folder."""
+def check_spec(spec: str, key: str, weights: bool = True) -> None:
+    """Fail early on a spec that cannot load: unknown tiny preset, a missing local folder, or
+    (with `weights`) a local model folder without safetensors weights. Only safetensors are
+    loaded (`use_safetensors=True`): pickled .bin/.pt weights can run code when unpickled."""
     if spec.startswith("tiny:"):
         from s2l_ray.tiny_models import PRESETS
 
@@ -34,6 +36,14 @@ def check_spec(spec: str, key: str) -> None:
         raise ConfigError(f"config key '{key}': '{spec}' is neither a model folder (no "
                           "config.json there) nor a hub id like 'EleutherAI/pythia-70m'. Fix: "
                           "point at a folder saved with save_pretrained, or give a hub id")
+    if looks_local and weights and not any(path.glob("*.safetensors")):
+        found = sorted(f.name for f in path.iterdir() if f.suffix in (".bin", ".pt", ".pth"))
+        raise ConfigError(
+            f"config key '{key}': model folder '{spec}' has no *.safetensors weights"
+            f"{f' (only {found[:3]})' if found else ''}; s2l_ray loads safetensors only, "
+            "because pickled weights can run code when loaded. Fix: convert it once where you "
+            "trust the file: AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder,"
+            " safe_serialization=True)")
 
 
 def resolve_model(spec: str, cfg: S2LConfig) -> str:

@@ -60,12 +60,16 @@ def entry_of(info: StageInfo):
 def preflight(cfg: S2LConfig) -> None:
     """Checks that need the filesystem, done before any stage starts any work."""
     from s2l_ray.models import check_spec
-    from s2l_ray.readers import list_files
+    from s2l_ray.readers import check_allowed_roots, list_files
 
     check_spec(cfg.reference.model, "reference.model")
     check_spec(cfg.target.model, "target.model")
     if cfg.data.tokenizer:
-        check_spec(cfg.data.tokenizer, "data.tokenizer")
+        check_spec(cfg.data.tokenizer, "data.tokenizer", weights=False)
+    # Before anything reads them (list_files below included), so no outside path is touched.
+    for key, path in (("data.source", cfg.data.source), ("data.eval_source", cfg.data.eval_source)):
+        if path:
+            check_allowed_roots(path, key, cfg.data.allowed_roots)
     src = cfg.data.source
     if src.startswith("demo:"):
         if src != "demo:mathmix":
@@ -76,18 +80,57 @@ def preflight(cfg: S2LConfig) -> None:
     out = Path(cfg.run.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"config key 'run.output_dir': '{out}' is a file. Fix: name a folder")
+    _check_writable(out)
+
+
+def _check_writable(out: Path) -> None:
+    """Create run.output_dir and write a probe file in it now, so that an unwritable folder is a
+    clear error here and not a PermissionError traceback once a stage has done its work.
+    Actually writing, because os.access is wrong for root, ACLs and NFS root squashing."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".s2l_probe"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"config key 'run.output_dir': cannot write to '{out}' "
+                          f"({e.strerror or e}). Fix: choose a folder you can write to, or fix "
+                          "its permissions") from e
+
+
+def check_eval_source(cfg: S2LConfig) -> None:
+    """The sweep evaluates on held-out data: make sure there is some before hours of work."""
+    from s2l_ray.readers import list_files
+
+    src = cfg.data.eval_source
+    if src is None:
+        if cfg.data.source != "demo:mathmix":
+            raise ConfigError("config key 'data.eval_source': is not set, and the sweep stage "
+                              "evaluates every fine-tuned target on held-out data. Fix: point "
+                              "data.eval_source at a held-out file or folder (any ingestion "
+                              "format) or 'hf:NAME' (with eval.split), or run `s2l select` to "
+                              "stop after the selection")
+    elif not src.startswith("hf:"):
+        try:
+            list_files(src)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("'data.source'", "'data.eval_source'")) from None
 
 
 def run_stage(cfg: S2LConfig, name: str) -> None:
     if name not in BY_NAME:
         raise ConfigError(f"unknown stage '{name}'. Fix: use one of {', '.join(BY_NAME)}")
     preflight(cfg)
+    if name == "sweep":
+        check_eval_source(cfg)
     entry_of(BY_NAME[name])(cfg)
 
 
 def run_pipeline(cfg: S2LConfig) -> list[str]:
     """Run every available stage in order; returns the names of those that ran or were current."""
     preflight(cfg)
+    check_eval_source(cfg)
     done = []
     for info in PIPELINE:
         if not available(info):

@@ -152,6 +152,41 @@ def list_files(source: str) -> list[str]:
     return [str(f.resolve()) for f in files]
 
 
+def _local_path(source: str) -> Path | None:
+    """The local path a source reads, or None for the demo and hub names."""
+    if source.startswith("demo:"):
+        return None
+    if source.startswith("hf:"):  # read_raw loads a local folder when one exists by that name
+        local = Path(source[3:]).expanduser()
+        return local if local.exists() else None
+    return Path(source).expanduser()
+
+
+def check_allowed_roots(source: str, key: str, roots: list[str] | None) -> None:
+    """Refuse a local source that is, or holds anything that resolves (symlinks followed),
+    outside every one of `roots` (data.allowed_roots). No-op when roots is None."""
+    path = _local_path(source)
+    if roots is None or path is None:
+        return
+    real_roots = [Path(r).resolve() for r in roots]
+    # The folder's every entry, not only the data files: a symlink inside an allowed folder
+    # is exactly how input from elsewhere would slip in.
+    entries = [path, *sorted(path.rglob("*"))] if path.is_dir() else [path]
+    for entry in entries:
+        try:
+            real = entry.resolve()
+        except (OSError, RuntimeError):  # a symlink loop cannot be inside anything
+            real = None
+        if real is None or not any(real.is_relative_to(r) for r in real_roots):
+            via = "" if real is not None and real == entry.absolute() else (
+                f" (resolves to '{real}')" if real is not None else " (a symlink loop)")
+            raise ConfigError(
+                f"config key '{key}': '{entry}'{via} is outside data.allowed_roots "
+                f"({', '.join(map(str, roots))}). Fix: move the data under one of those folders "
+                "(real files, not symlinks to elsewhere), or add its folder to "
+                "data.allowed_roots")
+
+
 def read_raw(source: str, split: str = "train") -> Any:
     """A Ray Dataset of raw rows (origin_file, origin_row, raw JSON | reject) for any source."""
     import ray.data

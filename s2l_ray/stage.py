@@ -10,6 +10,8 @@
 A rerun skips a stage whose marker carries the same fingerprint (the hash of the config sections
 the stage reads plus its upstream stages' fingerprints). A different fingerprint means the stored
 result came from another config: that fails, naming the fix, unless run.overwrite is set.
+With run.storage_uri set, a published stage is also uploaded to <storage_uri>/<stage>/, and a
+stage missing here but finished there is downloaded instead of recomputed (`s2l_ray.storage`).
 """
 
 from __future__ import annotations
@@ -79,11 +81,23 @@ class Stage:
             f"run.output_dir, or pass run.overwrite=true to recompute it")
 
     def needs_run(self) -> bool:
-        """False (and logged) when a current result is published; otherwise joins or starts
-        Ray, which every stage's work runs on, and returns True."""
+        """False (and logged) when a current result is published, or downloaded from
+        run.storage_uri; otherwise joins or starts Ray, which every stage's work runs on, and
+        returns True."""
+        self._finish_interrupted_publish()
+        uri = self.cfg.run.storage_uri
         if self.is_done():
+            if uri:
+                from s2l_ray.storage import push_if_missing
+
+                push_if_missing(self)
             log.info("%s: already done (%s), skipping", self.name, self.path)
             return False
+        if uri:
+            from s2l_ray.storage import fetch
+
+            if fetch(self):
+                return False
         from s2l_ray.runtime import init_ray
 
         init_ray(self.cfg.run.ray_address, self.cfg.run.num_cpus)
@@ -113,18 +127,46 @@ class Stage:
                                               encoding="utf-8")
         marker = {"stage": self.name, "fingerprint": self.fingerprint,
                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": elapsed}
-        (self.tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        part = self.tmp / f"{MARKER}.part"  # a kill mid-write must not leave half a marker
+        part.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        os.replace(part, self.tmp / MARKER)
         (self.tmp / ".fingerprint").unlink(missing_ok=True)
+        self.swap_in(self.tmp)
+        log.info("%s: published %s", self.name, self.path)
+        if self.cfg.run.storage_uri:
+            from s2l_ray.storage import push
+
+            push(self)
+        return self.path
+
+    def swap_in(self, src: Path) -> None:
+        """Move a complete result folder (marker included) into place, replacing any old one.
+        Renames are atomic on one filesystem, so `path` only ever holds a whole result; a kill
+        between the two renames is finished by the next run (_finish_interrupted_publish)."""
         old = self.root / f".{self.name}.old"
         if old.exists():
-            shutil.rmtree(old)
+            shutil.rmtree(old)  # left by a run killed in here
         if self.path.exists():
             os.replace(self.path, old)
-        os.replace(self.tmp, self.path)  # atomic on one filesystem: the result appears whole
-        if old.exists():
-            shutil.rmtree(old)
-        log.info("%s: published %s", self.name, self.path)
-        return self.path
+        os.replace(src, self.path)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _finish_interrupted_publish(self) -> None:
+        """The marker is written into tmp after all of the stage's data: a tmp holding this
+        config's marker is a finished result whose publish was cut short, so move it into place
+        instead of recomputing it."""
+        f = self.tmp / MARKER
+        if not f.is_file():
+            return
+        try:
+            same = json.loads(f.read_text(encoding="utf-8")).get("fingerprint") == \
+                self.fingerprint
+        except ValueError:
+            same = False
+        if same:
+            log.info("%s: finishing the publish of %s cut short by the last run", self.name,
+                     self.tmp)
+            self.swap_in(self.tmp)
 
     def report(self) -> dict[str, Any]:
         return json.loads((self.path / "report.json").read_text(encoding="utf-8"))

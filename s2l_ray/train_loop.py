@@ -107,7 +107,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(
         config["model_path"], trust_remote_code=config["trust_remote_code"],
-        dtype=torch.float32)
+        dtype=torch.float32, use_safetensors=True)
     peak, total = config["lr"], plan.total_steps
     ds_cfg = deepspeed_config(config["zero_stage"], plan.batch_size, plan.grad_accum, world,
                               peak, config["weight_decay"], precision, on_gpu)

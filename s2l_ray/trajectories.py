@@ -102,7 +102,7 @@ def load_checkpoint(path: str, trust_remote_code: bool = False) -> Any:
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.float32, output_loading_info=True,
-            trust_remote_code=trust_remote_code)
+            trust_remote_code=trust_remote_code, use_safetensors=True)
     except Exception as e:
         raise TrajectoryError(f"checkpoint {path} does not load ({type(e).__name__}: "
                               f"{str(e)[:300]}). {fix}") from e
@@ -269,6 +269,9 @@ def _score(cfg: S2LConfig, examples: Path, tmp: Path, paths: list[str], groups: 
 
     t, trust = cfg.trajectories, cfg.reference.trust_remote_code
     started = time.time()
+    # A block that keeps failing fails the stage, never skipped (Ray Data's default, restated
+    # in case something in this process raised it).
+    ray.data.DataContext.get_current().max_errored_blocks = 0
     ds = ray.data.read_parquet(str(examples)).select_columns(INPUT_COLUMNS)
     ds = ds.map_batches(_add_group, batch_format="pyarrow",
                         fn_kwargs={"groups": groups, "sink": sink})
@@ -277,6 +280,9 @@ def _score(cfg: S2LConfig, examples: Path, tmp: Path, paths: list[str], groups: 
         TrajectoryScorer, batch_size=None, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=t.concurrency), num_cpus=t.cpus_per_actor,
         **({"num_gpus": 1} if use_gpu else {}),
+        # No retry arguments: Ray Data already restarts pool actors lost with their node and
+        # reruns their blocks (max_restarts=-1, max_task_retries=-1), and the ray_remote_args
+        # that would set them are deprecated. tests/test_fault_tolerance.py guards this.
         fn_constructor_kwargs={"paths": paths, "batch_tokens": t.batch_tokens, "dtype": t.dtype,
                                "use_gpu": use_gpu, "cpus": t.cpus_per_actor, "stats": sink,
                                "trust_remote_code": trust})
@@ -288,6 +294,7 @@ def _score(cfg: S2LConfig, examples: Path, tmp: Path, paths: list[str], groups: 
 def run_trajectories(cfg: S2LConfig) -> Stage:
     """Score every example under every checkpoint (after train-ref, which runs if needed)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from s2l_ray.ingest import ingest_stage
     from s2l_ray.losses import ScoreStats, autocast_dtype
@@ -312,7 +319,11 @@ def run_trajectories(cfg: S2LConfig) -> Stage:
     tmp = stage.begin()
     log.info("trajectories: %d examples x %d checkpoints, %d groups, %d %s actors",
              rep["valid"], len(paths), groups, t.concurrency, "GPU" if use_gpu else "CPU")
-    sink = ray.remote(num_cpus=0)(_StatsSink).remote()
+    # On the driver's node: its digests cannot be rebuilt, so it must not die with a worker node
+    # (losing the driver's node ends the run anyway).
+    sink = ray.remote(num_cpus=0)(_StatsSink).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)).remote()
     try:
         parts, wall = _score(cfg, ingest.path / "examples", tmp, paths, groups, use_gpu, sink)
     finally:

@@ -59,3 +59,19 @@ def test_summarize_mean_std_and_missing():
     assert ("| s2l | 2 (+1 missing) | 0.600 ± 0.141 [0.500, 0.700] | +0.200 | "
             "2.000 ± 0.000 [2.000, 2.000] | +0.000 |") in md
     assert md.count("\n| ") == 2 + 3  # header, rule, three rows
+
+
+def test_sweep_without_held_out_data_fails_before_any_work(tmp_path):
+    from s2l_ray.pipeline import check_eval_source
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"instruction": "1+1", "output": "The answer is 2"}\n')
+    cfg = load_config(None, [f"data.source={data}", f"run.output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match="data.eval_source.*s2l select"):
+        check_eval_source(cfg)
+    missing = load_config(None, [f"data.source={data}", f"data.eval_source={tmp_path / 'no'}"])
+    with pytest.raises(ConfigError, match="'data.eval_source'.*does not exist"):
+        check_eval_source(missing)
+    check_eval_source(load_config(None, [f"data.source={data}", f"data.eval_source={data}"]))
+    check_eval_source(load_config(None, []))  # the demo brings its own test split
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,168 @@
+"""Failures mid-stage on real Ray: a worker node lost while trajectories are computed (a
+multi-node `ray.cluster_utils.Cluster`, in a process of its own), and a Ray Train worker killed
+during reference training (the session's `ray_local`, reference.max_failures=1).
+
+For the node loss the reference checkpoints are built directly (seeded perturbations of the tiny
+model, published as a train_ref stage, as tests/test_trajectories.py does): the trajectory stage
+only needs T loadable checkpoints, and training them would double the test's time."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from s2l_ray.config import dump_config, load_config
+from s2l_ray.ingest import run_ingest
+from s2l_ray.train_ref import load_manifest, run_train_ref, train_ref_stage
+from tests.ray_procs import REPO, clean_env, kill_run, short_tmpdir
+
+pytestmark = pytest.mark.ray
+
+
+def _overrides(tiny_ref: str, out: Path) -> list[str]:
+    return [f"run.output_dir={out}", f"reference.model={tiny_ref}", f"target.model={tiny_ref}",
+            "demo.n_train=200", "demo.n_test_per_source=1", "data.template=plain",
+            "data.max_length=128", "reference.num_workers=2", "reference.cpus_per_worker=0.5",
+            "reference.batch_size=8", "reference.grad_accum=1", "reference.epochs=1",
+            "reference.lr=3e-3", "reference.zero_stage=1", "reference.num_checkpoints=3",
+            # small batches: 16 groups of several batches each, so scoring takes a while
+            "trajectories.batch_tokens=512"]
+
+
+def _publish_checkpoints(cfg, tiny_ref: str, t: int = 3) -> None:
+    """A published train_ref stage of t checkpoints: the tiny model plus seeded noise."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stage = train_ref_stage(cfg)
+    tmp, manifest = stage.begin(), []
+    for i in range(t):
+        model = AutoModelForCausalLM.from_pretrained(tiny_ref)
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * i * torch.randn(p.shape, generator=gen))
+        rel = f"checkpoints/step_{i + 1:07d}"
+        model.save_pretrained(str(tmp / rel))
+        AutoTokenizer.from_pretrained(tiny_ref).save_pretrained(str(tmp / rel))
+        manifest.append({"index": i, "step": i + 1, "epoch": 0, "train_loss": 1.0,
+                         "probe_loss": 1.0, "lr": 1e-3, "attempt_start_step": 0, "path": rel})
+    (tmp / "manifest.json").write_text(json.dumps(manifest))
+    stage.publish({"checkpoints": manifest})
+
+
+def _losses(folder: Path) -> tuple[list[str], np.ndarray]:
+    files = sorted(folder.glob("*.parquet"))  # not manifest.json
+    table = pq.read_table(files, columns=["id", "losses"]).sort_by("id")
+    return table["id"].to_pylist(), np.array(table["losses"].to_pylist())
+
+
+def _undisturbed(cfg) -> tuple[list[str], np.ndarray]:
+    """The stage's result computed in this process without Ray: every group scored whole, as
+    one actor call would. The stage's output does not depend on actors or blocks (groups come
+    from ids), so an undisturbed run of the stage gives exactly this."""
+    import pyarrow.dataset as pads
+
+    from s2l_ray.ingest import ingest_stage
+    from s2l_ray.losses import score_block
+    from s2l_ray.trajectories import INPUT_COLUMNS, load_checkpoint, n_groups, with_groups
+
+    ingest = ingest_stage(cfg)
+    rep, batch_tokens = ingest.report(), cfg.trajectories.batch_tokens
+    table = pads.dataset(str(ingest.path / "examples"), format="parquet").to_table(
+        columns=INPUT_COLUMNS)
+    table = with_groups(table, n_groups(rep["valid"], rep["tokens"], batch_tokens))
+    models = [load_checkpoint(m["path"]) for m in load_manifest(train_ref_stage(cfg).path)]
+    out, _ = score_block(models, table, batch_tokens, torch.device("cpu"))
+    out = out.sort_by("id")
+    return out["id"].to_pylist(), np.array(out["losses"].to_pylist())
+
+
+@pytest.mark.e2e
+def test_trajectories_survive_losing_a_worker_node(tmp_path: Path, ray_local,
+                                                   tiny_ref: str) -> None:
+    # Inputs: ingest on the session's Ray, checkpoints built directly; the expected losses.
+    out = tmp_path / "out"
+    cfg = load_config(None, [*_overrides(tiny_ref, out), "trajectories.concurrency=2"])
+    run_ingest(cfg)
+    _publish_checkpoints(cfg, tiny_ref)
+    ids, losses = _undisturbed(cfg)
+    assert len(ids) == len(set(ids)) == run_ingest(cfg).report()["valid"]
+
+    # The stage on a head and two worker nodes, a node running a scorer actor killed mid-stage.
+    dump_config(cfg, tmp_path / "cfg.yaml")
+    marker = str(short_tmpdir("s2l_ft_"))
+    result, log_path = tmp_path / "result.json", tmp_path / "cluster.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "fault_tolerance_run.py"),
+             str(tmp_path / "cfg.yaml"), str(result)], cwd=REPO, start_new_session=True,
+            env=clean_env(RAY_TMPDIR=marker), stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            kill_run(proc, marker)
+            shutil.rmtree(marker, ignore_errors=True)
+    tail = log_path.read_text(errors="replace")[-6000:]
+    assert result.is_file(), tail
+    info = json.loads(result.read_text())
+    assert "error" not in info, f"{info['error']}\n{tail}"
+    assert info["killed"] and not info["marker_at_kill"], tail
+    assert info["scorers_on_victim"] >= 1
+    groups = info["report"]["groups"]
+    assert info["files_at_kill"] < groups  # killed mid-stage, with groups left to score
+    got_ids, got = _losses(out / "trajectories")
+    assert got_ids == ids  # every example exactly once (sorted, and no duplicates)
+    np.testing.assert_allclose(got, losses, rtol=0, atol=1e-5)
+    assert info["report"]["actors_used"] >= 2
+
+
+def test_train_ref_resumes_after_a_worker_dies(tmp_path: Path, ray_local, tiny_ref: str) -> None:
+    """SIGKILL one Ray Train worker after the first checkpoint: with max_failures=1 Ray Train
+    restarts the worker group, which resumes from that checkpoint and finishes the plan."""
+    import ray
+    from ray._private import state
+
+    out = tmp_path / "out"
+    cfg = load_config(None, [*_overrides(tiny_ref, out), "reference.max_failures=1",
+                             "reference.max_steps=8", "reference.checkpoint_steps=[2, 5, 8]"])
+    snapshot = out / ".train_ref.tmp" / "ray_train" / "checkpoint_manager_snapshot.json"
+    killed: list[int] = []
+
+    def kill_a_worker() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if snapshot.exists() and "step_0000002" in snapshot.read_text():
+                workers = [a["Pid"] for a in state.actors(actor_state_name="ALIVE").values()
+                           if a["ActorClassName"] == "RayTrainWorker"
+                           and a["JobID"] == ray.get_runtime_context().get_job_id()]
+                if workers:
+                    os.kill(workers[0], signal.SIGKILL)
+                    killed.append(workers[0])
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    stage = run_train_ref(cfg)
+    killer.join(timeout=5)
+    assert killed, "no Ray Train worker was found to kill"
+    manifest = load_manifest(stage.path)
+    assert [m["step"] for m in manifest] == [2, 5, 8]
+    assert manifest[0]["attempt_start_step"] == 0
+    # The last checkpoint came from the restarted group, resumed from a checkpoint (2, or 5
+    # if training got there before the kill landed), not from step 0.
+    assert manifest[-1]["attempt_start_step"] in (2, 5)

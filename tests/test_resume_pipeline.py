@@ -1,0 +1,129 @@
+"""Kill-and-resume across the whole pipeline: a run is SIGKILLed inside each stage in turn (each
+run a fresh process with its own local Ray), and the final uninterrupted run ends with the same
+selected ids as a clean run, without redoing any stage that had finished before a kill.
+
+The stages come from `s2l_ray.pipeline.PIPELINE`, so a stage added there is covered without
+editing this test; `sweep` is left out (it fine-tunes target models under Ray Tune: minutes per
+run on CPU; tests/test_sweep.py covers its own resume), so the runs stop at the stage before it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from s2l_ray.config import dump_config, load_config
+from s2l_ray.pipeline import PIPELINE, available, run_stage
+from tests.ray_procs import REPO, clean_env, kill_run, short_tmpdir
+
+pytestmark = pytest.mark.e2e
+LEFT_OUT = {"sweep"}
+STAGES = [s.name for s in PIPELINE if available(s) and s.name not in LEFT_OUT]
+MARKER = "_SUCCESS.json"
+
+
+def _dir(stage: str) -> str:
+    return stage.replace("-", "_")  # CLI name -> folder name (train-ref -> train_ref)
+
+
+def _overrides(tiny_ref: str, out: Path) -> list[str]:
+    return [f"run.output_dir={out}", "run.num_cpus=2", f"reference.model={tiny_ref}",
+            f"target.model={tiny_ref}", "demo.n_train=200", "demo.n_test_per_source=1",
+            "data.template=plain", "data.max_length=128", "reference.num_workers=1",
+            "reference.cpus_per_worker=1", "reference.batch_size=8", "reference.grad_accum=1",
+            "reference.epochs=1", "reference.lr=3e-3", "reference.zero_stage=1",
+            "reference.num_checkpoints=3", "trajectories.batch_tokens=1024", "cluster.k=5",
+            "cluster.max_iter=10", "select.budget=0.2"]
+
+
+def _selected(out: Path) -> list[str]:
+    return pq.read_table(out / "select" / "selected.parquet", columns=["id"])["id"].to_pylist()
+
+
+def _finished(out: Path) -> dict[str, tuple[str, int]]:
+    """Published stages: marker text (fingerprint, finished_at) and its mtime."""
+    found = {}
+    for s in STAGES:
+        f = out / _dir(s) / MARKER
+        if f.is_file():
+            found[s] = (f.read_text(), f.stat().st_mtime_ns)
+    return found
+
+
+def _started(out: Path, stage: str) -> bool:
+    """The stage has begun and written some work (or begun at least 0.5 s ago)."""
+    tmp = out / f".{_dir(stage)}.tmp"
+    if not tmp.is_dir():
+        return False
+    try:
+        work = [p for p in tmp.iterdir() if p.name != ".fingerprint"]
+        age = time.time() - tmp.stat().st_mtime
+    except FileNotFoundError:  # published (renamed) between the checks
+        return False
+    return bool(work) or age > 0.5
+
+
+def _run(cfg_file: Path, log: Path, stop_in: str | None) -> subprocess.CompletedProcess | None:
+    """Run the pipeline up to its last stage in a new process group with its own Ray; with
+    stop_in, SIGKILL the group once that stage has started. Its Ray goes with it either way."""
+    out = Path(load_config(cfg_file, []).run.output_dir)
+    ray_tmp = short_tmpdir("s2l_rs_")
+    with log.open("wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "s2l_ray", STAGES[-1], str(cfg_file)],
+                                cwd=REPO, env=clean_env(RAY_TMPDIR=str(ray_tmp)),
+                                start_new_session=True, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 600
+            while stop_in and proc.poll() is None and time.time() < deadline:
+                if _started(out, stop_in):
+                    assert not (out / _dir(stop_in) / MARKER).exists(), \
+                        f"{stop_in} finished before it could be killed"
+                    return None  # killed in `finally`
+                time.sleep(0.02)
+            proc.wait(timeout=max(1.0, deadline - time.time()))
+            return subprocess.CompletedProcess(proc.args, proc.returncode)
+        finally:
+            kill_run(proc, str(ray_tmp))
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_killed_in_every_stage_then_resumed(tmp_path: Path, ray_local, tiny_ref: str) -> None:
+    assert STAGES[:2] == ["ingest", "train-ref"] and len(STAGES) >= 5, STAGES
+    # The clean run, on the session's Ray.
+    clean = tmp_path / "clean"
+    run_stage(load_config(None, _overrides(tiny_ref, clean)), STAGES[-1])
+    expected = _selected(clean)
+    assert expected
+
+    out = tmp_path / "chain"
+    cfg_file = tmp_path / "chain.yaml"
+    dump_config(load_config(None, _overrides(tiny_ref, out)), cfg_file)
+    first_seen: dict[str, tuple[str, int]] = {}
+    for i, stage in enumerate(STAGES):
+        log = tmp_path / f"run{i}_{stage}.log"
+        got = _run(cfg_file, log, stop_in=stage)
+        tail = log.read_text(errors="replace")[-4000:]
+        assert got is None, f"run {i} ended (exit {got and got.returncode}) before {stage}:" \
+                            f"\n{tail}"
+        done = _finished(out)
+        assert list(done) == STAGES[:i], (stage, list(done), tail)  # in order, this one not
+        for s, seen in first_seen.items():
+            assert done[s] == seen, f"{s} was redone in run {i}"  # marker and mtime unchanged
+        first_seen.update({s: v for s, v in done.items() if s not in first_seen})
+
+    log = tmp_path / "final.log"
+    final = _run(cfg_file, log, stop_in=None)
+    assert final is not None and final.returncode == 0, log.read_text(errors="replace")[-4000:]
+    done = _finished(out)
+    assert list(done) == STAGES
+    for s, seen in first_seen.items():
+        assert done[s] == seen, f"{s} was redone by the final run"
+    assert _selected(out) == expected
+    leftovers = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+    assert leftovers == [], leftovers  # no .tmp/.old/.download left behind
