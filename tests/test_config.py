@@ -155,3 +155,10 @@ def test_relative_output_dir_becomes_absolute(tmp_path: Path, monkeypatch) -> No
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None, ["run.output_dir=out/demo"])
     assert cfg.run.output_dir == str(tmp_path / "out" / "demo")
+
+
+def test_readme_reference_table_is_current() -> None:
+    """The README's key table is `s2l config --reference`: regenerate it when a key changes."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert reference_table() in readme, "README.md's configuration table is stale: paste the " \
+        "output of `s2l config --reference` under 'Configuration reference'"
