@@ -54,9 +54,11 @@ def per_source_table(rows: list[dict], budgets: list[str]) -> str:
     return "\n".join(lines)
 
 
-def wins(rows: list[dict], method: str, versus: str) -> str:
-    """Seed-by-seed: how often `method` beats `versus` at the same budget and seed."""
-    by = {(r["method"], r["budget"], r["seed"]): r["macro_em"] for r in rows}
+def wins(rows: list[dict], method: str, versus: str, metric: str = "macro_em") -> str:
+    """Seed-by-seed: how often `method` beats `versus` at the same budget and seed (a lower
+    value wins for a loss)."""
+    sign = -1.0 if metric.endswith("loss") else 1.0
+    by = {(r["method"], r["budget"], r["seed"]): sign * r[metric] for r in rows}
     pairs = [(v, by[(versus, b, s)]) for (m, b, s), v in by.items()
              if m == method and (versus, b, s) in by]
     return (f"{sum(a > b for a, b in pairs)} wins, {sum(a == b for a, b in pairs)} ties, "
@@ -108,8 +110,9 @@ def main() -> None:
         f"{cfg.cluster.k} clusters. Held out: {eval_rep['examples']} examples "
         f"({eval_rep['with_answer']} with a final answer), greedy, "
         f"{cfg.eval.max_new_tokens} new tokens at most.", "",
-        markdown_summary(summarize(rows), title="Macro exact match per budget"),
-        f"S2L vs random, seed by seed: {wins(rows, 's2l', 'random')}.", "",
+        markdown_summary(summarize(rows), title="Macro exact match and macro held-out loss"),
+        f"S2L vs random, seed by seed: macro_em {wins(rows, 's2l', 'random')}; macro_loss "
+        f"{wins(rows, 's2l', 'random', 'macro_loss')}.", "",
         "## Per-source exact match (mean over seeds)", "", per_source_table(rows, budgets), "",
         "## Resolved config", "", "```yaml", dump_config(cfg).rstrip(), "```", ""])
     dest = ROOT / "results" / f"selection_quality_{args.scale}.md"
