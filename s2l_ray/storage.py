@@ -141,5 +141,6 @@ def fetch(stage: Stage) -> bool:
         log.warning("%s: %s changed during the download; computing it here", stage.name, uri)
         return False
     stage.swap_in(part)
+    shutil.rmtree(stage.tmp, ignore_errors=True)  # local work in progress, now superseded
     log.info("%s: downloaded the finished result from %s to %s", stage.name, uri, stage.path)
     return True

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -146,16 +147,20 @@ def run_train_ref(cfg: S2LConfig) -> Stage:
     manifest = []
     for c in ckpts:
         rel = f"checkpoints/step_{c['step']:07d}"
-        if not (tmp / rel).exists():
-            shutil.copytree(Path(c["dir"]) / "hf", tmp / rel)
+        if not (tmp / rel).exists():  # copied whole or not at all: a rerun trusts what exists
+            part = tmp / f"{rel}.part"
+            shutil.rmtree(part, ignore_errors=True)
+            shutil.copytree(Path(c["dir"]) / "hf", part)
+            os.replace(part, tmp / rel)
         manifest.append({k: c[k] for k in ("index", "step", "epoch", "train_loss", "probe_loss",
                                            "lr", "attempt_start_step")} | {"path": rel})
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     (tmp / "probe.json").write_text(json.dumps(probe_batch(ingest.path / "examples")))
     speed = [c.get("tokens_per_s_per_worker", 0.0) for c in ckpts]
-    shutil.rmtree(tmp / "ray_train")  # optimizer states: only needed while training can resume
     stage.publish({"model": cfg.reference.model, "plan": plan.as_dict(), "checkpoints": manifest,
                    "tokens_per_s_per_worker": max(speed)})
+    # optimizer states: only needed while training can resume, so dropped once published
+    shutil.rmtree(stage.path / "ray_train", ignore_errors=True)
     log.info("train-ref: %d checkpoints, train loss %.4f -> %.4f", len(manifest),
              manifest[0]["train_loss"], manifest[-1]["train_loss"])
     return stage

@@ -62,9 +62,13 @@ def kill_processes(procs: list) -> None:
 
 
 def kill_run(proc: subprocess.Popen, marker: str) -> None:
-    """End a pipeline run started with start_new_session=True and its private Ray: the tree
-    is listed first (once the driver dies its children are reparented and untraceable), then
-    the process group, then whatever is left of that Ray (by its temp dir)."""
+    """End a pipeline run started with start_new_session=True and its private Ray. The group is
+    frozen (SIGSTOP) at once, so the run cannot get further while the process tree is listed
+    (once the driver dies its children are reparented and untraceable); then the group and the
+    tree are SIGKILLed, then whatever is left of that Ray (by its temp dir)."""
+    if proc.poll() is None:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGSTOP)
     tree = processes_of(marker, roots=(proc.pid,))
     if proc.poll() is None:
         with suppress(ProcessLookupError):
