@@ -157,10 +157,15 @@ def run_train_ref(cfg: S2LConfig) -> Stage:
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     (tmp / "probe.json").write_text(json.dumps(probe_batch(ingest.path / "examples")))
     speed = [c.get("tokens_per_s_per_worker", 0.0) for c in ckpts]
+    # Optimizer states are only needed while training can resume: moved aside in one rename (a
+    # kill mid-delete must not leave a half state to resume from), deleted once published, and
+    # never uploaded to run.storage_uri.
+    trash = stage.root / ".train_ref.ray_train.trash"
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(tmp / "ray_train", trash)
     stage.publish({"model": cfg.reference.model, "plan": plan.as_dict(), "checkpoints": manifest,
                    "tokens_per_s_per_worker": max(speed)})
-    # optimizer states: only needed while training can resume, so dropped once published
-    shutil.rmtree(stage.path / "ray_train", ignore_errors=True)
+    shutil.rmtree(trash, ignore_errors=True)
     log.info("train-ref: %d checkpoints, train loss %.4f -> %.4f", len(manifest),
              manifest[0]["train_loss"], manifest[-1]["train_loss"])
     return stage
