@@ -639,6 +639,8 @@ def reference_table() -> str:
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
             default = getattr(getattr(root, section.name), f.name)
+            if isinstance(f.default, str) and default == os.path.abspath(f.default):
+                default = f.default  # as declared, not as resolved on this machine
             lines.append(f"| `{section.name}.{f.name}` | {_type_name(hints[f.name])} | "
                          f"`{json.dumps(default)}` | {docs.get(f.name, '')} |")
     return "\n".join(lines)
