@@ -65,6 +65,7 @@ def test_ingest_uploaded_then_downloaded_not_recomputed(
         run_ingest(cfg).fingerprint
 
     shutil.rmtree(tmp_path / "out")
+    caplog.clear()  # the first run's lines are captured too when s2l_ray already logs at INFO
     with caplog.at_level(logging.INFO, logger="s2l_ray"):
         stage = run_ingest(cfg)
     assert "downloaded the finished result" in caplog.text
