@@ -4,7 +4,7 @@ For each case N:T:K:iters it writes N synthetic trajectories (T losses each) as 
 then on the same data in the same run
   * faiss.Kmeans in one process (all N x T floats in memory, every core, trained on ALL points:
     max_points_per_centroid is raised so faiss does not subsample),
-  * s2l_ray.cluster.fit_files on a local Ray with 1, 2, ... shard actors (each holding only its
+  * s2l_ray.stages.cluster.fit_files on a local Ray, 1, 2, ... shard actors (each holding only its
     shard; together they use every core),
 and reports time per Lloyd iteration, peak memory per process, the objective reached and
 whether the labels are identical across worker counts.
@@ -77,8 +77,8 @@ def faiss_run(files: list[str], k: int, iters: int, seed: int) -> dict[str, Any]
     import faiss
     import pyarrow.parquet as pq
 
-    from s2l_ray.cluster import losses_matrix
-    from s2l_ray.kmeans import objective
+    from s2l_ray.core.kmeans import objective
+    from s2l_ray.stages.cluster import losses_matrix
 
     x = np.concatenate([losses_matrix(pq.read_table(f, columns=["losses"])["losses"], f)
                         for f in files])
@@ -110,8 +110,8 @@ def labels_in_row_order(folder: Path) -> np.ndarray:
 def run_case(spec: str, workers: list[int], data_dir: Path, seed: int) -> list[dict[str, Any]]:
     import ray
 
-    from s2l_ray.cluster import fit_files
     from s2l_ray.config import ClusterConfig
+    from s2l_ray.stages.cluster import fit_files
 
     n, t, k, iters = (int(float(v)) for v in spec.split(":"))
     t0 = time.perf_counter()
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     from s2l_ray.runtime import init_ray, setup_logging
 
     setup_logging("INFO")
-    logging.getLogger("s2l_ray.cluster").setLevel(logging.WARNING)  # per-iteration lines
+    logging.getLogger("s2l_ray.stages.cluster").setLevel(logging.WARNING)  # per-iteration lines
     log.setLevel(logging.INFO)
     log.addHandler(logging.getLogger("s2l_ray").handlers[0])
     init_ray(num_cpus=os.cpu_count())

@@ -77,10 +77,10 @@ def main() -> None:
 
     from s2l_ray.cli import PACKAGED
     from s2l_ray.config import dump_config, load_config
-    from s2l_ray.pipeline import run_pipeline
-    from s2l_ray.report import make_report
-    from s2l_ray.results import markdown_summary, summarize
     from s2l_ray.runtime import setup_logging
+    from s2l_ray.stages.registry import run_pipeline
+    from s2l_ray.stages.report import make_report
+    from s2l_ray.stages.results import markdown_summary, summarize
 
     setup_logging("INFO")
     out = args.out or f"/tmp/s2l_quality_{args.scale}"

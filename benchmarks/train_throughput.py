@@ -44,7 +44,7 @@ def matmul_peak(device: str, dtype) -> float:
 def batches(vocab: int, n: int, batch: int, max_len: int, seed: int = 0) -> list:
     import random
 
-    from s2l_ray.tokens import pad_batch
+    from s2l_ray.core.tokens import pad_batch
 
     rng = random.Random(seed)
     out = []
@@ -60,7 +60,7 @@ def run(name: str, device: str, steps: int, batch: int, max_len: int) -> dict:
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from s2l_ray.train_loop import deepspeed_config, resolve_precision
+    from s2l_ray.training.worker import deepspeed_config, resolve_precision
 
     h, layers, heads, vocab = SHAPES[name]
     cfg = GPTNeoXConfig(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,

@@ -4,7 +4,7 @@
       `model(ids, labels=labels).loss` (a host sync per example);
   (b) a plain batched HF loop: padded batches in data order (no length bucketing), one checkpoint
       at a time, full (B, L, V) logits in float32, per-row mean response loss;
-  (c) this stage's compute path: `s2l_ray.losses.score_block`, the very function the trajectory
+  (c) this stage's compute path: `s2l_ray.core.losses.score_block`, the very function the trajectory
       actor calls per Ray Data block (hash groups, length sorting, token-budget batches, every
       checkpoint per batch, response-only chunked output head, one pinned copy per batch).
 
@@ -124,7 +124,7 @@ def method_a(models, rows, n_prompt, device, amp_dtype) -> np.ndarray:
     """One example at a time, one checkpoint at a time: HF's loss, .item() per example."""
     import torch
 
-    from s2l_ray.tokens import labels_for
+    from s2l_ray.core.tokens import labels_for
 
     out = np.zeros((len(rows), len(models)), np.float32)
     with torch.inference_mode(), _amp(device, amp_dtype):
@@ -141,7 +141,7 @@ def method_b(models, rows, n_prompt, device, amp_dtype, batch_rows: int) -> np.n
     import torch
     import torch.nn.functional as F
 
-    from s2l_ray.tokens import IGNORE_INDEX, pad_batch
+    from s2l_ray.core.tokens import IGNORE_INDEX, pad_batch
 
     out = np.zeros((len(rows), len(models)), np.float32)
     with torch.inference_mode(), _amp(device, amp_dtype):
@@ -163,8 +163,8 @@ def method_c(models, rows, n_prompt, device, amp_dtype, batch_tokens: int) -> np
     """The actor's own function on one block: hash groups, sorted windows, all checkpoints."""
     import pyarrow as pa
 
-    from s2l_ray.losses import score_block
-    from s2l_ray.trajectories import n_groups, with_groups
+    from s2l_ray.core.losses import score_block
+    from s2l_ray.stages.trajectories import n_groups, with_groups
 
     names = [f"ex{i:07d}" for i in range(len(rows))]
     tokens = int(sum(len(r) for r in rows))
@@ -220,7 +220,7 @@ def device_name(device: Any) -> str:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from s2l_ray.losses import autocast_dtype
+    from s2l_ray.core.losses import autocast_dtype
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)

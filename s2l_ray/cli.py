@@ -25,7 +25,7 @@ that subset. Every stage runs on Ray (a local one, or your cluster) and writes i
 
 
 def _epilog() -> str:
-    from s2l_ray.pipeline import PIPELINE, available
+    from s2l_ray.stages.registry import PIPELINE, available
 
     lines = ["the pipeline, in order:"]
     for s in PIPELINE:
@@ -91,7 +91,7 @@ def _add_config_args(p: argparse.ArgumentParser, *, config: bool = True) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from s2l_ray.pipeline import PIPELINE
+    from s2l_ray.stages.registry import PIPELINE
 
     parser = argparse.ArgumentParser(
         prog="s2l", description=DESCRIPTION, epilog=_epilog(),
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from s2l_ray import pipeline
+    from s2l_ray.stages import registry as pipeline
 
     if args.command == "config":
         if args.reference:
@@ -165,14 +165,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         sys.stdout.write(dump_config(load_config(path, rest)))
         return 0
     if args.command == "make-demo-data":
-        from s2l_ray.demo_data import write_mathmix
+        from s2l_ray.demo.data import write_mathmix
 
         paths = write_mathmix(args.out_dir, n_train=args.n_train,
                               n_test_per_source=args.n_test_per_source, seed=args.seed)
         log.info("wrote %s", ", ".join(f"{k}: {v}" for k, v in paths.items()))
         return 0
     if args.command == "make-tiny-model":
-        from s2l_ray.tiny_models import PRESETS, build_tiny_model
+        from s2l_ray.models.tiny import PRESETS, build_tiny_model
 
         if args.preset not in PRESETS:
             raise ConfigError(f"--preset '{args.preset}' is unknown. Fix: use one of "
@@ -180,7 +180,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         log.info("saved %s", build_tiny_model(args.out_dir, preset=args.preset, seed=args.seed))
         return 0
     if args.command == "report":
-        from s2l_ray.report import make_report
+        from s2l_ray.stages.report import make_report
 
         make_report(args.run_dir)
         return 0
@@ -194,7 +194,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         pipeline.run_stage(cfg, args.command)
         done = [args.command]
     if "sweep" in done:  # the pictures of a finished sweep, regenerated: cheap and current
-        from s2l_ray.report import make_report
+        from s2l_ray.stages.report import make_report
 
         make_report(cfg.run.output_dir)
     return 0

@@ -52,7 +52,7 @@ def setup_logging(level: str = "INFO") -> None:
                                          "%H:%M:%S"))
         root.addHandler(h)
     # On the handlers, not the logger: a logger's own filters skip records from its children
-    # (s2l_ray.ingest, ...), a handler's see every record it is about to write.
+    # (s2l_ray.stages.ingest, ...), a handler's see every record it is about to write.
     for h in root.handlers:
         if not any(isinstance(f, RedactSecrets) for f in h.filters):
             h.addFilter(RedactSecrets())

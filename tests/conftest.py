@@ -54,7 +54,7 @@ def models_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ref(models_cache: Path) -> str:
     """An offline tiny Pythia-shaped model + tokenizer folder (loads with from_pretrained)."""
-    from s2l_ray.tiny_models import resolve_model
+    from s2l_ray.models.tiny import resolve_model
 
     return resolve_model("tiny:nano", models_cache)
 

@@ -94,7 +94,7 @@ def main(cfg_path: str, result_path: str) -> int:
 
     from s2l_ray.config import load_config
     from s2l_ray.runtime import quiet_ray_data, setup_logging
-    from s2l_ray.trajectories import run_trajectories
+    from s2l_ray.stages.trajectories import run_trajectories
 
     setup_logging()
     cfg = load_config(cfg_path, [])

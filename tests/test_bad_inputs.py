@@ -19,8 +19,8 @@ import pytest
 
 from s2l_ray.cli import main
 from s2l_ray.config import ConfigError
-from s2l_ray.ingest import IngestError, run_ingest
-from s2l_ray.pipeline import run_stage
+from s2l_ray.stages.ingest import IngestError, run_ingest
+from s2l_ray.stages.registry import run_stage
 from tests.conftest import make_cfg
 
 pytestmark = pytest.mark.ray

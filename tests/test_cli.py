@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from s2l_ray.cli import _scoped, main
-from s2l_ray.pipeline import PIPELINE
+from s2l_ray.stages.registry import PIPELINE
 
 
 def test_help_lists_every_stage() -> None:

@@ -13,12 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from s2l_ray import kmeans as km
-from s2l_ray import selection
-from s2l_ray.cluster import fit_files, parquet_files, plan_shards
 from s2l_ray.config import ClusterConfig, SelectConfig, load_config
-from s2l_ray.select import select_from
-from s2l_ray.stage import Stage
+from s2l_ray.core import kmeans as km
+from s2l_ray.core import selection as selection
+from s2l_ray.stages.base import Stage
+from s2l_ray.stages.cluster import fit_files, parquet_files, plan_shards
+from s2l_ray.stages.select import select_from
 
 pytestmark = pytest.mark.ray
 
@@ -167,8 +167,8 @@ def test_many_duplicates_and_empty_clusters_survive(ray_local, tmp_path) -> None
 
 
 def test_run_select_publishes_both_stages(ray_local, data, tmp_path, monkeypatch) -> None:
-    # stand-in for s2l_ray.trajectories (issue 4): publishes the synthetic trajectories
-    fake = types.ModuleType("s2l_ray.trajectories")
+    # stand-in for s2l_ray.stages.trajectories (issue 4): publishes the synthetic trajectories
+    fake = types.ModuleType("s2l_ray.stages.trajectories")
 
     def trajectories_stage(cfg) -> Stage:
         return Stage(cfg, "trajectories", ("trajectories",))
@@ -181,9 +181,9 @@ def test_run_select_publishes_both_stages(ray_local, data, tmp_path, monkeypatch
         return st
 
     fake.trajectories_stage, fake.run_trajectories = trajectories_stage, run_trajectories
-    monkeypatch.setitem(sys.modules, "s2l_ray.trajectories", fake)
-    from s2l_ray.pipeline import BY_NAME, entry_of
-    from s2l_ray.select import run_select
+    monkeypatch.setitem(sys.modules, "s2l_ray.stages.trajectories", fake)
+    from s2l_ray.stages.registry import BY_NAME, entry_of
+    from s2l_ray.stages.select import run_select
 
     cfg = load_config(None, [f"run.output_dir={tmp_path / 'out'}", "cluster.k=8",
                              "cluster.max_iter=5", "cluster.normalize=standardize",

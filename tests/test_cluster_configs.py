@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from s2l_ray.config import S2LConfig, load_config
-from s2l_ray.models import check_spec
+from s2l_ray.models.specs import check_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "cluster_configs"

@@ -12,7 +12,7 @@ from fractions import Fraction
 
 import pytest
 
-from s2l_ray.demo_data import (
+from s2l_ray.demo.data import (
     SOURCES,
     extract_final_answer,
     format_answer,

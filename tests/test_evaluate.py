@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from s2l_ray.config import EvalConfig
-from s2l_ray.evaluate import answer_of, evaluate_model, exact_match_table, generate
+from s2l_ray.stages.evaluate import answer_of, evaluate_model, exact_match_table, generate
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -60,8 +60,8 @@ def test_exact_match_table_empty():
 @pytest.fixture(scope="module")
 def eval_set(tiny_ref, tiny_tokenizer, tmp_path_factory):
     """An eval folder in the sweep's format, from a few mathmix test rows."""
-    from s2l_ray.demo_data import generate_mathmix
-    from s2l_ray.tokens import tokenize_batch
+    from s2l_ray.core.tokens import tokenize_batch
+    from s2l_ray.demo.data import generate_mathmix
 
     _, rows = generate_mathmix(n_train=7, n_test_per_source=2, seed=3)
     tk = tokenize_batch(tiny_tokenizer, [r["instruction"] + "\n" for r in rows],
@@ -80,7 +80,7 @@ def test_evaluate_model_loss_matches_hf_one_example_batches(tiny_ref, eval_set):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from s2l_ray.tokens import labels_for
+    from s2l_ray.core.tokens import labels_for
 
     e = EvalConfig(max_new_tokens=8, batch_size=4, batch_tokens=256)
     metrics, preds = evaluate_model(tiny_ref, str(eval_set), e)

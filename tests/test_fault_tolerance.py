@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from s2l_ray.config import dump_config, load_config
-from s2l_ray.ingest import run_ingest
-from s2l_ray.train_ref import load_manifest, run_train_ref, train_ref_stage
+from s2l_ray.stages.ingest import run_ingest
+from s2l_ray.stages.train_ref import load_manifest, run_train_ref, train_ref_stage
 from tests.ray_procs import REPO, clean_env, kill_run, short_tmpdir
 
 pytestmark = pytest.mark.ray
@@ -74,9 +74,9 @@ def _undisturbed(cfg) -> tuple[list[str], np.ndarray]:
     from ids), so an undisturbed run of the stage gives exactly this."""
     import pyarrow.dataset as pads
 
-    from s2l_ray.ingest import ingest_stage
-    from s2l_ray.losses import score_block
-    from s2l_ray.trajectories import INPUT_COLUMNS, load_checkpoint, n_groups, with_groups
+    from s2l_ray.core.losses import score_block
+    from s2l_ray.stages.ingest import ingest_stage
+    from s2l_ray.stages.trajectories import INPUT_COLUMNS, load_checkpoint, n_groups, with_groups
 
     ingest = ingest_stage(cfg)
     rep, batch_tokens = ingest.report(), cfg.trajectories.batch_tokens

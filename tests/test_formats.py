@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from s2l_ray import formats
-from s2l_ray.formats import RowError, content_id, to_example
-from s2l_ray.readers import parse_file
-from s2l_ray.tokens import IGNORE_INDEX, labels_for, pad_batch, tokenize_batch
+from s2l_ray.core import formats as formats
+from s2l_ray.core.formats import RowError, content_id, to_example
+from s2l_ray.core.tokens import IGNORE_INDEX, labels_for, pad_batch, tokenize_batch
+from s2l_ray.io.readers import parse_file
 
 
 def test_mathinstruct_alpaca_chat() -> None:

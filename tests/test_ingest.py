@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from s2l_ray.config import ConfigError
-from s2l_ray.ingest import IngestError, run_ingest
+from s2l_ray.stages.ingest import IngestError, run_ingest
 from tests.conftest import make_cfg
 
 pytestmark = pytest.mark.ray

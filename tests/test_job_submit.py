@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from s2l_ray.selection import resolve_budget
+from s2l_ray.core.selection import resolve_budget
 from tests.ray_procs import (
     REPO,
     clean_env,

@@ -1,4 +1,4 @@
-"""s2l_ray.kmeans: the pure, seeded k-means math (no Ray; milliseconds to a second)."""
+"""s2l_ray.core.kmeans: the pure, seeded k-means math (no Ray; milliseconds to a second)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import faiss
 import numpy as np
 import pytest
 
-from s2l_ray import kmeans as km
 from s2l_ray.config import ConfigError
+from s2l_ray.core import kmeans as km
 
 
 def blobs(n: int = 3000, t: int = 10, centers: int = 12, seed: int = 0,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from s2l_ray.losses import (
+from s2l_ray.core.losses import (
     pack_batch,
     padded,
     plan_batches,
@@ -16,7 +16,7 @@ from s2l_ray.losses import (
     score_block,
     score_sorted,
 )
-from s2l_ray.tokens import labels_for
+from s2l_ray.core.tokens import labels_for
 
 VOCAB = 301  # not a multiple of anything: chunk edges land mid-row
 
@@ -113,7 +113,7 @@ def test_equals_hf_loss_one_example_at_a_time(models, rows, batch_tokens: int) -
 
 def test_equals_hf_batched_with_attention_mask(models, rows) -> None:
     """Leaving the mask out of a right-padded causal batch changes nothing for real tokens."""
-    from s2l_ray.tokens import pad_batch
+    from s2l_ray.core.tokens import pad_batch
 
     ids, n_prompt = rows
     x, mask, labels = pad_batch(ids, n_prompt, pad_id=0)

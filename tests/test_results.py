@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from s2l_ray.config import ConfigError, load_config
-from s2l_ray.results import FULL, markdown_summary, plan_trials, summarize
+from s2l_ray.stages.results import FULL, markdown_summary, plan_trials, summarize
 
 
 def test_plan_trials_grid_and_full_data_collapse():
@@ -62,7 +62,7 @@ def test_summarize_mean_std_and_missing():
 
 
 def test_sweep_without_held_out_data_fails_before_any_work(tmp_path):
-    from s2l_ray.pipeline import check_eval_source
+    from s2l_ray.stages.registry import check_eval_source
 
     data = tmp_path / "train.jsonl"
     data.write_text('{"instruction": "1+1", "output": "The answer is 2"}\n')

@@ -2,7 +2,7 @@
 run a fresh process with its own local Ray), and the final uninterrupted run ends with the same
 selected ids as a clean run, without redoing any stage that had finished before a kill.
 
-The stages come from `s2l_ray.pipeline.PIPELINE`, so a stage added there is covered without
+The stages come from `s2l_ray.stages.registry.PIPELINE`, so a stage added there is covered without
 editing this test; `sweep` is left out (it fine-tunes target models under Ray Tune: minutes per
 run on CPU; tests/test_sweep.py covers its own resume), so the runs stop at the stage before it.
 """
@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from s2l_ray.config import dump_config, load_config
-from s2l_ray.pipeline import PIPELINE, available, run_stage
+from s2l_ray.stages.registry import PIPELINE, available, run_stage
 from tests.ray_procs import REPO, clean_env, kill_run, short_tmpdir
 
 pytestmark = pytest.mark.e2e

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from s2l_ray.config import ConfigError, load_config
-from s2l_ray.models import check_spec
-from s2l_ray.pipeline import preflight
+from s2l_ray.models.specs import check_spec
 from s2l_ray.runtime import REDACTED, redact, setup_logging
-from s2l_ray.stage import Stage
-from s2l_ray.trajectories import TrajectoryError, load_checkpoint, tokenizer_fingerprint
+from s2l_ray.stages.base import Stage
+from s2l_ray.stages.registry import preflight
+from s2l_ray.stages.trajectories import TrajectoryError, load_checkpoint, tokenizer_fingerprint
 from tests.conftest import make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +115,7 @@ def test_trust_remote_code_is_off_by_default_everywhere() -> None:
 
 
 def test_remote_code_runs_only_when_asked(tmp_path: Path, tiny_ref: str) -> None:
-    from s2l_ray import ingest
+    from s2l_ray.stages import ingest as ingest
 
     folder = str(_remote_code_model(tiny_ref, tmp_path / "custom"))
     # The checkpoint loader (trajectories), the tokenizer check and ingest's tokenizer all

@@ -1,12 +1,12 @@
-"""s2l_ray.selection: S2L's Algorithm 1 and the baselines, pure and in memory (milliseconds)."""
+"""s2l_ray.core.selection: S2L's Algorithm 1 and the baselines, pure, in memory (ms)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from s2l_ray import selection as sel
 from s2l_ray.config import SELECTION_METHODS, ConfigError
+from s2l_ray.core import selection as sel
 
 N = 240
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from s2l_ray.config import ConfigError, load_config
-from s2l_ray.ingest import run_ingest
-from s2l_ray.stage import MARKER, Stage
+from s2l_ray.stages.base import MARKER, Stage
+from s2l_ray.stages.ingest import run_ingest
 from tests.conftest import make_cfg
 
 SMALL = ("demo.n_train=60", "demo.n_test_per_source=1")

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from s2l_ray.config import ConfigError, load_config
-from s2l_ray.report import make_report
-from s2l_ray.selection import resolve_budget
-from s2l_ray.sweep import run_sweep
+from s2l_ray.core.selection import resolve_budget
+from s2l_ray.stages.report import make_report
+from s2l_ray.stages.sweep import run_sweep
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 BUDGETS = [0.2, 45]

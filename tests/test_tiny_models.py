@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from s2l_ray.tiny_models import (  # noqa: E402  (after the importorskip guards)
+from s2l_ray.models.tiny import (  # noqa: E402  (after the importorskip guards)
     PRESETS,
     build_tiny_model,
     build_tokenizer,
@@ -68,7 +68,7 @@ def test_tokenizer_is_deterministic(tmp_path: Path, nano_dir: str) -> None:
 def test_tokenizer_is_deterministic_across_processes(tmp_path: Path, nano_dir: str) -> None:
     # The tokenizers library is Rust, whose hash maps are seeded per process: a real risk.
     root = Path(__file__).resolve().parents[1]
-    code = f"from s2l_ray.tiny_models import build_tokenizer; build_tokenizer({str(tmp_path)!r})"
+    code = f"from s2l_ray.models.tiny import build_tokenizer; build_tokenizer({str(tmp_path)!r})"
     env = {**os.environ,
            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env, timeout=120)

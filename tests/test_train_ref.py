@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from s2l_ray.config import ConfigError, dump_config, load_config
-from s2l_ray.tokens import pad_batch
-from s2l_ray.train_ref import load_manifest, run_train_ref
+from s2l_ray.core.tokens import pad_batch
+from s2l_ray.stages.train_ref import load_manifest, run_train_ref
 from tests.conftest import make_cfg
 
 pytestmark = pytest.mark.ray

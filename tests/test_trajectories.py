@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from s2l_ray.config import load_config
-from s2l_ray.ingest import run_ingest
-from s2l_ray.tokens import labels_for
-from s2l_ray.train_ref import train_ref_stage
-from s2l_ray.trajectories import TrajectoryError, check_checkpoints, run_trajectories
+from s2l_ray.core.tokens import labels_for
+from s2l_ray.stages.ingest import run_ingest
+from s2l_ray.stages.train_ref import train_ref_stage
+from s2l_ray.stages.trajectories import TrajectoryError, check_checkpoints, run_trajectories
 
 pytestmark = pytest.mark.ray
 T = 3
@@ -191,7 +191,7 @@ def test_missing_weights_are_an_error(tmp_path: Path, tiny_ref: str) -> None:
 
 
 def test_mismatched_tokenizers_fail(base, tmp_path: Path, tiny_ref: str) -> None:
-    from s2l_ray.tiny_models import build_tokenizer
+    from s2l_ray.models.tiny import build_tokenizer
 
     other_tok = tmp_path / "tok"
     build_tokenizer(other_tok, vocab_size=300)
@@ -210,7 +210,7 @@ def test_mismatched_tokenizers_fail(base, tmp_path: Path, tiny_ref: str) -> None
 
 
 def test_lost_or_duplicated_examples_fail_loudly(tmp_path: Path) -> None:
-    from s2l_ray.trajectories import id_digest, verify_output
+    from s2l_ray.stages.trajectories import id_digest, verify_output
 
     pq.write_table(pa.table({"id": ["a", "b", "c"]}), tmp_path / "part.parquet")
     read = [{"side": "input", **id_digest(["a", "b"])}, {"side": "input", **id_digest(["c"])}]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from s2l_ray.config import ConfigError
 
 if TYPE_CHECKING:
-    from s2l_ray.stage import Stage
+    from s2l_ray.stages.base import Stage
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def remote_marker(stage: Stage) -> dict[str, Any] | None:
     """The stage's remote _SUCCESS.json, or None when there is none."""
     from pyarrow import fs as pafs
 
-    from s2l_ray.stage import MARKER
+    from s2l_ray.stages.base import MARKER
 
     filesystem, folder, uri = _remote(stage)
     try:
@@ -81,7 +81,7 @@ def push(stage: Stage) -> None:
     """Upload the published local folder; the marker goes last."""
     from pyarrow import fs as pafs
 
-    from s2l_ray.stage import MARKER
+    from s2l_ray.stages.base import MARKER
 
     filesystem, folder, uri = _remote(stage)
     local = pafs.LocalFileSystem()
@@ -119,7 +119,7 @@ def fetch(stage: Stage) -> bool:
     """Download the stage's remote result when it matches this config; True if it did."""
     from pyarrow import fs as pafs
 
-    from s2l_ray.stage import MARKER
+    from s2l_ray.stages.base import MARKER
 
     remote = remote_marker(stage)
     filesystem, folder, uri = _remote(stage)

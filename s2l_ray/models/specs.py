@@ -24,7 +24,7 @@ def check_spec(spec: str, key: str, weights: bool = True) -> None:
     (with `weights`) a local model folder without safetensors weights. Only safetensors are
     loaded (`use_safetensors=True`): pickled .bin/.pt weights can run code when unpickled."""
     if spec.startswith("tiny:"):
-        from s2l_ray.tiny_models import PRESETS
+        from s2l_ray.models.tiny import PRESETS
 
         if spec[5:] not in PRESETS:
             raise ConfigError(f"config key '{key}': unknown tiny preset '{spec[5:]}'. Fix: use "
@@ -48,6 +48,6 @@ def check_spec(spec: str, key: str, weights: bool = True) -> None:
 
 def resolve_model(spec: str, cfg: S2LConfig) -> str:
     """A path or hub id for from_pretrained; builds tiny models once under run.output_dir."""
-    from s2l_ray.tiny_models import resolve_model as resolve
+    from s2l_ray.models.tiny import resolve_model as resolve
 
     return resolve(spec, models_dir(cfg))

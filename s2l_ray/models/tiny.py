@@ -71,7 +71,7 @@ def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512,
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from s2l_ray.demo_data import tokenizer_corpus
+    from s2l_ray.demo.data import tokenizer_corpus
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([

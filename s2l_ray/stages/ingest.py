@@ -17,7 +17,7 @@ import shutil
 from typing import Any
 
 from s2l_ray.config import ConfigError, S2LConfig
-from s2l_ray.stage import Stage
+from s2l_ray.stages.base import Stage
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ def normalize_batch(batch: Any, tokenizer_path: str, data_cfg: dict[str, Any],
     """Raw rows -> examples (or rejects with reason): parse, template, id, tokenize."""
     import pyarrow as pa
 
-    from s2l_ray import formats
-    from s2l_ray.tokens import tokenize_batch
+    from s2l_ray.core import formats as formats
+    from s2l_ray.core.tokens import tokenize_batch
 
     tok = _tokenizer(tokenizer_path, trust_remote_code)
     c = data_cfg
@@ -210,15 +210,15 @@ def duplicate_losers(norm: Any, policy: str) -> dict[tuple[str, int], str]:
 
 
 def ingest_stage(cfg: S2LConfig) -> Stage:
-    from s2l_ray.models import tokenizer_spec
+    from s2l_ray.models.specs import tokenizer_spec
 
     return Stage(cfg, "ingest", ("data", "demo"), upstream=(tokenizer_spec(cfg),))
 
 
 def run_ingest(cfg: S2LConfig) -> Stage:
     """Read `data.source`, validate, tokenize, dedupe; publish examples/, rejects/, report."""
-    from s2l_ray.models import resolve_model, tokenizer_spec
-    from s2l_ray.readers import read_raw
+    from s2l_ray.io.readers import read_raw
+    from s2l_ray.models.specs import resolve_model, tokenizer_spec
 
     stage = ingest_stage(cfg)
     if not stage.needs_run():
@@ -226,7 +226,7 @@ def run_ingest(cfg: S2LConfig) -> Stage:
     tmp = stage.begin()
     source = cfg.data.source
     if source == "demo:mathmix":
-        from s2l_ray.demo_data import write_mathmix
+        from s2l_ray.demo.data import write_mathmix
 
         d = cfg.demo
         paths = write_mathmix(tmp / "demo_data", n_train=d.n_train,

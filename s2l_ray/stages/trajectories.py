@@ -6,7 +6,7 @@
     checkpoints, in column order)
 
 One pass: each batch crosses to the device once and goes through all T models. The math is in
-`s2l_ray.losses` (Ray-free). A group is one scoring window (rows sorted by (n_tokens, id), sliced
+`core.losses` (Ray-free). A group is one scoring window (rows sorted by (n_tokens, id), sliced
 into batches of `batch_tokens` padded tokens), and an example's group depends on its id only: so
 which rows share a batch never depends on the number of actors or blocks, and the losses are
 bitwise the same whatever the parallelism (on the same hardware and software). The price is one
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from s2l_ray.config import ConfigError, S2LConfig
-from s2l_ray.stage import Stage
+from s2l_ray.stages.base import Stage
 
 log = logging.getLogger(__name__)
 WINDOW_BATCHES = 16  # a group holds about this many batches: enough rows to sort by length
@@ -39,7 +39,7 @@ class TrajectoryError(RuntimeError):
 
 
 def trajectories_stage(cfg: S2LConfig) -> Stage:
-    from s2l_ray.train_ref import train_ref_stage
+    from s2l_ray.stages.train_ref import train_ref_stage
 
     return Stage(cfg, "trajectories", ("trajectories",),
                  upstream=(train_ref_stage(cfg).fingerprint,))
@@ -54,7 +54,7 @@ def n_groups(valid: int, tokens: int, batch_tokens: int) -> int:
     """Groups (scoring windows): about WINDOW_BATCHES batches of rows each, but at least
     MIN_GROUPS while each still fills a batch, so small data sets keep several actors busy.
     From the data and batch_tokens only: never from the cluster, or results would vary with it."""
-    from s2l_ray.losses import padded
+    from s2l_ray.core.losses import padded
 
     per_batch = max(1, batch_tokens // padded(max(1, round(tokens / valid))))
     return max(1, -(-valid // (WINDOW_BATCHES * per_batch)),
@@ -133,7 +133,7 @@ def tokenizer_fingerprint(path: str, trust_remote_code: bool = False) -> str:
 def check_checkpoints(paths: list[str], data_tokenizer: str | None,
                       trust_remote_code: bool = False) -> None:
     """Load every checkpoint once on the driver; fail before the pipeline starts, naming it."""
-    from s2l_ray.losses import head_path_check
+    from s2l_ray.core.losses import head_path_check
 
     if not paths:
         raise TrajectoryError("the train_ref manifest lists no checkpoint. Fix: delete the "
@@ -177,7 +177,7 @@ class TrajectoryScorer:
                  cpus: float, stats: Any, trust_remote_code: bool = False) -> None:
         import torch
 
-        from s2l_ray.losses import autocast_dtype
+        from s2l_ray.core.losses import autocast_dtype
 
         if not use_gpu:
             torch.set_num_threads(max(1, int(cpus)))
@@ -191,7 +191,7 @@ class TrajectoryScorer:
         import pyarrow.compute as pc
         import ray
 
-        from s2l_ray.losses import score_block
+        from s2l_ray.core.losses import score_block
 
         out, stats = score_block(self.models, block, self.batch_tokens, self.device, self.amp)
         bad = int((~np.isfinite(pc.list_flatten(out["losses"]).to_numpy())).sum())
@@ -296,10 +296,10 @@ def run_trajectories(cfg: S2LConfig) -> Stage:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from s2l_ray.ingest import ingest_stage
-    from s2l_ray.losses import ScoreStats, autocast_dtype
+    from s2l_ray.core.losses import ScoreStats, autocast_dtype
     from s2l_ray.runtime import cluster_has_gpus
-    from s2l_ray.train_ref import load_manifest, run_train_ref
+    from s2l_ray.stages.ingest import ingest_stage
+    from s2l_ray.stages.train_ref import load_manifest, run_train_ref
 
     ref = run_train_ref(cfg)
     stage = trajectories_stage(cfg)

@@ -4,7 +4,7 @@
                                            only its own rows: ids + features (n_w, T) float32)
     driver: init from the hash-picked sample; per iteration it sends the centroids (K x T) and
             gets back per-cluster sums (K x T), counts (K) and inertia from every actor; reduces,
-            updates, splits empty clusters (s2l_ray.kmeans)
+            updates, splits empty clusters (s2l_ray.core.kmeans)
     final:  every actor writes its labels, assignments/part-NNNNN.parquet
 
     cluster/assignments/part-*.parquet  id, cluster (int32), distance (float32, squared L2 in
@@ -15,7 +15,7 @@
     cluster/report.json                 sizes, final inertia, timings, memory per actor
 
 No process ever holds all N x T losses: the driver holds K x T centroids and the init sample.
-The labels are the same whatever cluster.num_workers and the Parquet layout (see s2l_ray.kmeans).
+The labels are the same whatever cluster.num_workers and the Parquet layout (core.kmeans).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from s2l_ray.config import ClusterConfig, ConfigError, S2LConfig
-from s2l_ray.kmeans import ExactGrid, IdView, Shard
-from s2l_ray.stage import Stage
+from s2l_ray.core.kmeans import ExactGrid, IdView, Shard
+from s2l_ray.stages.base import Stage
 
 log = logging.getLogger(__name__)
 READ_BATCH = 65536  # rows per Parquet read batch: bounds what an actor holds beyond its shard
@@ -146,7 +146,7 @@ class ShardActor(Shard):
         import faiss
         import pyarrow as pa
 
-        from s2l_ray.kmeans import features
+        from s2l_ray.core.kmeans import features
 
         faiss.omp_set_num_threads(threads)
         self.number = index
@@ -183,7 +183,7 @@ class ShardActor(Shard):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from s2l_ray.kmeans import on_grid
+        from s2l_ray.core.kmeans import on_grid
 
         dist, label = self.labels(centroids)
         table = pa.table({"id": self.ids, "cluster": pa.array(label.astype(np.int32)),
@@ -222,7 +222,7 @@ def fit_files(files: list[str], out_dir: str | Path, c: ClusterConfig, seed: int
     """
     import ray
 
-    from s2l_ray.kmeans import fit_shards
+    from s2l_ray.core.kmeans import fit_shards
 
     out = Path(out_dir)
     (out / "assignments").mkdir(parents=True, exist_ok=True)
@@ -272,7 +272,7 @@ def fit_files(files: list[str], out_dir: str | Path, c: ClusterConfig, seed: int
 
 
 def cluster_stage(cfg: S2LConfig) -> Stage:
-    from s2l_ray.trajectories import trajectories_stage
+    from s2l_ray.stages.trajectories import trajectories_stage
 
     return Stage(cfg, "cluster", ("cluster",),
                  upstream=(trajectories_stage(cfg).fingerprint, f"seed={cfg.run.seed}"))
@@ -281,7 +281,7 @@ def cluster_stage(cfg: S2LConfig) -> Stage:
 def run_cluster(cfg: S2LConfig) -> Stage:
     """k-means over the trajectories (after the trajectories stage, which runs first if
     needed); publishes assignments, centroids, per-iteration stats and a report."""
-    from s2l_ray.trajectories import run_trajectories
+    from s2l_ray.stages.trajectories import run_trajectories
 
     traj = run_trajectories(cfg)
     stage = cluster_stage(cfg)

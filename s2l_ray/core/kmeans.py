@@ -5,7 +5,7 @@ The Lloyd loop follows faiss's own (`faiss.contrib.clustering.kmeans`, the Pytho
 centroid to the mean of its vectors, split a populated cluster for every empty one
 (`reassign_centroids`, reused from faiss). What differs is that the data lives in shards
 (`Shard`): each shard returns only per-cluster sums (K x T), counts (K) and its inertia, and the
-driver reduces them. The distributed stage (`s2l_ray.cluster`) runs `fit_shards` with shards held
+driver reduces them. The distributed stage (`s2l_ray.stages.cluster`) runs `fit_shards`, shards held
 by Ray actors; `fit` runs the very same code on in-process shards.
 
 The engine fits on ALL examples, every iteration (faiss.Kmeans by default trains on a subsample of

@@ -125,7 +125,7 @@ def head_path_check(model: Any, length: int = 24, n_prompt: int = 8) -> tuple[fl
     """
     import torch
 
-    from s2l_ray.tokens import labels_for
+    from s2l_ray.core.tokens import labels_for
 
     vocab = model.get_input_embeddings().num_embeddings
     ids = [(7 * k + 3) % vocab for k in range(length)]

@@ -1,4 +1,4 @@
-"""Stage `select`: spend the budget with S2L or a baseline (s2l_ray.selection), over files.
+"""Stage `select`: spend the budget with S2L or a baseline (s2l_ray.core.selection), over files.
 
     cluster/assignments/*.parquet --count (Ray tasks)--> cluster and source sizes -> quotas
     assignments (s2l, random, stratified) or trajectories (loss baselines)
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from s2l_ray.config import S2LConfig, SelectConfig
-from s2l_ray.stage import Stage
+from s2l_ray.stages.base import Stage
 
 log = logging.getLogger(__name__)
 BATCH = 65536  # rows read at a time by a task
@@ -59,8 +59,8 @@ def count_file(path: str) -> list[tuple[int, str | None, int]]:
 
 
 def _top(t: Any, quotas: np.ndarray) -> Any:
-    from s2l_ray.kmeans import IdView
-    from s2l_ray.selection import top_per_group
+    from s2l_ray.core.kmeans import IdView
+    from s2l_ray.core.selection import top_per_group
 
     idx = top_per_group(t["group"].to_numpy(), t["score"].to_numpy(), t["hash"].to_numpy(),
                         IdView(t["id"]), quotas)
@@ -71,8 +71,8 @@ def candidates_file(path: str, spec: dict[str, Any]) -> Any:
     """This file's top quota rows per group: id, group, score, hash, cluster, source."""
     import pyarrow as pa
 
-    from s2l_ray.cluster import losses_matrix
-    from s2l_ray.selection import LOSS_METHODS, id_hashes, loss_scores
+    from s2l_ray.core.selection import LOSS_METHODS, id_hashes, loss_scores
+    from s2l_ray.stages.cluster import losses_matrix
 
     method, quotas = spec["method"], np.asarray(spec["quotas"])
     lossy = method in LOSS_METHODS
@@ -109,7 +109,7 @@ def candidates_file(path: str, spec: dict[str, Any]) -> Any:
 
 def final_losses_file(path: str) -> np.ndarray:
     """The last checkpoint's loss of every row of one trajectories file, (n,) float32."""
-    from s2l_ray.cluster import losses_matrix
+    from s2l_ray.stages.cluster import losses_matrix
 
     parts = [losses_matrix(b.column("losses"), path)[:, -1] for b, _ in
              _batches(path, ["losses"])]
@@ -145,8 +145,8 @@ def select_from(cluster_dir: str | Path, trajectories_dir: str | Path,
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from s2l_ray.cluster import parquet_files
-    from s2l_ray.selection import LOSS_METHODS, resolve_budget, s2l_quotas, stratified_quotas
+    from s2l_ray.core.selection import LOSS_METHODS, resolve_budget, s2l_quotas, stratified_quotas
+    from s2l_ray.stages.cluster import parquet_files
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -218,7 +218,7 @@ def select_from(cluster_dir: str | Path, trajectories_dir: str | Path,
 
 
 def select_stage(cfg: S2LConfig) -> Stage:
-    from s2l_ray.cluster import cluster_stage
+    from s2l_ray.stages.cluster import cluster_stage
 
     return Stage(cfg, "select", ("select",),
                  upstream=(cluster_stage(cfg).fingerprint, f"seed={cfg.run.seed}"))
@@ -226,9 +226,9 @@ def select_stage(cfg: S2LConfig) -> Stage:
 
 def run_select(cfg: S2LConfig) -> Stage:
     """Select the budget (after the cluster stage, which runs first if needed)."""
-    from s2l_ray.cluster import run_cluster
-    from s2l_ray.ingest import ingest_stage
-    from s2l_ray.trajectories import trajectories_stage
+    from s2l_ray.stages.cluster import run_cluster
+    from s2l_ray.stages.ingest import ingest_stage
+    from s2l_ray.stages.trajectories import trajectories_stage
 
     cluster = run_cluster(cfg)
     stage = select_stage(cfg)

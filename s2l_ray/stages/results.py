@@ -34,7 +34,7 @@ def budget_label(budget: int | float) -> str:
 def plan_trials(methods: list[str], budgets: list[int | float], seeds: list[int],
                 n: int) -> list[Trial]:
     """Every trial of the grid, in a stable order; full-data budgets collapse to `full`."""
-    from s2l_ray.selection import resolve_budget
+    from s2l_ray.core.selection import resolve_budget
 
     trials: list[Trial] = []
     seen: set[tuple[str, int, int]] = set()

@@ -56,7 +56,7 @@ def probe_loss(model: Any, probe: dict[str, list], device: Any) -> float:
     """Mean response-token loss on a fixed batch (all ranks call it: ZeRO-3 gathers params)."""
     import torch
 
-    from s2l_ray.tokens import pad_batch
+    from s2l_ray.core.tokens import pad_batch
 
     ids, mask, labels = pad_batch(probe["input_ids"], probe["n_prompt_tokens"], pad_id=0)
     was_training = model.training
@@ -90,8 +90,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from s2l_ray.schedule import TrainPlan, lr_at
-    from s2l_ray.tokens import pad_batch
+    from s2l_ray.core.schedule import TrainPlan, lr_at
+    from s2l_ray.core.tokens import pad_batch
 
     hf_logging.disable_progress_bar()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",

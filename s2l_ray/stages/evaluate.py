@@ -33,7 +33,7 @@ def answer_of(text: str | None) -> str | None:
     last "answer is", the first one is the answer; "1/0", "The answer is." and empty text are
     None.
     """
-    from s2l_ray.demo_data import extract_final_answer
+    from s2l_ray.demo.data import extract_final_answer
 
     return extract_final_answer(text) if isinstance(text, str) else None
 
@@ -81,7 +81,7 @@ def eval_source_of(cfg: S2LConfig) -> tuple[str, str]:
     if cfg.data.eval_source:
         return cfg.data.eval_source, cfg.eval.split
     if cfg.data.source == "demo:mathmix":
-        from s2l_ray.ingest import ingest_stage
+        from s2l_ray.stages.ingest import ingest_stage
 
         return str(ingest_stage(cfg).path / "demo_data" / "test.jsonl"), cfg.eval.split
     raise ConfigError("config key 'data.eval_source': is not set, and evaluating the target "
@@ -98,8 +98,8 @@ def prepare_eval_set(cfg: S2LConfig, out_dir: Path) -> dict[str, Any]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from s2l_ray.ingest import ingest_stage, normalize_batch
-    from s2l_ray.readers import read_raw
+    from s2l_ray.io.readers import read_raw
+    from s2l_ray.stages.ingest import ingest_stage, normalize_batch
 
     source, split = eval_source_of(cfg)
     tok_path = ingest_stage(cfg).report()["tokenizer"]
@@ -186,7 +186,7 @@ def evaluate_model(model_path: str, eval_path: str, e: EvalConfig,
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from s2l_ray.losses import autocast_dtype, score_sorted
+    from s2l_ray.core.losses import autocast_dtype, score_sorted
 
     hf_logging.disable_progress_bar()
     on_gpu = torch.cuda.is_available() and e.use_gpu is not False

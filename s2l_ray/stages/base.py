@@ -11,7 +11,7 @@ A rerun skips a stage whose marker carries the same fingerprint (the hash of the
 the stage reads plus its upstream stages' fingerprints). A different fingerprint means the stored
 result came from another config: that fails, naming the fix, unless run.overwrite is set.
 With run.storage_uri set, a published stage is also uploaded to <storage_uri>/<stage>/, and a
-stage missing here but finished there is downloaded instead of recomputed (`s2l_ray.storage`).
+stage missing here but finished there is downloaded instead of recomputed (`s2l_ray.io.storage`).
 """
 
 from __future__ import annotations
@@ -88,13 +88,13 @@ class Stage:
         uri = self.cfg.run.storage_uri
         if self.is_done():
             if uri:
-                from s2l_ray.storage import push_if_missing
+                from s2l_ray.io.storage import push_if_missing
 
                 push_if_missing(self)
             log.info("%s: already done (%s), skipping", self.name, self.path)
             return False
         if uri:
-            from s2l_ray.storage import fetch
+            from s2l_ray.io.storage import fetch
 
             if fetch(self):
                 return False
@@ -134,7 +134,7 @@ class Stage:
         self.swap_in(self.tmp)
         log.info("%s: published %s", self.name, self.path)
         if self.cfg.run.storage_uri:
-            from s2l_ray.storage import push
+            from s2l_ray.io.storage import push
 
             push(self)
         return self.path

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from s2l_ray.config import SELECTION_METHODS, ConfigError, check_budget
-from s2l_ray.kmeans import hash_ids
+from s2l_ray.core.kmeans import hash_ids
 
 LOSS_METHODS = ("least_confidence", "middle_perplexity", "high_learnability", "el2n")
 SELECT_SALT = "select"

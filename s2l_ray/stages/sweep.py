@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from s2l_ray.config import S2LConfig
-from s2l_ray.stage import Stage
+from s2l_ray.stages.base import Stage
 
 log = logging.getLogger(__name__)
 TRIAL_RESOURCES = {"cpu": 0, "memory": 256 * 2**20}  # the trial driver only waits on Ray Train
 
 
 def sweep_stage(cfg: S2LConfig) -> Stage:
-    from s2l_ray.cluster import cluster_stage
+    from s2l_ray.stages.cluster import cluster_stage
 
     return Stage(cfg, "sweep", ("sweep", "target", "eval"),
                  upstream=(cluster_stage(cfg).fingerprint,))
@@ -48,9 +48,9 @@ def materialize(cfg: S2LConfig, trial: Any, d: Path, dirs: dict[str, Path]) -> P
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from s2l_ray.cluster import parquet_files
-    from s2l_ray.results import FULL
-    from s2l_ray.select import _map, rows_with_ids, select_from
+    from s2l_ray.stages.cluster import parquet_files
+    from s2l_ray.stages.results import FULL
+    from s2l_ray.stages.select import _map, rows_with_ids, select_from
 
     if trial.method == FULL:
         return dirs["examples"]
@@ -74,7 +74,7 @@ def materialize(cfg: S2LConfig, trial: Any, d: Path, dirs: dict[str, Path]) -> P
 
 
 def _evaluate_task(model_dir: str, eval_dir: str, ecfg: Any, trust: bool) -> Any:
-    from s2l_ray.evaluate import evaluate_model
+    from s2l_ray.stages.evaluate import evaluate_model
 
     return evaluate_model(model_dir, eval_dir, ecfg, trust)
 
@@ -89,9 +89,9 @@ def run_trial(config: dict[str, Any], cfg: S2LConfig, root: str) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    from s2l_ray.core.schedule import TrainPlan
     from s2l_ray.runtime import cluster_has_gpus, quiet_ray_data
-    from s2l_ray.schedule import TrainPlan
-    from s2l_ray.train_ref import fit
+    from s2l_ray.stages.train_ref import fit
 
     d = Path(root) / "trials" / config["trial"]
     done = d / "result.json"
@@ -172,12 +172,12 @@ def run_sweep(cfg: S2LConfig) -> Stage:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from s2l_ray.cluster import run_cluster
-    from s2l_ray.evaluate import eval_source_of, prepare_eval_set
-    from s2l_ray.ingest import ingest_stage
-    from s2l_ray.results import budget_label, markdown_summary, plan_trials, summarize
-    from s2l_ray.train_ref import plan_training
-    from s2l_ray.trajectories import trajectories_stage
+    from s2l_ray.stages.cluster import run_cluster
+    from s2l_ray.stages.evaluate import eval_source_of, prepare_eval_set
+    from s2l_ray.stages.ingest import ingest_stage
+    from s2l_ray.stages.results import budget_label, markdown_summary, plan_trials, summarize
+    from s2l_ray.stages.train_ref import plan_training
+    from s2l_ray.stages.trajectories import trajectories_stage
 
     cluster = run_cluster(cfg)
     stage = sweep_stage(cfg)

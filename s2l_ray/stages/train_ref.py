@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from s2l_ray.config import ConfigError, S2LConfig, TrainConfig
-from s2l_ray.stage import Stage
+from s2l_ray.stages.base import Stage
 
 log = logging.getLogger(__name__)
 PROBE_SIZE = 8  # examples in the fixed batch each checkpoint's loss is logged on
 
 
 def train_ref_stage(cfg: S2LConfig) -> Stage:
-    from s2l_ray.ingest import ingest_stage
+    from s2l_ray.stages.ingest import ingest_stage
 
     return Stage(cfg, "train_ref", ("reference",),
                  upstream=(ingest_stage(cfg).fingerprint, f"seed={cfg.run.seed}"))
@@ -61,7 +61,7 @@ def check_cpu_headroom(s: TrainConfig, key: str) -> None:
 
 def plan_training(section: TrainConfig, key: str, n_examples: int) -> Any:
     """The step plan, and every check that can fail, before any training work starts."""
-    from s2l_ray.schedule import make_plan
+    from s2l_ray.core.schedule import make_plan
 
     s = section
     plan = make_plan(n_examples, s.num_workers, s.batch_size, s.grad_accum, s.epochs,
@@ -84,9 +84,9 @@ def fit(cfg: S2LConfig, section: TrainConfig, key: str, examples: Path, plan: An
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from s2l_ray.models import resolve_model
+    from s2l_ray.models.specs import resolve_model
     from s2l_ray.runtime import cluster_has_gpus
-    from s2l_ray.train_loop import train_loop_per_worker
+    from s2l_ray.training.worker import train_loop_per_worker
 
     s = section
     use_gpu = cluster_has_gpus() if s.use_gpu is None else s.use_gpu
@@ -132,7 +132,7 @@ def fit(cfg: S2LConfig, section: TrainConfig, key: str, examples: Path, plan: An
 
 def run_train_ref(cfg: S2LConfig) -> Stage:
     """Train the reference model (after ingest, which runs first if needed)."""
-    from s2l_ray.ingest import run_ingest
+    from s2l_ray.stages.ingest import run_ingest
 
     ingest = run_ingest(cfg)
     stage = train_ref_stage(cfg)

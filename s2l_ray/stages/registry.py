@@ -22,22 +22,22 @@ class StageInfo:
 
 # The whole S2L pipeline, in order. `entry` is empty for stages not built yet.
 PIPELINE = (
-    StageInfo("ingest", "s2l_ray.ingest:run_ingest",
+    StageInfo("ingest", "s2l_ray.stages.ingest:run_ingest",
               "read, validate, tokenize the instruction data; stable ids; rejects kept",
               "ingest/examples/*.parquet, ingest/rejects/"),
-    StageInfo("train-ref", "s2l_ray.train_ref:run_train_ref",
+    StageInfo("train-ref", "s2l_ray.stages.train_ref:run_train_ref",
               "fine-tune the small reference model (Ray Train + DeepSpeed), T checkpoints",
               "train_ref/checkpoints/"),
-    StageInfo("trajectories", "s2l_ray.trajectories:run_trajectories",
+    StageInfo("trajectories", "s2l_ray.stages.trajectories:run_trajectories",
               "loss of every example under every checkpoint (Ray Data actors)",
               "trajectories/*.parquet (id, losses[T])"),
-    StageInfo("cluster", "s2l_ray.cluster:run_cluster",
+    StageInfo("cluster", "s2l_ray.stages.cluster:run_cluster",
               "distributed faiss k-means over the trajectories",
               "cluster/assignments/, centroids"),
-    StageInfo("select", "s2l_ray.select:run_select",
+    StageInfo("select", "s2l_ray.stages.select:run_select",
               "spend the budget evenly across clusters (or a baseline)",
               "select/selected.jsonl"),
-    StageInfo("sweep", "s2l_ray.sweep:run_sweep",
+    StageInfo("sweep", "s2l_ray.stages.sweep:run_sweep",
               "Ray Tune: methods x budgets x seeds, fine-tune + evaluate the target",
               "sweep/results.csv, summary.md, trials/*/model"),
 )
@@ -59,8 +59,8 @@ def entry_of(info: StageInfo):
 
 def preflight(cfg: S2LConfig) -> None:
     """Checks that need the filesystem, done before any stage starts any work."""
-    from s2l_ray.models import check_spec
-    from s2l_ray.readers import check_allowed_roots, list_files
+    from s2l_ray.io.readers import check_allowed_roots, list_files
+    from s2l_ray.models.specs import check_spec
 
     check_spec(cfg.reference.model, "reference.model")
     check_spec(cfg.target.model, "target.model")
@@ -101,7 +101,7 @@ def _check_writable(out: Path) -> None:
 
 def check_eval_source(cfg: S2LConfig) -> None:
     """The sweep evaluates on held-out data: make sure there is some before hours of work."""
-    from s2l_ray.readers import list_files
+    from s2l_ray.io.readers import list_files
 
     src = cfg.data.eval_source
     if src is None:

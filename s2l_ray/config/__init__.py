@@ -1,0 +1,24 @@
+"""Configuration: typed sections that check themselves (`schema`), strict YAML + override loading,
+and the reference table the README shows."""
+
+from s2l_ray.config.schema import (
+    SELECTION_METHODS,
+    ClusterConfig,
+    ConfigError,
+    EvalConfig,
+    S2LConfig,
+    SelectConfig,
+    TrainConfig,
+    check_budget,
+    dump_config,
+    field_docs,
+    load_config,
+    parse_override,
+    reference_table,
+)
+
+__all__ = [
+    "SELECTION_METHODS", "ClusterConfig", "ConfigError", "EvalConfig", "S2LConfig",
+    "SelectConfig", "TrainConfig", "check_budget", "dump_config", "field_docs", "load_config",
+    "parse_override", "reference_table",
+]
