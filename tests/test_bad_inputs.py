@@ -116,7 +116,7 @@ def test_huge_row(tmp_path: Path, ray_local, tiny_ref: str, policy: str) -> None
     huge = {"instruction": "Repeat the word.", "output": "word " * (1 << 20)}  # a 5 MB output
     (d / "a.jsonl").write_text(json.dumps(GOOD) + "\n" + json.dumps(huge) + "\n")
     stage = run_ingest(make_cfg(tmp_path, tiny_ref, f"data.source={d}", "data.max_length=128",
-                                f"data.overlong={policy}"))
+                                f"data.overlong={policy}", f"data.max_row_bytes={8 << 20}"))
     report = stage.report()
     examples = pq.read_table(stage.path / "examples").to_pylist()
     if policy == "reject":

@@ -76,8 +76,10 @@ def test_given_id_and_source() -> None:
         with pytest.raises(RowError, match="bad_id"):
             formats.given_id(bad, "id")
     assert formats.row_source({}, "source") is None
-    with pytest.raises(RowError, match="wrong_type"):
-        formats.row_source({"source": 3}, "source")
+    # A source of another type keeps the row (the column only labels reports): as text.
+    assert formats.row_source({"source": 3}, "source") == "3"
+    assert formats.row_source({"source": 2.5}, "source") == "2.5"
+    assert formats.row_source({"source": ["a", 1]}, "source") == '["a", 1]'
 
 
 def _rows(tables) -> list[dict]:

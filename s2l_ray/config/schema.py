@@ -145,6 +145,11 @@ class DataConfig:
     text only)."""
     max_length: int = 512
     """Longest example in tokens (prompt + response + end-of-text)."""
+    max_row_bytes: int = 1 << 20
+    """Largest input row in bytes (a JSON line, a JSON array item, a CSV record, or the text
+    and binary values of a Parquet / Hugging Face row). Larger rows are rejected as
+    `too_large` before they are parsed or tokenized, and no reader holds more than about this
+    much of one row; the default (1 MiB) is far above what max_length tokens take."""
     overlong: Literal["truncate", "reject"] = "truncate"
     """Examples over max_length: 'truncate' cuts the response, 'reject' moves them to rejects."""
     tokenizer: str | None = None
@@ -162,6 +167,9 @@ class DataConfig:
             _fail("data.source", "is empty", "give a path, 'hf:NAME' or 'demo:mathmix'")
         if self.max_length < 8:
             _fail("data.max_length", f"is {self.max_length}", "use at least 8 tokens (512 typical)")
+        if self.max_row_bytes < 1024:
+            _fail("data.max_row_bytes", f"is {self.max_row_bytes}",
+                  "use at least 1024 bytes (1048576, 1 MiB, is the default)")
         if self.allowed_roots is not None:
             if not self.allowed_roots or not all(self.allowed_roots):
                 _fail("data.allowed_roots", f"is {self.allowed_roots}",

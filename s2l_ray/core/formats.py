@@ -149,10 +149,12 @@ def given_id(row: dict[str, Any], column: str) -> str:
 
 
 def row_source(row: dict[str, Any], column: str) -> str | None:
+    """The row's origin label, as text. The column is optional and only labels reports, so a
+    value of another type (a number, say) keeps the row: it becomes its JSON text."""
     value = row.get(column)
     if value is None:
         return None
     if not isinstance(value, str):
-        raise RowError("wrong_type", f"source column '{column}' is {type(value).__name__}")
+        value = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)[:200]
     _check_encodable(value, column)
     return value

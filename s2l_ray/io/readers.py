@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import io
 import json
+import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from s2l_ray.config import ConfigError
 
 FILE_KINDS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 CHUNK = 4096  # rows per emitted block while parsing one file
+BLOCK_BYTES = 16 << 20  # ... or fewer, so that a block of large rows stays small too
+READ_BYTES = 1 << 20  # piece size when scanning a file (or skipping an over-large row)
+DEFAULT_MAX_ROW_BYTES = 1 << 20  # data.max_row_bytes' default, for callers without a config
+MAX_DEPTH = 100  # deepest JSON nesting accepted in a row; real rows nest 3-4 levels
+BOM = b"\xef\xbb\xbf"
 
 
 def _raw_schema() -> Any:
@@ -39,101 +46,456 @@ def _jsonable(v: Any) -> Any:
     return {"__value__": str(v)}
 
 
-def parse_file(path: str, data: bytes) -> Any:
-    """Yield raw-row tables for one file: (origin, JSON text) or (origin, reject reason)."""
-    import pyarrow as pa
+def too_large_detail(size: int, cap: int, what: str = "row") -> str:
+    return (f"{what} is {size} bytes, over data.max_row_bytes={cap} (it was skipped unread; "
+            "raise data.max_row_bytes if such rows are real)")
 
-    kind = FILE_KINDS.get(Path(path).suffix.lower())
-    rows: list[tuple[int, str | None, str | None, str | None]] = []
 
-    def flush() -> Any:
-        cols = list(zip(*rows)) if rows else [[], [], [], []]
-        t = pa.table({"origin_file": [path] * len(rows), "origin_row": list(cols[0]),
-                      "raw": list(cols[1]), "reject_reason": list(cols[2]),
-                      "reject_detail": list(cols[3])}, schema=_raw_schema())
-        rows.clear()
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+
+
+def json_depth(text: bytes) -> int:
+    """Deepest bracket nesting of one JSON text, without parsing it (strings skipped, so a "["
+    inside text does not count): cheap, linear, and no recursion, so it can run before
+    json.loads, whose C parser would hit Python's recursion limit on a hostile row."""
+    import numpy as np
+
+    brackets = _NOT_BRACKET.sub(b"", _JSON_STRING.sub(b'""', text))
+    if len(brackets) <= 4 * MAX_DEPTH:  # the usual row: a few brackets, a plain loop
+        depth = deepest = 0
+        for c in brackets:
+            depth += 1 if c in b"[{" else -1
+            deepest = max(deepest, depth)
+        return deepest
+    a = np.frombuffer(brackets, np.uint8)
+    steps = np.where((a == ord("[")) | (a == ord("{")), 1, -1).astype(np.int64)
+    return int(np.cumsum(steps).max())
+
+
+class _Out:
+    """Rows of one file, emitted as raw-row tables of at most CHUNK rows / ~BLOCK_BYTES."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.rows: list[tuple[int, str | None, str | None, str | None]] = []
+        self.bytes = 0
+
+    def add(self, i: int, obj: Any) -> None:
+        raw = json.dumps(_jsonable(obj), ensure_ascii=True)
+        self.rows.append((i, raw, None, None))
+        self.bytes += len(raw)
+
+    def reject(self, i: int, reason: str, detail: str) -> None:
+        self.rows.append((i, None, reason, detail[:500]))
+
+    def full(self) -> bool:
+        return len(self.rows) >= CHUNK or self.bytes >= BLOCK_BYTES
+
+    def flush(self) -> Any:
+        import pyarrow as pa
+
+        cols = list(zip(*self.rows)) if self.rows else [[], [], [], []]
+        t = pa.table({"origin_file": [self.path] * len(self.rows),
+                      "origin_row": list(cols[0]), "raw": list(cols[1]),
+                      "reject_reason": list(cols[2]), "reject_detail": list(cols[3])},
+                     schema=_raw_schema())
+        self.rows.clear()
+        self.bytes = 0
         return t
 
-    def add(i: int, obj: Any) -> None:
-        rows.append((i, json.dumps(_jsonable(obj), ensure_ascii=True), None, None))
 
-    if kind in ("parquet", "csv"):
-        try:
-            if kind == "parquet":
-                import pyarrow.parquet as pq
-
-                table = pq.read_table(io.BytesIO(data))
-            else:
-                import pyarrow.csv as pcsv
-
-                table = pcsv.read_csv(io.BytesIO(data))
-        except Exception as e:  # a corrupt file is one rejected "row", counted like any other
-            rows.append((-1, None, "unreadable_file", f"{kind} reader: {e}"[:500]))
-            yield flush()
-            return
-        for i, obj in enumerate(table.to_pylist()):
-            add(i, obj)
-            if len(rows) >= CHUNK:
-                yield flush()
-        yield flush()
+def _json_row(out: _Out, i: int, text: bytes, what: str) -> None:
+    """One JSON text (a line, an array item) -> a row of `out`, or a reject saying why."""
+    try:
+        decoded = text.decode("utf-8")
+    except UnicodeDecodeError as e:
+        out.reject(i, "undecodable_text", f"{what} is not UTF-8 ({e.reason} at byte {e.start})")
         return
-
-    stripped = data.lstrip()
-    if kind == "json" and stripped.startswith(b"["):
-        try:
-            items = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            rows.append((-1, None, "bad_json", f"JSON array file does not parse: {e}"[:500]))
-            yield flush()
-            return
-        for i, obj in enumerate(items):
-            if isinstance(obj, dict):
-                add(i, obj)
-            else:
-                rows.append((i, None, "not_an_object", f"item is {type(obj).__name__}"))
-            if len(rows) >= CHUNK:
-                yield flush()
-        yield flush()
+    depth = json_depth(text)
+    if depth > MAX_DEPTH:
+        out.reject(i, "too_deep", f"{what} nests {depth} levels deep; at most {MAX_DEPTH} are "
+                                  "read")
         return
-
-    for i, line in enumerate(data.split(b"\n")):  # JSON Lines (also .json files holding lines)
-        if not line.strip():
-            continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            rows.append((i, None, "undecodable_text", f"line is not UTF-8 ({e.reason} at "
-                                                      f"byte {e.start})"))
+    try:
+        obj = json.loads(decoded)
+    except json.JSONDecodeError as e:
+        out.reject(i, "bad_json", f"{e.msg} at column {e.colno}")
+    except RecursionError:  # not expected after the depth check; never a crash of the file
+        out.reject(i, "too_deep", f"{what} nests too deep to parse")
+    else:
+        if isinstance(obj, dict):
+            out.add(i, obj)
         else:
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                rows.append((i, None, "bad_json", f"{e.msg} at column {e.colno}"))
-            else:
-                if isinstance(obj, dict):
-                    add(i, obj)
+            out.reject(i, "not_an_object", f"{what} is {type(obj).__name__}")
+
+
+def _bounded_lines(f: BinaryIO, cap: int) -> Iterator[tuple[bytes | None, int]]:
+    """(line, size) per line of `f`, or (None, size) for a line over `cap` bytes: that one is
+    read in READ_BYTES pieces and dropped, so no more than ~cap bytes of it are ever held."""
+    while True:
+        line = f.readline(cap + 1)
+        if not line:
+            return
+        if len(line) > cap and not line.endswith(b"\n"):
+            size = len(line)
+            del line
+            while True:
+                rest = f.readline(READ_BYTES)
+                size += len(rest)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield None, size
+        else:
+            yield line, len(line)
+
+
+def _parse_jsonl(out: _Out, f: BinaryIO, cap: int) -> Iterator[Any]:
+    for i, (line, size) in enumerate(_bounded_lines(f, cap)):
+        if line is None:
+            out.reject(i, "too_large", too_large_detail(size, cap, "line"))
+        else:
+            if i == 0 and line.startswith(BOM):
+                line = line[len(BOM):]
+            if line.strip():
+                _json_row(out, i, line, "line")
+        if out.full():
+            yield out.flush()
+
+
+_ARRAY_TOKEN = re.compile(rb'[\[\]{}",]')
+_STRING_TOKEN = re.compile(rb'[\\"]')
+
+
+class _ArrayItems:
+    """Splits a JSON array file into its items while reading it in pieces: a small state
+    machine (depth, inside a string, after a backslash) jumps between structural characters
+    with a regex, keeps at most `cap` bytes of the current item, and only counts the bytes of
+    an item over the cap. Items are parsed one by one afterwards (json_depth, json.loads)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.depth = 1  # inside the top-level array
+        self.in_str = self.esc = self.closed = False
+        self.item = bytearray()
+        self.size = 0
+        self.items = 0  # items emitted so far
+        self.done: list[tuple[int, bytes | None, int]] = []  # (index, bytes | None, size)
+
+    def _take(self, piece: bytes) -> None:
+        self.size += len(piece)
+        if self.size > self.cap:
+            self.item.clear()  # over the cap: from now on only counted
+        else:
+            self.item += piece
+
+    def _emit(self) -> None:
+        over = self.size > self.cap
+        text = None if over else bytes(self.item).strip()
+        if over or text or self.items or not self.closed:  # `[]` holds no item
+            self.done.append((self.items, text, self.size))
+            self.items += 1
+        self.item.clear()
+        self.size = 0
+
+    def feed(self, buf: bytes) -> bytes:
+        """Consume one piece; returns what follows the closing bracket, once it is seen."""
+        pos, n = 0, len(buf)
+        if self.esc and n:
+            self._take(buf[:1])
+            pos, self.esc = 1, False
+        while pos < n:
+            if self.in_str:
+                m = _STRING_TOKEN.search(buf, pos)
+                if m is None:
+                    self._take(buf[pos:])
+                    break
+                j = m.start()
+                if buf[j] == 0x5C:  # backslash: the next byte is escaped, maybe in the next piece
+                    if j + 1 >= n:
+                        self._take(buf[pos:])
+                        self.esc = True
+                        break
+                    self._take(buf[pos:j + 2])
+                    pos = j + 2
                 else:
-                    rows.append((i, None, "not_an_object", f"line is {type(obj).__name__}"))
-        if len(rows) >= CHUNK:
-            yield flush()
-    yield flush()
+                    self._take(buf[pos:j + 1])
+                    pos, self.in_str = j + 1, False
+                continue
+            m = _ARRAY_TOKEN.search(buf, pos)
+            if m is None:
+                self._take(buf[pos:])
+                break
+            j, c = m.start(), buf[m.start()]
+            if c == 0x22:  # ", usually a whole string within this piece: one regex step
+                whole = _JSON_STRING.match(buf, j)
+                if whole is not None:
+                    self._take(buf[pos:whole.end()])
+                    pos = whole.end()
+                    continue
+                self.in_str = True
+            elif c in b"[{":
+                self.depth += 1
+            elif c in b"]}":
+                self.depth -= 1
+                if self.depth == 0:
+                    self._take(buf[pos:j])
+                    self.closed = True
+                    self._emit()
+                    return buf[j + 1:]
+            elif self.depth == 1:  # a comma between top-level items
+                self._take(buf[pos:j])
+                self._emit()
+                pos = j + 1
+                continue
+            self._take(buf[pos:j + 1])
+            pos = j + 1
+        return b""
 
 
-def _parse_files(batch: dict[str, Any]) -> Any:
-    for path, data in zip(batch["path"], batch["bytes"]):
-        yield from parse_file(str(path), bytes(data))
+def _parse_json_array(out: _Out, f: BinaryIO, cap: int, head: bytes) -> Iterator[Any]:
+    """A .json file holding one array of objects, `head` being its first piece past the `[`."""
+    items = _ArrayItems(cap)
+    buf = head
+    tail = b""
+    while True:
+        tail = items.feed(buf)
+        for i, text, size in items.done:
+            if text is None:
+                out.reject(i, "too_large", too_large_detail(size, cap, "array item"))
+            elif not text:
+                out.reject(i, "bad_json", "empty array item (two commas in a row?)")
+            else:
+                _json_row(out, i, text, "item")
+            if out.full():
+                yield out.flush()
+        items.done.clear()
+        buf = f.read(READ_BYTES)
+        if items.closed or not buf:
+            break
+    if not items.closed:
+        if items.size:
+            out.reject(items.items, "bad_json", "the file ends inside this array item "
+                                                "(truncated file?)")
+        else:
+            out.reject(-1, "bad_json", "the file ends before the array's closing ']'")
+    else:
+        rest = tail.strip()
+        while not rest:
+            more = f.read(READ_BYTES)
+            if not more:
+                break
+            rest = more.strip()
+        if rest:
+            out.reject(-1, "bad_json", "data after the array's closing ']'; one array per "
+                                       "file, or use JSON Lines")
+    yield out.flush()
 
 
-def _hf_rows(batch: Any, origin: str) -> Any:
+def _csv_records(f: BinaryIO, cap: int) -> Iterator[tuple[bytes | None, int]]:
+    """(record, size) per CSV record, or (None, size) for one over `cap` bytes (skipped while
+    reading). A record ends at a newline outside quotes: the count of `"` so far is even
+    (an escaped quote `""` adds two), so records whose quoted text spans lines stay whole."""
+    rec = bytearray()
+    size = quotes = 0
+    while True:
+        piece = f.readline(min(cap + 1, READ_BYTES))
+        if piece:
+            quotes += piece.count(b'"')
+            size += len(piece)
+            if size > cap:
+                rec.clear()
+            else:
+                rec += piece
+        if not piece or (piece.endswith(b"\n") and quotes % 2 == 0):
+            if size:
+                yield (bytes(rec) if size <= cap else None), size
+            if not piece:
+                return
+            rec.clear()
+            size = quotes = 0
+
+
+def _parse_csv(out: _Out, f: BinaryIO, cap: int) -> Iterator[Any]:
+    """CSV with a header row; every field is text (no type guessing: an all-digit `output`
+    column is still text), a record whose field count differs from the header's is rejected
+    alone, and no record over `cap` bytes is ever held whole."""
+    import csv
+
+    def fields(text: str) -> list[str]:
+        return next(csv.reader(io.StringIO(text, newline="")), [])
+
+    header: list[str] | None = None
+    i = 0
+    for rec, size in _csv_records(f, cap):
+        if header is None:
+            if rec is None:
+                out.reject(-1, "unreadable_file", too_large_detail(size, cap, "CSV header"))
+                break
+            try:
+                header = fields(rec.removeprefix(BOM).decode("utf-8"))
+            except (UnicodeDecodeError, csv.Error) as e:
+                out.reject(-1, "unreadable_file", f"CSV header does not parse: {e}")
+                break
+            if not header or not any(h.strip() for h in header):
+                header = None  # blank lines before the header
+                continue
+            dup = sorted({h for h in header if header.count(h) > 1})
+            if dup:
+                out.reject(-1, "unreadable_file", f"CSV header repeats column {dup[0]!r:.80}")
+                break
+            continue
+        if rec is None:
+            out.reject(i, "too_large", too_large_detail(size, cap, "CSV record"))
+        elif rec.strip():
+            try:
+                values = fields(rec.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                out.reject(i, "undecodable_text", f"record is not UTF-8 ({e.reason} at byte "
+                                                  f"{e.start})")
+            except csv.Error as e:
+                out.reject(i, "bad_csv", f"record does not parse: {e}")
+            else:
+                if len(values) != len(header):
+                    out.reject(i, "bad_csv", f"record has {len(values)} fields, the header "
+                                             f"{len(header)}")
+                else:
+                    out.add(i, dict(zip(header, values)))
+        else:
+            continue  # blank lines are no records (as in pyarrow's reader)
+        i += 1
+        if out.full():
+            yield out.flush()
+    yield out.flush()
+
+
+def row_bytes(arr: Any) -> Any:
+    """Bytes each row of an Arrow array holds (text and binary lengths, summed through lists
+    and structs; fixed-width values by width), computed in Arrow without making Python
+    objects: the size check runs before any row becomes a Python string."""
+    import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
 
-    rows = batch.to_pylist()
-    return pa.table({
-        "origin_file": [origin] * len(rows),
-        "origin_row": [r.pop("__s2l_row") for r in rows],
-        "raw": [json.dumps(_jsonable(r), ensure_ascii=True) for r in rows],
-        "reject_reason": [None] * len(rows), "reject_detail": [None] * len(rows),
-    }, schema=_raw_schema())
+    n = len(arr)
+    t = arr.type
+    if pa.types.is_dictionary(t):
+        return row_bytes(arr.dictionary_decode())
+    if (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+            or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)):
+        return pc.fill_null(pc.binary_length(arr), 0).to_numpy(zero_copy_only=False).astype(
+            np.int64)
+    if pa.types.is_map(t):
+        return row_bytes(pa.ListArray.from_arrays(arr.offsets, pa.StructArray.from_arrays(
+            [arr.keys, arr.items], ["k", "v"])))
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        values = arr.flatten()
+        if not len(values):
+            return np.zeros(n, np.int64)
+        parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
+        return np.bincount(parents, weights=row_bytes(values), minlength=n).astype(np.int64)
+    if pa.types.is_struct(t):
+        total = np.zeros(n, np.int64)
+        for child in arr.flatten():
+            total += row_bytes(child)
+        return total
+    width = getattr(t, "bit_width", 64)
+    return np.full(n, max(width // 8, 1), np.int64)
+
+
+def _oversized(batch: Any, cap: int) -> dict[int, str]:
+    """Rows of a RecordBatch over `cap` bytes -> detail naming the largest column."""
+    import numpy as np
+
+    cols = batch.schema.names
+    per_col = np.stack([row_bytes(batch.column(i)) for i in range(len(cols))]) if cols else \
+        np.zeros((1, batch.num_rows), np.int64)
+    sizes = per_col.sum(axis=0)
+    return {int(r): too_large_detail(int(sizes[r]), cap) + f"; column "
+            f"'{cols[int(per_col[:, r].argmax())]:.80}' holds {int(per_col[:, r].max())}"
+            for r in np.flatnonzero(sizes > cap)}
+
+
+def _parse_parquet(out: _Out, f: BinaryIO, cap: int) -> Iterator[Any]:
+    """Parquet, read a batch at a time; the sizes of a batch's rows are checked in Arrow
+    (row_bytes) and only rows within `cap` become Python objects."""
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(f).iter_batches(batch_size=256)
+        i = 0
+        for batch in batches:
+            over = _oversized(batch, cap)
+            rows = batch.to_pylist() if not over else None
+            for r in range(batch.num_rows):
+                if r in over:
+                    out.reject(i + r, "too_large", over[r])
+                else:
+                    obj = rows[r] if rows is not None else batch.slice(r, 1).to_pylist()[0]
+                    try:
+                        out.add(i + r, obj)
+                    except RecursionError:
+                        out.reject(i + r, "too_deep", "row nests too deep")
+                if out.full():
+                    yield out.flush()
+            i += batch.num_rows
+    except Exception as e:  # a corrupt file is one rejected "row", counted like any other
+        out.reject(-1, "unreadable_file", f"parquet reader: {e}")
+    yield out.flush()
+
+
+def parse_file(path: str, data: bytes | None = None,
+               max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[Any]:
+    """Yield raw-row tables for one file: (origin, JSON text) or (origin, reject reason).
+
+    The file is read in pieces (`data`, when given, stands for its content): no row over
+    `max_row_bytes` is ever held whole, and a UTF-8 byte-order mark at the start is skipped.
+    """
+    kind = FILE_KINDS.get(Path(path).suffix.lower())
+    out = _Out(path)
+    cap = max_row_bytes
+    with (io.BytesIO(data) if data is not None else open(path, "rb")) as f:
+        if kind == "parquet":
+            yield from _parse_parquet(out, f, cap)
+            return
+        if kind == "csv":
+            yield from _parse_csv(out, f, cap)
+            return
+        if kind == "json":  # one array, or JSON Lines in a .json file
+            start = f.read(READ_BYTES).removeprefix(BOM).lstrip()
+            while not start:  # whitespace only so far
+                more = f.read(READ_BYTES)
+                if not more:
+                    break
+                start = more.lstrip()
+            if start.startswith(b"["):
+                yield from _parse_json_array(out, f, cap, start[1:])
+                return
+            f.seek(0)
+        yield from _parse_jsonl(out, f, cap)
+        yield out.flush()
+
+
+def _parse_files(batch: dict[str, Any], max_row_bytes: int) -> Any:
+    for path in batch["path"]:
+        yield from parse_file(str(path), max_row_bytes=max_row_bytes)
+
+
+def _hf_rows(batch: Any, origin: str, max_row_bytes: int) -> Any:
+    """Rows of a Hugging Face data set; those over max_row_bytes (measured in Arrow, before
+    they become Python objects) are rejected as too_large."""
+    out = _Out(origin)
+    index = batch.column(batch.schema.get_field_index("__s2l_row")).to_pylist()
+    batch = batch.drop_columns(["__s2l_row"])
+    over = _oversized(batch, max_row_bytes)
+    keep = [r for r in range(batch.num_rows) if r not in over]
+    rows = iter(batch.take(keep).to_pylist()) if over else iter(batch.to_pylist())
+    for r in range(batch.num_rows):
+        if r in over:
+            out.reject(index[r], "too_large", over[r])
+        else:
+            out.add(index[r], next(rows))
+    return out.flush()
 
 
 def list_files(source: str) -> list[str]:
@@ -187,8 +549,11 @@ def check_allowed_roots(source: str, key: str, roots: list[str] | None) -> None:
                 "data.allowed_roots")
 
 
-def read_raw(source: str, split: str = "train") -> Any:
-    """A Ray Dataset of raw rows (origin_file, origin_row, raw JSON | reject) for any source."""
+def read_raw(source: str, split: str = "train",
+             max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Any:
+    """A Ray Dataset of raw rows (origin_file, origin_row, raw JSON | reject) for any source.
+    Files are opened by the parsing tasks and read in pieces, not handed over whole, so a
+    task holds about one block of rows (and at most max_row_bytes of any one row)."""
     import ray.data
 
     if source.startswith("hf:"):
@@ -204,7 +569,10 @@ def read_raw(source: str, split: str = "train") -> Any:
             hf = datasets.load_dataset(name, split=split)
         hf = hf.add_column("__s2l_row", list(range(len(hf))))
         return ray.data.from_huggingface(hf).map_batches(
-            _hf_rows, batch_format="pyarrow", fn_kwargs={"origin": f"{source}:{split}"})
+            _hf_rows, batch_format="pyarrow",
+            fn_kwargs={"origin": f"{source}:{split}", "max_row_bytes": max_row_bytes})
     files = list_files(source)
-    return ray.data.read_binary_files(files, include_paths=True).map_batches(
-        _parse_files, batch_size=1, batch_format="numpy")
+    return ray.data.from_items([{"path": f} for f in files],
+                               override_num_blocks=min(len(files), 200)).map_batches(
+        _parse_files, batch_size=1, batch_format="numpy",
+        fn_kwargs={"max_row_bytes": max_row_bytes})

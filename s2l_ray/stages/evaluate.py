@@ -103,7 +103,7 @@ def prepare_eval_set(cfg: S2LConfig, out_dir: Path) -> dict[str, Any]:
 
     source, split = eval_source_of(cfg)
     tok_path = ingest_stage(cfg).report()["tokenizer"]
-    rows = read_raw(source, split).map_batches(
+    rows = read_raw(source, split, cfg.data.max_row_bytes).map_batches(
         normalize_batch, batch_format="pyarrow", batch_size=1024,
         fn_kwargs={"tokenizer_path": tok_path, "data_cfg": vars(cfg.data),
                    "trust_remote_code": cfg.reference.trust_remote_code}).to_arrow_refs()

@@ -233,7 +233,7 @@ def run_ingest(cfg: S2LConfig) -> Stage:
                               n_test_per_source=d.n_test_per_source, seed=d.seed)
         source = paths["train"]
     tok_path = resolve_model(tokenizer_spec(cfg), cfg)
-    norm = read_raw(source, cfg.data.split).map_batches(
+    norm = read_raw(source, cfg.data.split, cfg.data.max_row_bytes).map_batches(
         normalize_batch, batch_format="pyarrow", batch_size=1024,
         fn_kwargs={"tokenizer_path": tok_path, "data_cfg": vars(cfg.data),
                    "trust_remote_code": cfg.reference.trust_remote_code},
