@@ -151,9 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted; rerun the same command to resume from the last finished stage")
         return 130
+    except Exception:
+        # Through logging, not Python's own traceback printer: the traceback is redacted
+        # (secret values, URI credentials) like every other line s2l prints.
+        log.exception("s2l %s failed", args.command)
+        return 1
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from s2l_ray.redaction import redact
     from s2l_ray.stages import registry as pipeline
 
     if args.command == "config":
@@ -162,7 +168,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return 0
         rest = list(args.args)
         path = config_path(rest.pop(0)) if rest and "=" not in rest[0] else None
-        sys.stdout.write(dump_config(load_config(path, rest)))
+        sys.stdout.write(redact(dump_config(load_config(path, rest))))
         return 0
     if args.command == "make-demo-data":
         from s2l_ray.demo.data import write_mathmix

@@ -4,27 +4,27 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 from typing import Any
 
+from s2l_ray.redaction import REDACTED, redact
+
 log = logging.getLogger("s2l_ray")
+__all__ = ["REDACTED", "RedactSecrets", "init_ray", "redact", "setup_logging"]
 
 
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|KEY", re.IGNORECASE)
-_HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
-REDACTED = "[REDACTED]"
-
-
-def redact(text: str) -> str:
-    """`text` with the values of secret-looking environment variables (names containing TOKEN,
-    SECRET, PASSWORD or KEY; values of 8+ characters, shorter ones would hit ordinary words)
-    and Hugging Face tokens (hf_...) replaced by [REDACTED]."""
-    # Read at each call: a token exported after logging was set up is still hidden.
-    values = {v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 8}
-    for v in sorted(values, key=len, reverse=True):  # longest first: no half-hidden overlaps
-        text = text.replace(v, REDACTED)
-    return _HF_TOKEN.sub(REDACTED, text)
+def redact_record(record: logging.LogRecord) -> None:
+    """Apply `redact` to a record's message and traceback, in place."""
+    message = record.getMessage()
+    clean = redact(message)
+    if clean != message:
+        record.msg, record.args = clean, None
+    if record.exc_info and not record.exc_text:
+        record.exc_text = logging.Formatter().formatException(record.exc_info)
+    if record.exc_text:
+        record.exc_text = redact(record.exc_text)
+    if record.stack_info:
+        record.stack_info = redact(record.stack_info)
 
 
 class RedactSecrets(logging.Filter):
@@ -33,15 +33,24 @@ class RedactSecrets(logging.Filter):
     redacted text too."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        clean = redact(message)
-        if clean != message:
-            record.msg, record.args = clean, None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = redact(record.exc_text)
+        redact_record(record)
         return True
+
+
+def _install_record_factory() -> None:
+    """Redact every record when it is made, whichever logger (ray, pyarrow, transformers, the
+    root) and whichever handler (added before or after this call) writes it."""
+    old = logging.getLogRecordFactory()
+    if getattr(old, "s2l_redacts", False):
+        return
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = old(*args, **kwargs)
+        redact_record(record)
+        return record
+
+    factory.s2l_redacts = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -51,9 +60,11 @@ def setup_logging(level: str = "INFO") -> None:
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
                                          "%H:%M:%S"))
         root.addHandler(h)
-    # On the handlers, not the logger: a logger's own filters skip records from its children
-    # (s2l_ray.stages.ingest, ...), a handler's see every record it is about to write.
-    for h in root.handlers:
+    _install_record_factory()
+    # On the handlers, not the loggers: a logger's own filters skip records from its children
+    # (s2l_ray.stages.ingest, ...), a handler's see every record it is about to write. The
+    # root logger's handlers too, which write other libraries' records.
+    for h in [*root.handlers, *logging.getLogger().handlers]:
         if not any(isinstance(f, RedactSecrets) for f in h.filters):
             h.addFilter(RedactSecrets())
     root.setLevel(level.upper())

@@ -4,6 +4,7 @@ secrets kept out of config snapshots and logs, a local Ray's dashboard on 127.0.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -257,3 +258,177 @@ def test_local_dashboard_listens_on_loopback(ray_local) -> None:
         pytest.skip("joined an existing cluster: not local mode")
     url = get_dashboard_url()
     assert url.split("://")[-1].startswith("127.0.0.1:"), url
+
+
+# ---------------------------------------------------------------------------------------------
+# secrets in run.storage_uri: refused, never echoed; pyarrow's errors redacted and unchained
+
+URI_SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCY"  # an AWS-style secret, '/' and '+' included
+
+
+@pytest.mark.parametrize("uri", [
+    f"s3://AKIAIOSFODNN7EXAMPLE:{URI_SECRET}@bucket/prefix",   # '/' in the secret
+    f"gs://user:{URI_SECRET}@bucket/prefix",
+    f"s3://bucket/prefix?access_key=AKIAIOSFODNN7EXAMPLE&secret_key={URI_SECRET}",
+    f"s3://bucket/prefix?region=eu-west-1&session_token={URI_SECRET}",
+    f"gs://bucket/prefix?X-Goog-Signature={URI_SECRET}",
+    f"s3://AKIAIOSFODNN7EXAMPLE:{URI_SECRET}",                 # no '@' at all: KEY:SECRET/...
+])
+def test_storage_uri_credentials_refused_never_echoed(
+        tmp_path: Path, uri: str, capsys: pytest.CaptureFixture,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from s2l_ray.cli import main
+
+    with pytest.raises(ConfigError, match=r"run\.storage_uri.*carries credentials.*Fix:") as e:
+        load_config(None, [f"run.output_dir={tmp_path}", f"run.storage_uri={uri}"])
+    assert "wJalr" not in str(e.value) and "RfiCY" not in str(e.value)
+    caplog.clear()
+    assert main(["config", f"run.output_dir={tmp_path}", f"run.storage_uri={uri}"]) == 2
+    printed = capsys.readouterr()
+    assert "carries credentials" in caplog.text
+    for text in (printed.out, printed.err, caplog.text):
+        assert "wJalr" not in text and "RfiCY" not in text
+
+
+def test_storage_errors_are_redacted_and_unchained(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyarrow's own exception (its message may hold the URI) is not chained onto ours, and
+    ours names the URI redacted."""
+    import traceback
+
+    from s2l_ray.io.storage import push
+
+    secret = "s3cretPathToken123"
+    monkeypatch.setenv("S2L_TEST_TOKEN", secret)
+    # Passes our checks; pyarrow refuses the unknown parameter.
+    cfg = load_config(None, [f"run.output_dir={tmp_path / 'out'}",
+                             f"run.storage_uri=s3://bucket/{secret}/p?bogus=1"])
+    stage = Stage(cfg, "probe", ("select",))
+    stage.begin()
+    with pytest.raises(RuntimeError, match="run.storage_uri") as e:
+        stage.publish({})  # uploads after publishing locally
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+    text = "".join(traceback.format_exception(e.value))
+    assert secret not in text and REDACTED in text
+    with pytest.raises(RuntimeError) as e:
+        push(stage)
+    assert secret not in str(e.value)
+
+
+def test_cli_failure_traceback_is_redacted(tmp_path: Path, tiny_ref: str,
+                                           monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    """A failure that is not a config error still prints its traceback, redacted."""
+    from s2l_ray.cli import main
+
+    secret = "s3cretPathToken456"
+    monkeypatch.setenv("S2L_TEST_TOKEN", secret)
+    caplog.clear()
+    rc = main(["ingest", "demo", f"run.output_dir={tmp_path / 'out'}",
+               f"reference.model={tiny_ref}", f"run.storage_uri=s3://bucket/{secret}?bogus=1"])
+    assert rc == 1
+    assert "Traceback" in caplog.text and "ingest failed" in caplog.text
+    printed = capsys.readouterr()
+    for text in (printed.out, printed.err, caplog.text):
+        assert secret not in text
+
+
+def test_s2l_config_output_is_redacted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture) -> None:
+    from s2l_ray.cli import main
+
+    secret = "s3cretFolderToken789"
+    monkeypatch.setenv("S2L_TEST_TOKEN", secret)
+    assert main(["config", f"data.source=/data/{secret}/train.jsonl"]) == 0
+    out = capsys.readouterr().out
+    assert "source: /data/[REDACTED]/train.jsonl" in out and secret not in out
+
+
+def test_other_libraries_log_records_are_redacted(secret_env: dict[str, str]) -> None:
+    """Records of any logger (here one named like pyarrow's) are redacted, whatever handler
+    writes them, one added to the root logger after setup_logging included."""
+    import io
+
+    setup_logging("INFO")
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    logging.getLogger().addHandler(handler)
+    try:
+        other = logging.getLogger("pyarrow.fs.some_module")
+        other.warning("request with key %s failed", secret_env["AWS_SECRET_ACCESS_KEY"])
+        try:
+            raise OSError(f"GET s3://AKIA:{secret_env['AWS_SECRET_ACCESS_KEY']}@b/x")
+        except OSError:
+            other.exception("boom")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    text = buf.getvalue()
+    assert "request with key" in text and "boom" in text and REDACTED in text
+    assert "Traceback" in text
+    for value in secret_env.values():
+        assert value not in text
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile YAML: alias bombs, huge values, duplicate keys
+
+
+def _bomb(levels: int) -> str:
+    """The 'billion laughs' as one flow value: each anchor repeats the previous one 9 times,
+    so the last holds 9**levels values once expanded (a few hundred bytes of text)."""
+    names = "abcdefghij"
+    parts = ["&a [x, x, x, x, x, x, x, x, x]"]
+    for prev, cur in itertools.pairwise(names[:levels]):
+        parts.append(f"&{cur} [{', '.join(['*' + prev] * 9)}]")
+    return f"[{', '.join(parts)}]"
+
+
+def test_yaml_alias_bomb_is_refused_fast(tmp_path: Path) -> None:
+    import time
+
+    f = tmp_path / "bomb.yaml"
+    f.write_text(f"data:\n  max_length: {_bomb(9)}\n")  # 387,420,489 values once expanded
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"bomb\.yaml.*expands to more than .*Fix:") as e:
+        load_config(f)
+    assert time.perf_counter() - started < 5  # loose: a guard against a hang only
+    assert len(str(e.value)) < 400
+    # An override value is bounded the same way.
+    with pytest.raises(ConfigError, match="expands to more than"):
+        load_config(None, [f"data.max_length={_bomb(9)}"])
+
+
+def test_bad_value_is_echoed_as_a_short_prefix(tmp_path: Path) -> None:
+    f = tmp_path / "cfg.yaml"
+    f.write_text(f"data:\n  max_length: {_bomb(4)}\n")  # 7,380 values: bounded, wrong type
+    with pytest.raises(ConfigError, match=r"data\.max_length.*expects int") as e:
+        load_config(f)
+    assert len(str(e.value)) < 400
+    huge = "x" * 100_000
+    for override in (f"data.max_length={huge}", f"sweep.methods=[{huge}]",
+                     f"data.{huge}=1", f"run.output_dir=s3://{huge}"):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [override])
+        assert len(str(e.value)) < 600, override
+    with pytest.raises(ConfigError, match="cannot be read"):  # over Python's int digit limit
+        load_config(None, ["data.max_length=" + "9" * 5000])
+    with pytest.raises(ConfigError, match="too deep|deeper"):
+        load_config(None, ["data.max_length=" + "[" * 5000 + "]" * 5000])
+    f.write_text("data:\n  allowed_roots: &r [*r]\n")
+    with pytest.raises(ConfigError, match=r"data\.allowed_roots\[0\]' contains itself"):
+        load_config(f)
+
+
+def test_duplicate_yaml_keys_are_refused_naming_the_key(tmp_path: Path) -> None:
+    f = tmp_path / "cfg.yaml"
+    f.write_text("data:\n  source: a.jsonl\n  max_length: 64\n  source: b.jsonl\n")
+    with pytest.raises(ConfigError, match=r"key 'data\.source' appears twice \(lines 2 and 4\)"
+                                          r".*Fix: keep one"):
+        load_config(f)
+    f.write_text("select:\n  budget: 0.1\nselect:\n  method: random\n")
+    with pytest.raises(ConfigError, match=r"key 'select' appears twice"):
+        load_config(f)
+    f.write_text("base: &b {budget: 0.1}\nselect:\n  <<: *b\n  method: random\n")
+    with pytest.raises(ConfigError, match="'base'"):  # merge keys are fine; 'base' is unknown
+        load_config(f)

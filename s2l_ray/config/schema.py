@@ -29,7 +29,22 @@ class ConfigError(ValueError):
 
 
 def _fail(key: str, problem: str, fix: str) -> typing.NoReturn:
-    raise ConfigError(f"config key '{key}': {problem}. Fix: {fix}")
+    raise ConfigError(f"config key '{short_text(key, 120)}': {problem}. Fix: {fix}")
+
+
+def short(value: Any) -> str:
+    """repr of a (bad) config value cut to a short prefix, computed without expanding all of
+    it: an error message echoes what it got, never megabytes of it."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxtuple, r.maxset = 3, 6, 6, 6, 6
+    r.maxstring, r.maxother, r.maxlong = 60, 60, 40
+    return short_text(r.repr(value), 120)
+
+
+def short_text(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 @dataclass
@@ -59,46 +74,64 @@ class RunConfig:
             _fail("run.output_dir", "is empty", "give a folder, e.g. run.output_dir=out/s2l")
         if "://" in self.output_dir:
             # Stages write with local paths; a URI here would become a relative folder.
-            _fail("run.output_dir", f"is the URI '{self.output_dir}'", "give a local folder "
+            _fail("run.output_dir", f"is the URI {short(self.output_dir)}", "give a local folder "
                   "(the stages' work space) and put the URI in run.storage_uri")
         # Absolute, because Ray Train workers and Ray Data actors run in other directories.
         self.output_dir = os.path.abspath(os.path.expanduser(self.output_dir))
         if self.num_cpus is not None and self.num_cpus < 1:
-            _fail("run.num_cpus", f"is {self.num_cpus}", "use a positive count or null")
+            _fail("run.num_cpus", f"is {short(self.num_cpus)}", "use a positive count or null")
         if self.storage_uri is not None:
             self._check_storage_uri()
 
     def _check_storage_uri(self) -> None:
+        from urllib.parse import parse_qsl, urlsplit
+
+        from s2l_ray.redaction import REDACTED, SECRET_PARAM, redact
+
         uri = self.storage_uri or ""
+        shown = short_text(redact(uri))  # what messages may echo: never a secret
         scheme, sep, rest = uri.partition("://")
+        creds_fix = ("remove them from the URI and set them in the environment "
+                     "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS) "
+                     "or use the cloud's default credentials")
+        if sep and "@" in rest and scheme.lower() != "file":
+            # s3://KEY:SECRET@bucket, also with a '/' in the secret (s3://KEY:a/b@bucket), would
+            # land in config.yaml, logs and pyarrow's error messages.
+            _fail("run.storage_uri", f"'{shown}' carries credentials (user info before '@')",
+                  creds_fix + "; a prefix containing '@' is not supported")
+        if sep:
+            secret = [k for k, _ in parse_qsl(urlsplit(uri).query, keep_blank_values=True)
+                      if SECRET_PARAM.search(k)]
+            if secret:
+                _fail("run.storage_uri", f"'{shown}' carries credentials (query parameter "
+                      f"{', '.join(sorted(set(secret)))})", creds_fix)
         if not sep:  # a plain path: must not depend on the directory the job starts in
             local = os.path.expanduser(uri)
             if not os.path.isabs(local):
-                _fail("run.storage_uri", f"'{uri}' is neither a URI nor an absolute path",
+                _fail("run.storage_uri", f"'{shown}' is neither a URI nor an absolute path",
                       "use s3://bucket/prefix, gs://bucket/prefix, file:///abs/path or /abs/path")
             self.storage_uri = local = os.path.abspath(local)
         elif scheme.lower() not in ("s3", "gs", "file"):
-            _fail("run.storage_uri", f"scheme '{scheme}' is not supported",
+            _fail("run.storage_uri", f"scheme '{short_text(scheme, 20)}' is not supported",
                   "use s3://bucket/prefix, gs://bucket/prefix, file:///abs/path or /abs/path")
         elif scheme.lower() == "file":
             if not os.path.isabs(rest):
-                _fail("run.storage_uri", f"'{uri}' is not an absolute file URI",
+                _fail("run.storage_uri", f"'{shown}' is not an absolute file URI",
                       "write file:///abs/path (three slashes)")
             local = os.path.abspath(rest)
         else:
-            bucket = rest.split("/", 1)[0]
+            bucket = rest.split("/", 1)[0].split("?", 1)[0]
             if not bucket:
-                _fail("run.storage_uri", f"'{uri}' names no bucket", f"write {scheme}://BUCKET/"
+                _fail("run.storage_uri", f"'{shown}' names no bucket", f"write {scheme}://BUCKET/"
                       "prefix")
-            if "@" in bucket:  # s3://KEY:SECRET@bucket would land in config.yaml and logs
-                _fail("run.storage_uri", "carries credentials", "remove them from the URI and "
-                      "set them in the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                      "GOOGLE_APPLICATION_CREDENTIALS) or the cloud's default credentials")
+            if ":" in bucket:  # s3://KEY:SECRET/... : bucket names hold no ':'
+                _fail("run.storage_uri", f"'{scheme}://{REDACTED}/...' carries credentials (a "
+                      "':' in the bucket name, as in s3://KEY:SECRET/prefix)", creds_fix)
             self.storage_uri = uri.rstrip("/")
             return
         out = self.output_dir
         if os.path.commonpath([local, out]) in (local, out):  # an upload would copy onto itself
-            _fail("run.storage_uri", f"'{uri}' overlaps run.output_dir '{out}'",
+            _fail("run.storage_uri", f"'{shown}' overlaps run.output_dir '{short_text(out)}'",
                   "keep the storage apart from run.output_dir (neither inside the other)")
 
 
@@ -115,9 +148,9 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         if self.n_train < 1:
-            _fail("demo.n_train", f"is {self.n_train}", "use at least 1")
+            _fail("demo.n_train", f"is {short(self.n_train)}", "use at least 1")
         if self.n_test_per_source < 0:
-            _fail("demo.n_test_per_source", f"is {self.n_test_per_source}", "use 0 or more")
+            _fail("demo.n_test_per_source", f"is {short(self.n_test_per_source)}", "use 0 or more")
 
 
 @dataclass
@@ -166,13 +199,14 @@ class DataConfig:
         if not self.source:
             _fail("data.source", "is empty", "give a path, 'hf:NAME' or 'demo:mathmix'")
         if self.max_length < 8:
-            _fail("data.max_length", f"is {self.max_length}", "use at least 8 tokens (512 typical)")
+            _fail("data.max_length", f"is {short(self.max_length)}",
+                  "use at least 8 tokens (512 typical)")
         if self.max_row_bytes < 1024:
-            _fail("data.max_row_bytes", f"is {self.max_row_bytes}",
+            _fail("data.max_row_bytes", f"is {short(self.max_row_bytes)}",
                   "use at least 1024 bytes (1048576, 1 MiB, is the default)")
         if self.allowed_roots is not None:
             if not self.allowed_roots or not all(self.allowed_roots):
-                _fail("data.allowed_roots", f"is {self.allowed_roots}",
+                _fail("data.allowed_roots", f"is {short(self.allowed_roots)}",
                       "list at least one non-empty folder, or null to allow any path")
             # Absolute now, so the check cannot depend on the directory a worker starts in.
             self.allowed_roots = [os.path.abspath(os.path.expanduser(r))
@@ -224,28 +258,29 @@ class TrainConfig:
 
     def validate(self, key: str) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
-            _fail(f"{key}.zero_stage", f"is {self.zero_stage}", "use 0, 1, 2 or 3")
+            _fail(f"{key}.zero_stage", f"is {short(self.zero_stage)}", "use 0, 1, 2 or 3")
         if self.num_workers < 1:
-            _fail(f"{key}.num_workers", f"is {self.num_workers}", "use 1 or more workers")
+            _fail(f"{key}.num_workers", f"is {short(self.num_workers)}", "use 1 or more workers")
         for name in ("epochs", "batch_size", "grad_accum", "num_checkpoints"):
             if getattr(self, name) < 1:
-                _fail(f"{key}.{name}", f"is {getattr(self, name)}", "use 1 or more")
+                _fail(f"{key}.{name}", f"is {short(getattr(self, name))}", "use 1 or more")
         if self.max_steps is not None and self.max_steps < 1:
-            _fail(f"{key}.max_steps", f"is {self.max_steps}", "use 1 or more, or null")
+            _fail(f"{key}.max_steps", f"is {short(self.max_steps)}", "use 1 or more, or null")
         if self.train_steps is not None:
             if self.train_steps < 1:
-                _fail(f"{key}.train_steps", f"is {self.train_steps}", "use 1 or more, or null")
+                _fail(f"{key}.train_steps", f"is {short(self.train_steps)}",
+                      "use 1 or more, or null")
             if self.max_steps is not None:
                 _fail(f"{key}.train_steps", "is set together with max_steps",
                       f"set only one: {key}.train_steps (fixed budget) or {key}.max_steps (cap)")
         if not 0 < self.lr < 1:
-            _fail(f"{key}.lr", f"is {self.lr}", "use a learning rate in (0, 1), e.g. 2e-5")
+            _fail(f"{key}.lr", f"is {short(self.lr)}", "use a learning rate in (0, 1), e.g. 2e-5")
         if not 0 <= self.warmup_ratio < 1:
-            _fail(f"{key}.warmup_ratio", f"is {self.warmup_ratio}", "use a value in [0, 1)")
+            _fail(f"{key}.warmup_ratio", f"is {short(self.warmup_ratio)}", "use a value in [0, 1)")
         if self.checkpoint_steps is not None:
             steps = self.checkpoint_steps
             if not steps or any(s < 1 for s in steps) or sorted(set(steps)) != steps:
-                _fail(f"{key}.checkpoint_steps", f"is {steps}",
+                _fail(f"{key}.checkpoint_steps", f"is {short(steps)}",
                       "list distinct positive steps in increasing order, or null")
 
 
@@ -266,11 +301,12 @@ class TrajectoryConfig:
 
     def __post_init__(self) -> None:
         if self.batch_tokens < 64:
-            _fail("trajectories.batch_tokens", f"is {self.batch_tokens}", "use 64 or more")
+            _fail("trajectories.batch_tokens", f"is {short(self.batch_tokens)}", "use 64 or more")
         if self.concurrency < 1:
-            _fail("trajectories.concurrency", f"is {self.concurrency}", "use 1 or more actors")
+            _fail("trajectories.concurrency", f"is {short(self.concurrency)}",
+                  "use 1 or more actors")
         if not self.cpus_per_actor > 0:
-            _fail("trajectories.cpus_per_actor", f"is {self.cpus_per_actor}",
+            _fail("trajectories.cpus_per_actor", f"is {short(self.cpus_per_actor)}",
                   "use a positive number of CPUs, e.g. 1 (0.5 on a 2-core laptop)")
 
 
@@ -303,19 +339,19 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         if self.k < 1:
-            _fail("cluster.k", f"is {self.k}", "use 1 or more clusters (100 typical)")
+            _fail("cluster.k", f"is {short(self.k)}", "use 1 or more clusters (100 typical)")
         if self.max_iter < 1:
-            _fail("cluster.max_iter", f"is {self.max_iter}", "use 1 or more")
+            _fail("cluster.max_iter", f"is {short(self.max_iter)}", "use 1 or more")
         if self.num_workers < 1:
-            _fail("cluster.num_workers", f"is {self.num_workers}", "use 1 or more")
+            _fail("cluster.num_workers", f"is {short(self.num_workers)}", "use 1 or more")
         if not self.tol >= 0:
-            _fail("cluster.tol", f"is {self.tol}", "use 0 (run all max_iter) or a small positive "
-                  "relative improvement such as 1e-4")
+            _fail("cluster.tol", f"is {short(self.tol)}", "use 0 (run all max_iter) or a small "
+                  "positive relative improvement such as 1e-4")
         if self.init_sample_per_centroid < 1:
-            _fail("cluster.init_sample_per_centroid", f"is {self.init_sample_per_centroid}",
+            _fail("cluster.init_sample_per_centroid", f"is {short(self.init_sample_per_centroid)}",
                   "use 1 or more (64 typical)")
         if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
-            _fail("cluster.cpus_per_worker", f"is {self.cpus_per_worker}",
+            _fail("cluster.cpus_per_worker", f"is {short(self.cpus_per_worker)}",
                   "use a positive number of CPUs, or null")
 
 
@@ -339,7 +375,7 @@ class SelectConfig:
     def __post_init__(self) -> None:
         check_budget(self.budget, "select.budget")
         if not 0 < self.early_fraction <= 1:
-            _fail("select.early_fraction", f"is {self.early_fraction}",
+            _fail("select.early_fraction", f"is {short(self.early_fraction)}",
                   "use a fraction in (0, 1], e.g. 0.2")
 
 
@@ -375,7 +411,7 @@ class SweepConfig:
     def __post_init__(self) -> None:
         for m in self.methods:
             if m not in SELECTION_METHODS:
-                _fail("sweep.methods", f"has unknown method '{m}'",
+                _fail("sweep.methods", f"has unknown method {short(m)}",
                       f"choose from {', '.join(SELECTION_METHODS)}")
         for b in self.budgets:
             check_budget(b, "sweep.budgets")
@@ -384,9 +420,9 @@ class SweepConfig:
         for name in ("methods", "budgets", "seeds"):
             values = getattr(self, name)
             if len(set(map(repr, values))) != len(values):
-                _fail(f"sweep.{name}", f"repeats a value ({values})", "list each value once")
+                _fail(f"sweep.{name}", f"repeats a value ({short(values)})", "list each value once")
         if self.max_concurrent_trials < 1:
-            _fail("sweep.max_concurrent_trials", f"is {self.max_concurrent_trials}",
+            _fail("sweep.max_concurrent_trials", f"is {short(self.max_concurrent_trials)}",
                   "use 1 or more")
 
 
@@ -415,13 +451,13 @@ class EvalConfig:
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
-                _fail(f"eval.{name}", f"is {getattr(self, name)}", "use 1 or more")
+                _fail(f"eval.{name}", f"is {short(getattr(self, name))}", "use 1 or more")
         if self.batch_tokens < 64:
-            _fail("eval.batch_tokens", f"is {self.batch_tokens}", "use 64 or more")
+            _fail("eval.batch_tokens", f"is {short(self.batch_tokens)}", "use 64 or more")
         if self.max_examples is not None and self.max_examples < 1:
-            _fail("eval.max_examples", f"is {self.max_examples}", "use 1 or more, or null")
+            _fail("eval.max_examples", f"is {short(self.max_examples)}", "use 1 or more, or null")
         if not self.cpus > 0:
-            _fail("eval.cpus", f"is {self.cpus}", "use a positive number of CPUs, e.g. 1")
+            _fail("eval.cpus", f"is {short(self.cpus)}", "use a positive number of CPUs, e.g. 1")
 
 
 def _default_target() -> TrainConfig:
@@ -525,7 +561,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     else:  # pragma: no cover - a field type this loader does not know is a programming error
         raise TypeError(f"unsupported config type {tp!r} at {key}")
-    _fail(key, f"expects {_type_name(tp)}, got {value!r} ({type(value).__name__})",
+    _fail(key, f"expects {_type_name(tp)}, got {short(value)} ({type(value).__name__})",
           f"set it to a {_type_name(tp)}")
 
 
@@ -539,9 +575,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
+        key = f"{prefix}.{short_text(str(k), 60)}" if prefix else short_text(str(k), 60)
         if k not in names:
-            close = difflib.get_close_matches(str(k), names, n=1)
+            close = difflib.get_close_matches(str(k)[:100], names, n=1)
             hint = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else (
                 f"valid keys here: {', '.join(names)}")
             _fail(key, "is not a known key", hint + " (see `s2l config --reference`)")
@@ -563,10 +599,98 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override '{text}' has an empty key. Fix: write section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw, f"config key '{short_text(key, 60)}'") if raw.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config key '{key}': value {raw!r} is not valid YAML ({e})") from e
+        raise ConfigError(f"config key '{short_text(key, 60)}': value {short(raw)} is not valid "
+                          f"YAML ({short_text(str(e), 300)})") from None
     return key.split("."), value
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a config file or override value larger than this is refused
+MAX_CONFIG_NODES = 100_000  # values a config may hold once YAML aliases are expanded
+MAX_CONFIG_DEPTH = 50  # nesting; the real config nests 3 levels
+
+
+def load_yaml(text: str, what: str) -> Any:
+    """yaml.safe_load, bounded and strict: refuses a text over MAX_CONFIG_BYTES, a document
+    that expands (through aliases: `a: &a [...]`, `b: [*a, *a, ...]`) to more than
+    MAX_CONFIG_NODES values or nests deeper than MAX_CONFIG_DEPTH, and a mapping that repeats a
+    key (YAML would silently keep the last one). The checks walk the composed node graph
+    before any Python object is built, counting each shared node's size once, so a
+    "billion laughs" document is refused in milliseconds."""
+    import yaml
+
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{what} is {len(text)} characters, over {MAX_CONFIG_BYTES}. Fix: a "
+                          "config is a few kilobytes; check that this is the right file")
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _check_yaml_nodes(node, what)
+            return loader.construct_document(node)
+        except RecursionError:
+            raise ConfigError(f"{what} nests too deep to read. Fix: a config nests a few "
+                              "levels; check that this is the right file") from None
+        except ValueError as e:  # e.g. an integer with more digits than Python converts
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{what}: a value cannot be read ({short_text(str(e), 200)}). "
+                              "Fix: correct that value") from None
+    finally:
+        loader.dispose()
+
+
+def _check_yaml_nodes(root: Any, what: str) -> None:
+    import yaml
+
+    sizes: dict[int, int] = {}  # node id -> values under it, aliases expanded
+    active: set[int] = set()
+
+    def walk(node: Any, path: str, depth: int) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        where = path or "the top level"
+        if id(node) in active:
+            raise ConfigError(f"{what}: '{where}' contains itself (a recursive YAML alias). Fix: "
+                              "write the values out")
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{what}: '{where}' nests deeper than {MAX_CONFIG_DEPTH} levels. "
+                              "Fix: a config nests a few levels; check the file")
+        active.add(id(node))
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for k, v in node.value:
+                name = short_text(str(k.value), 60) if isinstance(k, yaml.ScalarNode) else "?"
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                    if k.value in seen:
+                        key = f"{path}.{name}" if path else name
+                        raise ConfigError(
+                            f"{what}: key '{key}' appears twice (lines {seen[k.value]} and "
+                            f"{k.start_mark.line + 1}); YAML would silently keep the last. "
+                            "Fix: keep one of them")
+                    seen[k.value] = k.start_mark.line + 1
+                total += walk(k, path, depth + 1)
+                total += walk(v, f"{path}.{name}" if path else name, depth + 1)
+                if total > MAX_CONFIG_NODES:
+                    break
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                total += walk(v, f"{path}[{i}]", depth + 1)
+                if total > MAX_CONFIG_NODES:
+                    break
+        if total > MAX_CONFIG_NODES:
+            raise ConfigError(f"{what}: '{where}' expands to more than {MAX_CONFIG_NODES} "
+                              "values (YAML aliases repeating each other?). Fix: a config holds "
+                              "a few hundred values; write them out without nested aliases")
+        active.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    walk(root, "", 0)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -581,9 +705,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file '{p}' does not exist. Fix: pass a YAML path, "
                               "or run `s2l config` to print the defaults")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = load_yaml(p.read_text(encoding="utf-8"), f"config file '{p}'")
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from e
+            raise ConfigError(f"config file '{p}' is not valid YAML: "
+                              f"{short_text(str(e), 500)}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file '{p}' is not UTF-8 text ({e.reason} at byte "
+                              f"{e.start}). Fix: save it as UTF-8") from None
         data = _deep_merge(data, loaded or {})
     for text in overrides:
         parts, value = parse_override(text)

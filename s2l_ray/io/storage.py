@@ -34,15 +34,23 @@ def _remote(stage: Stage) -> tuple[Any, str, str]:
 
     uri = str(stage.cfg.run.storage_uri).rstrip("/")
     if "://" in uri:
-        filesystem, root = pafs.FileSystem.from_uri(uri)
+        try:
+            filesystem, root = pafs.FileSystem.from_uri(uri)
+        except (OSError, ValueError) as e:  # pyarrow's messages repeat the URI
+            raise _fail(stage, "opening", uri, e) from None
     else:
         filesystem, root = pafs.LocalFileSystem(), uri
     return filesystem, f"{root.rstrip('/')}/{stage.name}", f"{uri}/{stage.name}"
 
 
 def _fail(stage: Stage, action: str, uri: str, e: Exception) -> RuntimeError:
+    """The error to raise for a failed transfer, with every URI and secret redacted; raise it
+    `from None`, so that the traceback does not print pyarrow's unredacted exception too."""
+    from s2l_ray.redaction import redact
+
+    problem = redact(f"{type(e).__name__}: {e}".replace(uri, redact(uri)))
     return RuntimeError(
-        f"{stage.name}: {action} {uri} failed ({type(e).__name__}: {e}). Fix: check "
+        f"{stage.name}: {action} {redact(uri)} failed ({problem[:1000]}). Fix: check "
         "run.storage_uri and the credentials in the environment; the local result in "
         f"{stage.root} is kept, and a rerun retries the transfer")
 
@@ -60,7 +68,7 @@ def remote_marker(stage: Stage) -> dict[str, Any] | None:
         with filesystem.open_input_stream(f"{folder}/{MARKER}") as f:
             return json.loads(f.read().decode("utf-8"))
     except OSError as e:
-        raise _fail(stage, "reading", f"{uri}/{MARKER}", e) from e
+        raise _fail(stage, "reading", f"{uri}/{MARKER}", e) from None
 
 
 def _matches(stage: Stage, marker: dict[str, Any], uri: str) -> bool:
@@ -101,7 +109,7 @@ def push(stage: Stage) -> None:
         pafs.copy_files(str(stage.path / MARKER), f"{folder}/{MARKER}",
                         source_filesystem=local, destination_filesystem=filesystem)
     except OSError as e:
-        raise _fail(stage, "uploading to", uri, e) from e
+        raise _fail(stage, "uploading to", uri, e) from None
     log.info("%s: uploaded to %s", stage.name, uri)
 
 
@@ -133,7 +141,7 @@ def fetch(stage: Stage) -> bool:
                         destination_filesystem=pafs.LocalFileSystem())
     except OSError as e:
         shutil.rmtree(part, ignore_errors=True)
-        raise _fail(stage, "downloading", uri, e) from e
+        raise _fail(stage, "downloading", uri, e) from None
     copied = part / MARKER
     if not copied.is_file() or json.loads(copied.read_text()).get("fingerprint") != \
             stage.fingerprint:  # replaced by another writer while we copied
