@@ -113,3 +113,19 @@ def test_half_written_tmp_is_redone(tmp_path: Path) -> None:
     stage._finish_interrupted_publish()
     assert not stage.path.exists()
     assert not (stage.begin() / "data.txt").exists()  # begin() starts the work folder afresh
+
+
+def test_changed_config_names_the_changed_keys(tmp_path: Path) -> None:
+    out = f"run.output_dir={tmp_path / 'out'}"
+    stage = Stage(load_config(None, [out, "select.budget=0.1"]), "toy", ("select", "cluster"))
+    stage.begin()
+    stage.publish({})
+    changed = load_config(None, [out, "select.budget=0.2", "cluster.k=7", "sweep.seeds=[3]"])
+    with pytest.raises(ConfigError, match=r"changed: select\.budget \(0\.1 -> 0\.2\), "
+                                          r"cluster\.k \(100 -> 7\)\)\. Fix:") as e:
+        Stage(changed, "toy", ("select", "cluster")).is_done()
+    assert "sweep" not in str(e.value)  # not a section this stage reads
+    # Same keys, another upstream result: says so instead of naming keys.
+    with pytest.raises(ConfigError, match="keys .* are unchanged, but a stage it reads"):
+        Stage(stage.cfg, "toy", ("select", "cluster"), upstream=("other",)).is_done()
+    assert Stage(stage.cfg, "toy", ("select", "cluster")).is_done()

@@ -77,8 +77,8 @@ class Stage:
             return False
         raise ConfigError(
             f"{self.path} holds a '{self.name}' result made with a different config "
-            f"(sections {', '.join(self.sections)} or an upstream stage changed). Fix: use a new "
-            f"run.output_dir, or pass run.overwrite=true to recompute it")
+            f"({describe_change(self, m)}). Fix: use a new run.output_dir, change the keys "
+            "back, or pass run.overwrite=true to recompute it")
 
     def needs_run(self) -> bool:
         """False (and logged) when a current result is published, or downloaded from
@@ -126,6 +126,7 @@ class Stage:
         (self.tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n",
                                               encoding="utf-8")
         marker = {"stage": self.name, "fingerprint": self.fingerprint,
+                  "upstream": list(self.upstream),
                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": elapsed}
         part = self.tmp / f"{MARKER}.part"  # a kill mid-write must not leave half a marker
         part.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
@@ -170,3 +171,45 @@ class Stage:
 
     def report(self) -> dict[str, Any]:
         return json.loads((self.path / "report.json").read_text(encoding="utf-8"))
+
+
+def changed_keys(stage: Stage, max_keys: int = 8) -> list[str]:
+    """The keys of the stage's sections whose value differs from its published config.yaml
+    snapshot, as 'section.key (old -> new)'; both sides go through the same YAML dump, so only
+    real changes show."""
+    import yaml
+
+    from s2l_ray.config.schema import short
+
+    snap = stage.path / "config.yaml"
+    try:
+        old = yaml.safe_load(snap.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    new = yaml.safe_load(dump_config(stage.cfg))
+    missing = object()
+    changes = []
+    for section in stage.sections:
+        a, b = old.get(section) or {}, new.get(section) or {}
+        if not isinstance(a, dict):
+            a = {}
+        for key in sorted(set(a) | set(b)):
+            va, vb = a.get(key, missing), b.get(key, missing)
+            if va != vb:
+                changes.append(f"{section}.{key} ({'absent' if va is missing else short(va)} "
+                               f"-> {'absent' if vb is missing else short(vb)})")
+    if len(changes) > max_keys:
+        changes = [*changes[:max_keys], f"and {len(changes) - max_keys} more"]
+    return changes
+
+
+def describe_change(stage: Stage, marker: dict[str, Any]) -> str:
+    """Why a published result does not match this config: the changed keys, else the
+    upstream result it was computed from."""
+    keys = changed_keys(stage)
+    if keys:
+        return "changed: " + ", ".join(keys)
+    if marker.get("upstream") is not None and marker["upstream"] != list(stage.upstream):
+        return (f"its keys ({', '.join(stage.sections)}) are unchanged, but a stage it reads "
+                "(or its tokenizer/model) was recomputed or changed")
+    return f"keys of {', '.join(stage.sections)} or an upstream stage changed"
