@@ -202,3 +202,73 @@ def test_failed_ingest_leaves_earlier_result_alone(tmp_path: Path, ray_local,
         run_ingest(make_cfg(tmp_path, tiny_ref, f"data.source={d}", "data.template=plain",
                             "run.overwrite=true"))
     assert (stage.path / "_SUCCESS.json").read_text() == marker
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile rows (issue 17): each file generated here; rows in = examples + rejects for all
+
+def _deep(depth: int, tag: str) -> str:
+    return '{"instruction": "' + tag + '", "output": ' + "[" * depth + "]" * depth + "}"
+
+
+def test_hostile_rows_through_ingest(tmp_path: Path, ray_local, tiny_ref: str) -> None:
+    import pyarrow as pa
+
+    cap = 64 * 1024
+    huge = "w" * (4 * cap)
+
+    def good(i: int) -> dict:
+        return {"instruction": f"What is {i}+1?", "output": f"The answer is {i + 1}."}
+
+    d = tmp_path / "d"
+    d.mkdir()
+    bom = b"\xef\xbb\xbf"
+    (d / "deep.jsonl").write_text("\n".join([json.dumps(good(0)), _deep(1_000, "a"),
+                                             json.dumps(good(1)), _deep(100_000, "b")]))
+    (d / "big.jsonl").write_text(json.dumps(good(2)) + "\n" + json.dumps(
+        {"instruction": "big", "output": huge}) + "\n")
+    (d / "big.json").write_bytes(bom + b"[" + b",".join([
+        json.dumps(good(3)).encode(), json.dumps({"instruction": "big", "output": huge}).encode(),
+        _deep(1_000, "c").encode()]) + b"]")
+    (d / "bom.jsonl").write_bytes(bom + (json.dumps(good(4)) + "\n" + json.dumps(good(5))
+                                         ).encode())
+    (d / "numeric.csv").write_bytes(bom + f"instruction,output,source\nWhat is 6*7?,42,3\n"
+                                          f"big,{huge},s\n".encode())
+    pq.write_table(pa.table({"instruction": ["big", "What is 8+1?"], "output": [huge, "9"]}),
+                   d / "big.parquet")
+    (d / "source.jsonl").write_text(json.dumps({**good(9), "source": 7}) + "\n")
+
+    stage = run_ingest(make_cfg(tmp_path, tiny_ref, f"data.source={d}",
+                                f"data.max_row_bytes={cap}"))
+    report = stage.report()
+    assert report["rejects"] == {"too_deep": 3, "too_large": 4}
+    assert report["valid"] == 9
+    assert report["rows"] == report["valid"] + report["rejected"] == 16
+    assert report["sources"]["3"] == 1 and report["sources"]["7"] == 1  # numbers as text
+    examples = pq.read_table(stage.path / "examples").to_pylist()
+    assert {e["response"] for e in examples} >= {"42", "9", "The answer is 5."}  # BOM rows too
+    rejects = pq.read_table(stage.path / "rejects").to_pylist()
+    where = sorted((Path(r["origin_file"]).name, r["origin_row"], r["reject_reason"])
+                   for r in rejects)
+    assert where == [("big.json", 1, "too_large"), ("big.json", 2, "too_deep"),
+                     ("big.jsonl", 1, "too_large"), ("big.parquet", 0, "too_large"),
+                     ("deep.jsonl", 1, "too_deep"), ("deep.jsonl", 3, "too_deep"),
+                     ("numeric.csv", 1, "too_large")]
+    assert all(r["reject_detail"] for r in rejects)
+
+
+@pytest.mark.parametrize(("override", "key"), [("cluster.k=100000", "cluster.k"),
+                                               ("reference.num_checkpoints=500",
+                                                "reference.num_checkpoints")])
+def test_impossible_counts_caught_before_training(tmp_path: Path, ray_local, tiny_ref: str,
+                                                  caplog: pytest.LogCaptureFixture,
+                                                  override: str, key: str) -> None:
+    caplog.clear()
+    assert main(["run", str(_config(tmp_path, tiny_ref)), "demo.n_train=60",
+                 "demo.n_test_per_source=1", "reference.batch_size=2", "reference.grad_accum=1",
+                 "reference.epochs=1", "cluster.k=4", override]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert key in errors[-1] and "Fix:" in errors[-1], errors
+    out = tmp_path / "out"
+    assert (out / "ingest" / "_SUCCESS.json").is_file()  # ingest ran: the counts come from it
+    assert sorted(p.name for p in out.iterdir()) == ["ingest"]  # nothing after it started

@@ -124,6 +124,12 @@ def run_stage(cfg: S2LConfig, name: str) -> None:
     preflight(cfg)
     if name == "sweep":
         check_eval_source(cfg)
+    if name != "ingest":  # ingest first, then what its counts rule out, before any training
+        from s2l_ray.stages.checks import check_counts
+        from s2l_ray.stages.ingest import run_ingest
+
+        run_ingest(cfg)
+        check_counts(cfg, name)
     entry_of(BY_NAME[name])(cfg)
 
 
@@ -137,6 +143,10 @@ def run_pipeline(cfg: S2LConfig) -> list[str]:
             log.info("stage %s: not available in this version; the pipeline stops here",
                      info.name)
             break
+        if done == ["ingest"]:  # the counts are known: check what they rule out, now
+            from s2l_ray.stages.checks import check_counts
+
+            check_counts(cfg, PIPELINE[-1].name)
         entry_of(info)(cfg)
         done.append(info.name)
     log.info("pipeline finished: %s (outputs under %s)", ", ".join(done), cfg.run.output_dir)
