@@ -70,10 +70,22 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level.upper())
 
 
+# A local Ray serves only this machine: everything it lets us bind goes to 127.0.0.1.
+# - the dashboard (it also serves the state API that Ray Train's controller relies on, and the
+#   job server): dashboard_host;
+# - the node's address: with a loopback node IP, Ray binds its agents (the dashboard agent's
+#   gRPC and HTTP servers, its Prometheus metrics page, the runtime-env agent) and its
+#   processes' gRPC servers to 127.0.0.1 instead of every interface (ray.init's
+#   `_node_ip_address`; a private argument, the one Ray offers for this).
+LOCAL_RAY_LOOPBACK: dict[str, Any] = {"include_dashboard": True, "dashboard_host": "127.0.0.1",
+                                      "_node_ip_address": "127.0.0.1"}
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
     """Join a running cluster (address, or RAY_ADDRESS) or start a private local Ray.
 
-    A local Ray keeps its dashboard on 127.0.0.1 so nothing listens beyond this machine.
+    A local Ray listens on 127.0.0.1 only (LOCAL_RAY_LOOPBACK), so nothing is reachable from
+    beyond this machine.
     """
     import ray
 
@@ -101,10 +113,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
                 "RAY_ADDRESS to start a local Ray") from e
     else:
         log.info("starting a local Ray (num_cpus=%s)", num_cpus or "all")
-        # The dashboard process also serves the state API that Ray Train's controller relies on;
-        # bound to 127.0.0.1 so nothing listens beyond this machine.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env=env)
+        ray.init(num_cpus=num_cpus, runtime_env=env, **LOCAL_RAY_LOOPBACK)
     quiet_ray_data()
     return ray
 

@@ -432,3 +432,41 @@ def test_duplicate_yaml_keys_are_refused_naming_the_key(tmp_path: Path) -> None:
     f.write_text("base: &b {budget: 0.1}\nselect:\n  <<: *b\n  method: random\n")
     with pytest.raises(ConfigError, match="'base'"):  # merge keys are fine; 'base' is unknown
         load_config(f)
+
+
+def ray_listening_sockets() -> list[tuple[str, int, str]]:
+    """(address, port, process) of every listening TCP socket of this process (a Ray driver
+    has a gRPC server too) and the processes it started (the local Ray: GCS, raylet,
+    dashboard, agents, workers)."""
+    import psutil
+
+    me = psutil.Process()
+    procs = {p.pid: p for p in [me, *me.children(recursive=True)]}
+    found = []
+    for c in psutil.net_connections(kind="inet"):
+        if c.status == psutil.CONN_LISTEN and c.pid in procs:
+            try:
+                name = procs[c.pid].name()
+            except psutil.Error:
+                name = "?"
+            found.append((c.laddr.ip, c.laddr.port, name))
+    return found
+
+
+@pytest.mark.ray
+def test_local_ray_listens_only_on_loopback(ray_local) -> None:
+    import ipaddress
+
+    if os.environ.get("RAY_ADDRESS"):
+        pytest.skip("joined an existing cluster: not local mode")
+
+    @ray_local.remote
+    def ping() -> int:  # a worker up too, with its own gRPC server
+        return os.getpid()
+
+    ray_local.get(ping.remote())
+    sockets = ray_listening_sockets()
+    names = {name for _, _, name in sockets}
+    assert len(sockets) >= 5 and any("raylet" in n for n in names), sockets  # sees Ray's
+    outside = [s for s in sockets if not ipaddress.ip_address(s[0]).is_loopback]
+    assert outside == [], f"listening beyond loopback: {outside}"
