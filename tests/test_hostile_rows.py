@@ -141,6 +141,11 @@ def test_csv_fields_are_text() -> None:
     rows = _rows("/d/x.csv", b'instruction,output\n"two\nlines, ""quoted""",a\nq,a,extra\nq,a\n')
     assert _reasons(rows) == [None, "bad_csv", None]
     assert json.loads(rows[0]["raw"])["instruction"] == 'two\nlines, "quoted"'
+    # a quote inside an unquoted field is text (it opens quoting only at a field's start)
+    rows = _rows("/d/x.csv", b'instruction,output\nWhat is 5" in cm?,12.7\nq,"a ""b"""\n')
+    assert [json.loads(r["raw"]) for r in rows] == [
+        {"instruction": 'What is 5" in cm?', "output": "12.7"},
+        {"instruction": "q", "output": 'a "b"'}]
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "json_lines", "json_array", "csv"])

@@ -292,34 +292,83 @@ def _parse_json_array(out: _Out, f: BinaryIO, cap: int, head: bytes) -> Iterator
     yield out.flush()
 
 
+_CSV_FIELD_END = re.compile(rb"[,\n]")
+
+
+class _CsvQuotes:
+    """Whether a CSV record is still inside a quoted field, fed a piece at a time, by the csv
+    module's rules: a quote opens quoting only at the start of a field (`5" screen` is text),
+    `""` inside quotes is a literal quote, any other quote closes it."""
+
+    def __init__(self) -> None:
+        self.inside = self.pending = False  # pending: a quote ended the last piece, inside
+        self.field_start = True
+
+    def feed(self, piece: bytes) -> None:
+        i, n = 0, len(piece)
+        if self.pending and n:
+            self.pending = False
+            if piece[0] == 0x22:  # "" : an escaped quote, still inside
+                i = 1
+            else:
+                self.inside = self.field_start = False
+        while i < n:
+            if self.inside:
+                j = piece.find(b'"', i)
+                if j < 0:
+                    return
+                if j + 1 == n:
+                    self.pending = True
+                    return
+                if piece[j + 1] == 0x22:
+                    i = j + 2
+                else:
+                    self.inside = self.field_start = False
+                    i = j + 1
+            elif self.field_start and piece[i] == 0x22:
+                self.inside, self.field_start = True, False
+                i += 1
+            else:
+                m = _CSV_FIELD_END.search(piece, i)
+                if m is None:
+                    self.field_start = False
+                    return
+                i, self.field_start = m.end(), True
+
+    def in_quotes(self) -> bool:
+        return self.inside and not self.pending
+
+
 def _csv_records(f: BinaryIO, cap: int) -> Iterator[tuple[bytes | None, int]]:
     """(record, size) per CSV record, or (None, size) for one over `cap` bytes (skipped while
-    reading). A record ends at a newline outside quotes: the count of `"` so far is even
-    (an escaped quote `""` adds two), so records whose quoted text spans lines stay whole."""
+    reading, in pieces). A record ends at a newline outside quotes (_CsvQuotes), so records
+    whose quoted text spans lines stay whole."""
     rec = bytearray()
-    size = quotes = 0
+    size = 0
+    quotes = _CsvQuotes()
     while True:
         piece = f.readline(min(cap + 1, READ_BYTES))
         if piece:
-            quotes += piece.count(b'"')
+            quotes.feed(piece)
             size += len(piece)
             if size > cap:
                 rec.clear()
             else:
                 rec += piece
-        if not piece or (piece.endswith(b"\n") and quotes % 2 == 0):
+        if not piece or (piece.endswith(b"\n") and not quotes.in_quotes()):
             if size:
                 yield (bytes(rec) if size <= cap else None), size
             if not piece:
                 return
             rec.clear()
-            size = quotes = 0
+            size = 0
+            quotes = _CsvQuotes()
 
 
 def _parse_csv(out: _Out, f: BinaryIO, cap: int) -> Iterator[Any]:
-    """CSV with a header row; every field is text (no type guessing: an all-digit `output`
-    column is still text), a record whose field count differs from the header's is rejected
-    alone, and no record over `cap` bytes is ever held whole."""
+    """CSV with a header row (the csv module's default dialect); every field is text (no type
+    guessing: an all-digit `output` column is still text), a record whose field count differs
+    from the header's is rejected alone, and no record over `cap` bytes is ever held whole."""
     import csv
 
     def fields(text: str) -> list[str]:
