@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from s2l_ray.redaction import REDACTED, redact
@@ -73,12 +75,37 @@ def setup_logging(level: str = "INFO") -> None:
 # A local Ray serves only this machine: everything it lets us bind goes to 127.0.0.1.
 # - the dashboard (it also serves the state API that Ray Train's controller relies on, and the
 #   job server): dashboard_host;
-# - the node's address: with a loopback node IP, Ray binds its agents (the dashboard agent's
-#   gRPC and HTTP servers, its Prometheus metrics page, the runtime-env agent) and its
-#   processes' gRPC servers to 127.0.0.1 instead of every interface (ray.init's
-#   `_node_ip_address`; a private argument, the one Ray offers for this).
+# - everything else follows the node's IP: with the IP 127.0.0.1, Ray's C++ servers (GCS,
+#   raylet, object manager, every worker's and the driver's gRPC server) listen on 127.0.0.1
+#   instead of all interfaces, and so do its agents (dashboard agent gRPC/HTTP, its Prometheus
+#   metrics page, runtime-env agent) and the dashboard's and autoscaler monitor's metrics
+#   servers. ray.init's `_node_ip_address` sets it, see `_loopback_node_ip` for why that alone
+#   is not enough.
 LOCAL_RAY_LOOPBACK: dict[str, Any] = {"include_dashboard": True, "dashboard_host": "127.0.0.1",
                                       "_node_ip_address": "127.0.0.1"}
+
+
+@contextlib.contextmanager
+def _loopback_node_ip() -> Iterator[None]:
+    """While starting a local Ray: let the node IP really be 127.0.0.1. ray.init "resolves" a
+    loopback `_node_ip_address` to the machine's routable IP unless Ray believes clusters are
+    disabled (its macOS/Windows mode, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), the one switch Ray
+    has for a loopback-only node. Set for this process's already imported constant and, for
+    the processes ray.init starts, in the environment; both restored afterwards, so `ray start`
+    run later from here behaves as usual."""
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    old_env, old_flag = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old_flag
+        if old_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old_env
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
@@ -113,7 +140,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
                 "RAY_ADDRESS to start a local Ray") from e
     else:
         log.info("starting a local Ray (num_cpus=%s)", num_cpus or "all")
-        ray.init(num_cpus=num_cpus, runtime_env=env, **LOCAL_RAY_LOOPBACK)
+        with _loopback_node_ip():
+            ray.init(num_cpus=num_cpus, runtime_env=env, **LOCAL_RAY_LOOPBACK)
     quiet_ray_data()
     return ray
 
