@@ -224,7 +224,7 @@ def test_hostile_rows_through_ingest(tmp_path: Path, ray_local, tiny_ref: str) -
     d.mkdir()
     bom = b"\xef\xbb\xbf"
     (d / "deep.jsonl").write_text("\n".join([json.dumps(good(0)), _deep(1_000, "a"),
-                                             json.dumps(good(1)), _deep(100_000, "b")]))
+                                             json.dumps(good(1)), _deep(20_000, "b")  # 40 KB: under the cap, too deep]))
     (d / "big.jsonl").write_text(json.dumps(good(2)) + "\n" + json.dumps(
         {"instruction": "big", "output": huge}) + "\n")
     (d / "big.json").write_bytes(bom + b"[" + b",".join([

@@ -468,5 +468,9 @@ def test_local_ray_listens_only_on_loopback(ray_local) -> None:
     sockets = ray_listening_sockets()
     names = {name for _, _, name in sockets}
     assert len(sockets) >= 5 and any("raylet" in n for n in names), sockets  # sees Ray's
-    outside = [s for s in sockets if not ipaddress.ip_address(s[0]).is_loopback]
+    def loopback(ip: str) -> bool:
+        addr = ipaddress.ip_address(ip)  # ::ffff:127.0.0.1 is IPv4 loopback on a v6 socket
+        return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
+
+    outside = [s for s in sockets if not loopback(s[0])]
     assert outside == [], f"listening beyond loopback: {outside}"
