@@ -223,8 +223,9 @@ def test_hostile_rows_through_ingest(tmp_path: Path, ray_local, tiny_ref: str) -
     d = tmp_path / "d"
     d.mkdir()
     bom = b"\xef\xbb\xbf"
+    # 20,000 levels: 40 KB, under the cap, so too_deep (not too_large) is the reason
     (d / "deep.jsonl").write_text("\n".join([json.dumps(good(0)), _deep(1_000, "a"),
-                                             json.dumps(good(1)), _deep(20_000, "b")  # 40 KB: under the cap, too deep]))
+                                             json.dumps(good(1)), _deep(20_000, "b")]))
     (d / "big.jsonl").write_text(json.dumps(good(2)) + "\n" + json.dumps(
         {"instruction": "big", "output": huge}) + "\n")
     (d / "big.json").write_bytes(bom + b"[" + b",".join([
