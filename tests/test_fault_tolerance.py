@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from s2l_ray.config import dump_config, load_config
-from s2l_ray.stages.ingest import run_ingest
-from s2l_ray.stages.train_ref import load_manifest, run_train_ref, train_ref_stage
+from s2l_ray.stages.registry import run_stage, stage_for
+from s2l_ray.stages.train_ref import load_manifest
 from tests.ray_procs import REPO, clean_env, kill_run, short_tmpdir
 
 pytestmark = pytest.mark.ray
@@ -45,7 +45,7 @@ def _publish_checkpoints(cfg, tiny_ref: str, t: int = 3) -> None:
     """A published train_ref stage of t checkpoints: the tiny model plus seeded noise."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stage = train_ref_stage(cfg)
+    stage = stage_for(cfg, "train-ref")
     tmp, manifest = stage.begin(), []
     for i in range(t):
         model = AutoModelForCausalLM.from_pretrained(tiny_ref)
@@ -75,15 +75,14 @@ def _undisturbed(cfg) -> tuple[list[str], np.ndarray]:
     import pyarrow.dataset as pads
 
     from s2l_ray.core.losses import score_block
-    from s2l_ray.stages.ingest import ingest_stage
     from s2l_ray.stages.trajectories import INPUT_COLUMNS, load_checkpoint, n_groups, with_groups
 
-    ingest = ingest_stage(cfg)
+    ingest = stage_for(cfg, "ingest")
     rep, batch_tokens = ingest.report(), cfg.trajectories.batch_tokens
     table = pads.dataset(str(ingest.path / "examples"), format="parquet").to_table(
         columns=INPUT_COLUMNS)
     table = with_groups(table, n_groups(rep["valid"], rep["tokens"], batch_tokens))
-    models = [load_checkpoint(m["path"]) for m in load_manifest(train_ref_stage(cfg).path)]
+    models = [load_checkpoint(m["path"]) for m in load_manifest(stage_for(cfg, "train-ref").path)]
     out, _ = score_block(models, table, batch_tokens, torch.device("cpu"))
     out = out.sort_by("id")
     return out["id"].to_pylist(), np.array(out["losses"].to_pylist())
@@ -95,10 +94,10 @@ def test_trajectories_survive_losing_a_worker_node(tmp_path: Path, ray_local,
     # Inputs: ingest on the session's Ray, checkpoints built directly; the expected losses.
     out = tmp_path / "out"
     cfg = load_config(None, [*_overrides(tiny_ref, out), "trajectories.concurrency=2"])
-    run_ingest(cfg)
+    run_stage(cfg, "ingest")
     _publish_checkpoints(cfg, tiny_ref, t=5)  # more work per block: a wider window to kill in
     ids, losses = _undisturbed(cfg)
-    assert len(ids) == len(set(ids)) == run_ingest(cfg).report()["valid"]
+    assert len(ids) == len(set(ids)) == run_stage(cfg, "ingest").report()["valid"]
 
     # The stage on a head and two worker nodes, a node running a scorer actor killed mid-stage.
     dump_config(cfg, tmp_path / "cfg.yaml")
@@ -156,7 +155,7 @@ def test_train_ref_resumes_after_a_worker_dies(tmp_path: Path, ray_local, tiny_r
 
     killer = threading.Thread(target=kill_a_worker, daemon=True)
     killer.start()
-    stage = run_train_ref(cfg)
+    stage = run_stage(cfg, "train-ref")
     killer.join(timeout=5)
     assert killed, "no Ray Train worker was found to kill"
     manifest = load_manifest(stage.path)

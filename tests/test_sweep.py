@@ -11,8 +11,8 @@ import pytest
 
 from s2l_ray.config import ConfigError, load_config
 from s2l_ray.core.selection import resolve_budget
+from s2l_ray.stages.registry import run_stage
 from s2l_ray.stages.report import make_report
-from s2l_ray.stages.sweep import run_sweep
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 BUDGETS = [0.2, 45]
@@ -35,7 +35,7 @@ def _overrides(model: str, out: Path) -> list[str]:
 def swept(tmp_path_factory: pytest.TempPathFactory, ray_local, tiny_ref: str):
     out = tmp_path_factory.mktemp("sweep") / "out"
     cfg = load_config(None, _overrides(tiny_ref, out))
-    return cfg, run_sweep(cfg)
+    return cfg, run_stage(cfg, "sweep")
 
 
 def test_sweep_writes_one_row_per_trial(swept) -> None:
@@ -95,7 +95,7 @@ def test_report_writes_every_plot(swept) -> None:
 def test_rerun_skips_the_finished_sweep(swept) -> None:
     cfg, stage = swept
     before = (stage.path / "_SUCCESS.json").read_text()
-    run_sweep(cfg)
+    run_stage(cfg, "sweep")
     assert (stage.path / "_SUCCESS.json").read_text() == before
 
 
@@ -105,5 +105,5 @@ def test_impossible_trial_fails_before_any_training(swept, tmp_path: Path) -> No
     bad = load_config(None, [*_overrides(cfg.target.model, Path(cfg.run.output_dir)),
                              "sweep.budgets=[0.01]", "run.overwrite=true"])
     with pytest.raises(ConfigError, match="target.batch_size"):
-        run_sweep(bad)
+        run_stage(bad, "sweep")
     assert not (Path(cfg.run.output_dir) / ".sweep.tmp").exists()

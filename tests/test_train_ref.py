@@ -16,7 +16,8 @@ import torch
 
 from s2l_ray.config import ConfigError, dump_config, load_config
 from s2l_ray.core.tokens import pad_batch
-from s2l_ray.stages.train_ref import load_manifest, run_train_ref
+from s2l_ray.stages.registry import run_stage
+from s2l_ray.stages.train_ref import load_manifest
 from tests.conftest import make_cfg
 
 pytestmark = pytest.mark.ray
@@ -35,7 +36,7 @@ def _overrides(tiny_ref: str, out: Path) -> list[str]:
 def trained(tmp_path_factory: pytest.TempPathFactory, ray_local, tiny_ref: str):
     out = tmp_path_factory.mktemp("train") / "out"
     cfg = load_config(None, _overrides(tiny_ref, out))
-    return cfg, run_train_ref(cfg)
+    return cfg, run_stage(cfg, "train-ref")
 
 
 def _hf_loss(path: str, probe: dict) -> float:
@@ -70,7 +71,7 @@ def test_each_checkpoint_loads_and_reproduces_logged_loss(trained) -> None:
 def test_rerun_is_skipped(trained) -> None:
     cfg, stage = trained
     marker = (stage.path / "_SUCCESS.json").read_text()
-    run_train_ref(cfg)
+    run_stage(cfg, "train-ref")
     assert (stage.path / "_SUCCESS.json").read_text() == marker
 
 
@@ -111,7 +112,7 @@ def test_bad_configs_fail_before_training(tmp_path: Path, ray_local, tiny_ref: s
                        "reference.num_workers=2", "reference.cpus_per_worker=0.5",
                        "reference.num_checkpoints=2", override)
         with pytest.raises(ConfigError, match=key):
-            run_train_ref(cfg)
+            run_stage(cfg, "train-ref")
         assert not (tmp_path / "out" / ".train_ref.tmp").exists()
     for override, key in [("reference.num_workers=0", "reference.num_workers"),
                           ("reference.zero_stage=5", "reference.zero_stage")]:
@@ -150,7 +151,7 @@ def test_resume_after_kill(tmp_path: Path, ray_local, tiny_ref: str) -> None:
         log_file.close()
     assert not (out / "train_ref").exists()
     killed_at = time.time()
-    stage = run_train_ref(cfg)
+    stage = run_stage(cfg, "train-ref")
     manifest = load_manifest(stage.path)
     assert [m["step"] for m in manifest] == [5, 10, 120, 140]
     assert [m["attempt_start_step"] for m in manifest[:2]] == [0, 0]  # from the killed run

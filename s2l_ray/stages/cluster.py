@@ -31,7 +31,6 @@ import numpy as np
 
 from s2l_ray.config import ClusterConfig, ConfigError, S2LConfig
 from s2l_ray.core.kmeans import ExactGrid, IdView, Shard
-from s2l_ray.stages.base import Stage
 
 log = logging.getLogger(__name__)
 READ_BATCH = 65536  # rows per Parquet read batch: bounds what an actor holds beyond its shard
@@ -218,7 +217,7 @@ def fit_files(files: list[str], out_dir: str | Path, c: ClusterConfig, seed: int
               ) -> dict[str, Any]:
     """Cluster the trajectories in `files` with Ray actors; write the outputs into out_dir.
 
-    Returns the report (also what `run_cluster` publishes). Ray must be initialised.
+    Returns the report (also what the stage publishes). Ray must be initialised.
     """
     import ray
 
@@ -271,23 +270,6 @@ def fit_files(files: list[str], out_dir: str | Path, c: ClusterConfig, seed: int
     return report
 
 
-def cluster_stage(cfg: S2LConfig) -> Stage:
-    from s2l_ray.stages.trajectories import trajectories_stage
-
-    return Stage(cfg, "cluster", ("cluster",),
-                 upstream=(trajectories_stage(cfg).fingerprint, f"seed={cfg.run.seed}"))
-
-
-def run_cluster(cfg: S2LConfig) -> Stage:
-    """k-means over the trajectories (after the trajectories stage, which runs first if
-    needed); publishes assignments, centroids, per-iteration stats and a report."""
-    from s2l_ray.stages.trajectories import run_trajectories
-
-    traj = run_trajectories(cfg)
-    stage = cluster_stage(cfg)
-    if not stage.needs_run():
-        return stage
-    tmp = stage.begin()
-    report = fit_files(parquet_files(traj.path), tmp, cfg.cluster, cfg.run.seed)
-    stage.publish(report)
-    return stage
+def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
+    """k-means over the trajectories; assignments, centroids, per-iteration stats into `tmp`."""
+    return fit_files(parquet_files(inputs["trajectories"]), tmp, cfg.cluster, cfg.run.seed)

@@ -14,10 +14,10 @@ import hashlib
 import json
 import logging
 import shutil
+from pathlib import Path
 from typing import Any
 
 from s2l_ray.config import ConfigError, S2LConfig
-from s2l_ray.stages.base import Stage
 
 log = logging.getLogger(__name__)
 
@@ -209,21 +209,12 @@ def duplicate_losers(norm: Any, policy: str) -> dict[tuple[str, int], str]:
     return {o: f"{v[0][0]}:{v[0][1]}" for v in groups.values() for o in v[1:]}
 
 
-def ingest_stage(cfg: S2LConfig) -> Stage:
-    from s2l_ray.models.specs import tokenizer_spec
-
-    return Stage(cfg, "ingest", ("data", "demo"), upstream=(tokenizer_spec(cfg),))
-
-
-def run_ingest(cfg: S2LConfig) -> Stage:
-    """Read `data.source`, validate, tokenize, dedupe; publish examples/, rejects/, report."""
+def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
+    """Read `data.source`, validate, tokenize, dedupe into examples/ and rejects/ in `tmp`;
+    returns the report."""
     from s2l_ray.io.readers import read_raw
     from s2l_ray.models.specs import resolve_model, tokenizer_spec
 
-    stage = ingest_stage(cfg)
-    if not stage.needs_run():
-        return stage
-    tmp = stage.begin()
     source = cfg.data.source
     if source == "demo:mathmix":
         from s2l_ray.demo.data import write_mathmix
@@ -258,8 +249,7 @@ def run_ingest(cfg: S2LConfig) -> Stage:
                           ).select_columns(REJECT_COLUMNS).write_parquet(str(tmp / "rejects"))
     for reason, n in sorted(stats["rejects"].items()):
         log.warning("ingest: rejected %d rows: %s (see %s)", n, reason,
-                    stage.path / "rejects")
+                    Path(cfg.run.output_dir) / "ingest" / "rejects")
     log.info("ingest: %d valid examples, %d rejected, %d truncated, %d tokens",
              stats["valid"], stats["rejected"], stats["truncated"], stats["tokens"])
-    stage.publish({"source": cfg.data.source, "tokenizer": tok_path, **stats})
-    return stage
+    return {"source": cfg.data.source, "tokenizer": tok_path, **stats}

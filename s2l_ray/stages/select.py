@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 
 from s2l_ray.config import S2LConfig, SelectConfig
-from s2l_ray.stages.base import Stage
 
 log = logging.getLogger(__name__)
 BATCH = 65536  # rows read at a time by a task
@@ -217,25 +216,7 @@ def select_from(cluster_dir: str | Path, trajectories_dir: str | Path,
     return report
 
 
-def select_stage(cfg: S2LConfig) -> Stage:
-    from s2l_ray.stages.cluster import cluster_stage
-
-    return Stage(cfg, "select", ("select",),
-                 upstream=(cluster_stage(cfg).fingerprint, f"seed={cfg.run.seed}"))
-
-
-def run_select(cfg: S2LConfig) -> Stage:
-    """Select the budget (after the cluster stage, which runs first if needed)."""
-    from s2l_ray.stages.cluster import run_cluster
-    from s2l_ray.stages.ingest import ingest_stage
-    from s2l_ray.stages.trajectories import trajectories_stage
-
-    cluster = run_cluster(cfg)
-    stage = select_stage(cfg)
-    if not stage.needs_run():
-        return stage
-    tmp = stage.begin()
-    report = select_from(cluster.path, trajectories_stage(cfg).path,
-                         ingest_stage(cfg).path / "examples", tmp, cfg.select, cfg.run.seed)
-    stage.publish(report)
-    return stage
+def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
+    """Spend select.budget over the cluster stage's outputs into `tmp`; returns the report."""
+    return select_from(inputs["cluster"], inputs["trajectories"], inputs["ingest"] / "examples",
+                       tmp, cfg.select, cfg.run.seed)

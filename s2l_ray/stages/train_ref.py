@@ -21,17 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from s2l_ray.config import ConfigError, S2LConfig, TrainConfig
-from s2l_ray.stages.base import Stage
+from s2l_ray.io.atomic import copy_tree_atomic
+from s2l_ray.stages.base import read_report, trash_of
 
 log = logging.getLogger(__name__)
 PROBE_SIZE = 8  # examples in the fixed batch each checkpoint's loss is logged on
-
-
-def train_ref_stage(cfg: S2LConfig) -> Stage:
-    from s2l_ray.stages.ingest import ingest_stage
-
-    return Stage(cfg, "train_ref", ("reference",),
-                 upstream=(ingest_stage(cfg).fingerprint, f"seed={cfg.run.seed}"))
 
 
 def probe_batch(examples: Path, k: int = PROBE_SIZE) -> dict[str, list]:
@@ -130,45 +124,39 @@ def fit(cfg: S2LConfig, section: TrainConfig, key: str, examples: Path, plan: An
     return ckpts
 
 
-def run_train_ref(cfg: S2LConfig) -> Stage:
-    """Train the reference model (after ingest, which runs first if needed)."""
-    from s2l_ray.stages.ingest import run_ingest
+def check(cfg: S2LConfig, inputs: dict[str, Path]) -> None:
+    """The step plan and the CPU headroom, before the work folder is made."""
+    plan_training(cfg.reference, "reference", read_report(inputs["ingest"])["valid"])
 
-    ingest = run_ingest(cfg)
-    stage = train_ref_stage(cfg)
-    if not stage.needs_run():
-        return stage
-    rep = ingest.report()
+
+def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
+    """Train the reference model on the ingest examples; checkpoints + manifest into `tmp`.
+    `tmp` is kept across an interruption: Ray Train's checkpoints in it resume the run."""
+    examples = inputs["ingest"] / "examples"
+    rep = read_report(inputs["ingest"])
     plan = plan_training(cfg.reference, "reference", rep["valid"])
-    tmp = stage.begin(keep_tmp=True)  # keep Ray Train's checkpoints: an interrupted run resumes
-    ckpts = fit(cfg, cfg.reference, "reference", ingest.path / "examples", plan, tmp,
-                rep["tokenizer"])
+    ckpts = fit(cfg, cfg.reference, "reference", examples, plan, tmp, rep["tokenizer"])
     (tmp / "checkpoints").mkdir(exist_ok=True)
     manifest = []
     for c in ckpts:
         rel = f"checkpoints/step_{c['step']:07d}"
         if not (tmp / rel).exists():  # copied whole or not at all: a rerun trusts what exists
-            part = tmp / f"{rel}.part"
-            shutil.rmtree(part, ignore_errors=True)
-            shutil.copytree(Path(c["dir"]) / "hf", part)
-            os.replace(part, tmp / rel)
+            copy_tree_atomic(Path(c["dir"]) / "hf", tmp / rel)
         manifest.append({k: c[k] for k in ("index", "step", "epoch", "train_loss", "probe_loss",
                                            "lr", "attempt_start_step")} | {"path": rel})
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    (tmp / "probe.json").write_text(json.dumps(probe_batch(ingest.path / "examples")))
+    (tmp / "probe.json").write_text(json.dumps(probe_batch(examples)))
     speed = [c.get("tokens_per_s_per_worker", 0.0) for c in ckpts]
     # Optimizer states are only needed while training can resume: moved aside in one rename (a
     # kill mid-delete must not leave a half state to resume from), deleted once published, and
     # never uploaded to run.storage_uri.
-    trash = stage.root / ".train_ref.ray_train.trash"
+    trash = trash_of(tmp)
     shutil.rmtree(trash, ignore_errors=True)
     os.replace(tmp / "ray_train", trash)
-    stage.publish({"model": cfg.reference.model, "plan": plan.as_dict(), "checkpoints": manifest,
-                   "tokens_per_s_per_worker": max(speed)})
-    shutil.rmtree(trash, ignore_errors=True)
     log.info("train-ref: %d checkpoints, train loss %.4f -> %.4f", len(manifest),
              manifest[0]["train_loss"], manifest[-1]["train_loss"])
-    return stage
+    return {"model": cfg.reference.model, "plan": plan.as_dict(), "checkpoints": manifest,
+            "tokens_per_s_per_worker": max(speed)}
 
 
 def load_manifest(stage_path: Path) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from s2l_ray.config import ConfigError, S2LConfig
-from s2l_ray.stages.base import Stage
+from s2l_ray.stages.base import read_report
 
 log = logging.getLogger(__name__)
 WINDOW_BATCHES = 16  # a group holds about this many batches: enough rows to sort by length
@@ -36,13 +36,6 @@ INPUT_COLUMNS = ["id", "source", "input_ids", "n_prompt_tokens", "n_tokens"]
 
 class TrajectoryError(RuntimeError):
     """The checkpoints cannot be scored, or the output does not match the input."""
-
-
-def trajectories_stage(cfg: S2LConfig) -> Stage:
-    from s2l_ray.stages.train_ref import train_ref_stage
-
-    return Stage(cfg, "trajectories", ("trajectories",),
-                 upstream=(train_ref_stage(cfg).fingerprint,))
 
 
 def _hash128(text: str) -> tuple[int, int]:
@@ -291,32 +284,39 @@ def _score(cfg: S2LConfig, examples: Path, tmp: Path, paths: list[str], groups: 
     return ray.get(sink.get.remote()), wall
 
 
-def run_trajectories(cfg: S2LConfig) -> Stage:
-    """Score every example under every checkpoint (after train-ref, which runs if needed)."""
+def _use_gpu(cfg: S2LConfig) -> bool:
+    from s2l_ray.runtime import cluster_has_gpus
+
+    t = cfg.trajectories
+    return cluster_has_gpus() if t.use_gpu is None else t.use_gpu
+
+
+def check(cfg: S2LConfig, inputs: dict[str, Path]) -> None:
+    """Every checkpoint loads, shares the data's tokenizer and scores from its output head, and
+    the actors leave CPU to read with: checked on the driver before any Ray Data work."""
+    from s2l_ray.stages.train_ref import load_manifest
+
+    paths = [m["path"] for m in load_manifest(inputs["train-ref"])]
+    rep = read_report(inputs["ingest"])
+    check_checkpoints(paths, rep.get("tokenizer"), cfg.reference.trust_remote_code)
+    if not _use_gpu(cfg):
+        _check_cpu_headroom(cfg.trajectories.concurrency, cfg.trajectories.cpus_per_actor)
+
+
+def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
+    """Score every example under every reference checkpoint into `tmp`; returns the report."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from s2l_ray.core.losses import ScoreStats, autocast_dtype
-    from s2l_ray.runtime import cluster_has_gpus
-    from s2l_ray.stages.ingest import ingest_stage
-    from s2l_ray.stages.train_ref import load_manifest, run_train_ref
+    from s2l_ray.stages.train_ref import load_manifest
 
-    ref = run_train_ref(cfg)
-    stage = trajectories_stage(cfg)
-    if not stage.needs_run():
-        return stage
     t = cfg.trajectories
-    ingest = ingest_stage(cfg)
-    rep = ingest.report()
-    manifest = load_manifest(ref.path)
+    rep = read_report(inputs["ingest"])
+    manifest = load_manifest(inputs["train-ref"])
     paths = [m["path"] for m in manifest]
-    trust = cfg.reference.trust_remote_code
-    check_checkpoints(paths, rep.get("tokenizer"), trust)
-    use_gpu = cluster_has_gpus() if t.use_gpu is None else t.use_gpu
-    if not use_gpu:
-        _check_cpu_headroom(t.concurrency, t.cpus_per_actor)
+    use_gpu = _use_gpu(cfg)
     groups = n_groups(rep["valid"], rep["tokens"], t.batch_tokens)
-    tmp = stage.begin()
     log.info("trajectories: %d examples x %d checkpoints, %d groups, %d %s actors",
              rep["valid"], len(paths), groups, t.concurrency, "GPU" if use_gpu else "CPU")
     # On the driver's node: its digests cannot be rebuilt, so it must not die with a worker node
@@ -325,7 +325,7 @@ def run_trajectories(cfg: S2LConfig) -> Stage:
         scheduling_strategy=NodeAffinitySchedulingStrategy(
             ray.get_runtime_context().get_node_id(), soft=False)).remote()
     try:
-        parts, wall = _score(cfg, ingest.path / "examples", tmp, paths, groups, use_gpu, sink)
+        parts, wall = _score(cfg, inputs["ingest"] / "examples", tmp, paths, groups, use_gpu, sink)
     finally:
         ray.kill(sink)
     stats = ScoreStats(seconds_per_checkpoint=[0.0] * len(paths))
@@ -336,7 +336,9 @@ def run_trajectories(cfg: S2LConfig) -> Stage:
     (tmp / "manifest.json").write_text(json.dumps(
         [{**m, "column": i} for i, m in enumerate(manifest)], indent=2) + "\n")
     n, pad_eff = checked["rows"], stats.tokens / max(1, stats.padded_tokens)
-    stage.publish({
+    log.info("trajectories: %d examples, %.1f examples/s, %.0f tokens/s, padding efficiency %.2f",
+             n, n / wall, stats.tokens / wall, pad_eff)
+    return {
         "examples": n, "checkpoints": len(paths), "tokens": stats.tokens,
         "response_tokens": stats.response_tokens, "padded_tokens": stats.padded_tokens,
         "padding_efficiency": pad_eff, "scoring_seconds": wall, "examples_per_s": n / wall,
@@ -346,7 +348,4 @@ def run_trajectories(cfg: S2LConfig) -> Stage:
         "actors_used": len({p["pid"] for p in parts if p["side"] == "output" and p["rows"]}),
         "device": "GPU" if use_gpu else "CPU",
         "compute_dtype": "fp32" if autocast_dtype(t.dtype, use_gpu) is None else "bf16",
-        "nonfinite_losses": checked["nonfinite_losses"]})
-    log.info("trajectories: %d examples, %.1f examples/s, %.0f tokens/s, padding efficiency %.2f",
-             n, n / wall, stats.tokens / wall, pad_eff)
-    return stage
+        "nonfinite_losses": checked["nonfinite_losses"]}
