@@ -9,6 +9,7 @@ from pathlib import Path
 
 from s2l_ray import __version__
 from s2l_ray.config import ConfigError, S2LConfig, dump_config, load_config, reference_table
+from s2l_ray.errors import S2LError
 
 log = logging.getLogger("s2l_ray.cli")
 PACKAGED = Path(__file__).parent / "configs"
@@ -143,12 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         return _dispatch(args)
-    except ConfigError as e:
-        log.error("%s", e)
+    except S2LError as e:  # user-caused: one message that says what to do, no traceback
+        log.error("%s", user_message(e))
         return 2
     except KeyboardInterrupt:
         log.error("interrupted; rerun the same command to resume from the last finished stage")
         return 130
+
+
+def user_message(e: S2LError) -> str:
+    """The error's own message, also when Ray wrapped it (raised in a task or an actor)."""
+    cause = getattr(e, "cause", None)
+    return str(cause if isinstance(cause, S2LError) else e)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

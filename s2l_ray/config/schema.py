@@ -23,9 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from s2l_ray.core.methods import SELECTION_METHODS, Method, budget_problem
+from s2l_ray.errors import S2LError
 
-class ConfigError(ValueError):
-    """A configuration problem, found before any work starts. The message names key and fix."""
+
+class ConfigError(S2LError, ValueError):
+    """A configuration problem. The message names the key and the fix."""
 
 
 def _fail(key: str, problem: str, fix: str) -> typing.NoReturn:
@@ -311,16 +314,13 @@ class ClusterConfig:
                   "use a positive number of CPUs, or null")
 
 
-SELECTION_METHODS = ("s2l", "random", "stratified", "least_confidence", "middle_perplexity",
-                     "high_learnability", "el2n")
 
 
 @dataclass
 class SelectConfig:
     """Spending the budget."""
 
-    method: Literal["s2l", "random", "stratified", "least_confidence", "middle_perplexity",
-                    "high_learnability", "el2n"] = "s2l"
+    method: Method = "s2l"
     """Selection method: S2L, or a baseline to compare with."""
     budget: int | float = 0.1
     """Examples to select: an integer count, or a float fraction in (0, 1] of the valid data."""
@@ -336,13 +336,9 @@ class SelectConfig:
 
 
 def check_budget(budget: int | float, key: str) -> None:
-    if isinstance(budget, bool):
-        _fail(key, f"is {budget}", "give a count (e.g. 5000) or a fraction (e.g. 0.1)")
-    if isinstance(budget, float) and not 0 < budget <= 1:
-        _fail(key, f"fraction {budget} is outside (0, 1]",
-              "use a fraction in (0, 1] such as 0.1, or an integer count")
-    if isinstance(budget, int) and budget < 1:
-        _fail(key, f"count {budget} is below 1", "use a positive count or a fraction")
+    bad = budget_problem(budget)
+    if bad:
+        _fail(key, *bad)
 
 
 @dataclass

@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from s2l_ray.config import ConfigError
+from s2l_ray.errors import ParamError
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ def features(losses: np.ndarray, normalize: Literal["none", "standardize"] = "no
     if normalize == "none":
         return x
     if normalize != "standardize":
-        raise ConfigError(f"config key 'cluster.normalize': unknown '{normalize}'. Fix: use "
-                          "'none' or 'standardize'")
+        raise ParamError("normalize", f"unknown '{normalize}'", "use 'none' or 'standardize'")
     out = np.empty_like(x)
     t = x.shape[1]
     for i in range(0, len(x), SEARCH_ROWS):  # row blocks bound the float64 temporaries
@@ -274,8 +273,7 @@ def init_centroids(sample: np.ndarray, k: int, seed: int,
     if method == "random":
         rng = np.random.default_rng(seed)
         return np.asarray(sample, np.float64)[np.sort(rng.choice(len(sample), k, replace=False))]
-    raise ConfigError(f"config key 'cluster.init': unknown '{method}'. Fix: use 'kmeans++' or "
-                      "'random'")
+    raise ParamError("init", f"unknown '{method}'", "use 'kmeans++' or 'random'")
 
 
 def update_centroids(sums: np.ndarray, counts: np.ndarray, rs: np.random.RandomState,
@@ -367,8 +365,8 @@ def fit_shards(call: Callable[..., list[Any]], k: int, *, seed: int, max_iter: i
     if len(dims) > 1:
         raise ValueError(f"trajectories of different lengths across shards: {sorted(dims)}")
     if k > n:
-        raise ConfigError(f"config key 'cluster.k': {k} clusters for {n} examples. Fix: use at "
-                          f"most {n} clusters (about 100 for ~100k examples)")
+        raise ParamError("k", f"{k} clusters for {n} examples",
+                         f"use at most {n} clusters (about 100 for ~100k examples)")
     dim = dims.pop()
     m = min(n, k * sample_per_centroid)
     parts = call("sample", seed, m)

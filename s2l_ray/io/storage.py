@@ -21,6 +21,7 @@ import shutil
 from typing import TYPE_CHECKING, Any
 
 from s2l_ray.config import ConfigError
+from s2l_ray.errors import S2LError
 
 if TYPE_CHECKING:
     from s2l_ray.stages.base import Stage
@@ -40,8 +41,12 @@ def _remote(stage: Stage) -> tuple[Any, str, str]:
     return filesystem, f"{root.rstrip('/')}/{stage.name}", f"{uri}/{stage.name}"
 
 
-def _fail(stage: Stage, action: str, uri: str, e: Exception) -> RuntimeError:
-    return RuntimeError(
+class StorageError(S2LError):
+    """run.storage_uri cannot be read or written."""
+
+
+def _fail(stage: Stage, action: str, uri: str, e: Exception) -> StorageError:
+    return StorageError(
         f"{stage.name}: {action} {uri} failed ({type(e).__name__}: {e}). Fix: check "
         "run.storage_uri and the credentials in the environment; the local result in "
         f"{stage.root} is kept, and a rerun retries the transfer")

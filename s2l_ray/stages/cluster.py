@@ -31,6 +31,7 @@ import numpy as np
 
 from s2l_ray.config import ClusterConfig, ConfigError, S2LConfig
 from s2l_ray.core.kmeans import ExactGrid, IdView, Shard
+from s2l_ray.errors import config_keys
 
 log = logging.getLogger(__name__)
 READ_BATCH = 65536  # rows per Parquet read batch: bounds what an actor holds beyond its shard
@@ -166,7 +167,7 @@ class ShardActor(Shard):
                 pos += len(x)
                 ids += t["id"].chunks
                 sources += t["source"].cast(pa.string()).chunks
-        except (ValueError, ConfigError) as e:  # reported by info(), where the driver sees it
+        except ValueError as e:  # reported by info(), where the driver sees it
             self.error = e
         self.sources = pa.chunked_array(sources, pa.string())
         pa.default_memory_pool().release_unused()  # give the read buffers back to the OS
@@ -236,14 +237,15 @@ def fit_files(files: list[str], out_dir: str | Path, c: ClusterConfig, seed: int
         return ray.get([getattr(a, method).remote(*refs) for a in actors])
 
     try:
-        res = fit_shards(call, c.k, seed=seed, max_iter=c.max_iter, tol=c.tol, init=c.init,
-                         sample_per_centroid=c.init_sample_per_centroid,
-                         on_iter=lambda r: log.info(
-                             "cluster: iteration %d inertia %.6g imbalance %.2f splits %d "
-                             "(%.2f s)", r["iteration"], r["inertia"], r["imbalance"],
-                             r["splits"], r["seconds"]))
-        written = call("write", res.centroids, res.grid, str(out / "assignments"))
-        memory = call("info")
+        with config_keys("cluster"):  # k, init: named by their cluster.* key
+            res = fit_shards(call, c.k, seed=seed, max_iter=c.max_iter, tol=c.tol, init=c.init,
+                             sample_per_centroid=c.init_sample_per_centroid,
+                             on_iter=lambda r: log.info(
+                                 "cluster: iteration %d inertia %.6g imbalance %.2f splits %d "
+                                 "(%.2f s)", r["iteration"], r["inertia"], r["imbalance"],
+                                 r["splits"], r["seconds"]))
+            written = call("write", res.centroids, res.grid, str(out / "assignments"))
+            memory = call("info")
     finally:
         for a in actors:
             ray.kill(a)

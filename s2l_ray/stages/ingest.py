@@ -17,7 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from s2l_ray.config import ConfigError, S2LConfig
+from s2l_ray.config import S2LConfig
+from s2l_ray.errors import S2LError
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +28,8 @@ REJECT_COLUMNS = ["origin_file", "origin_row", "reject_reason", "reject_detail",
                   "raw"]
 
 
-class IngestError(ConfigError, RuntimeError):
-    """The input yields no usable example. A ConfigError too: the fix is in the data or the
-    data.* keys, so the CLI reports the message (exit 2) instead of a traceback."""
+class IngestError(S2LError):
+    """The input yields no usable example: the fix is in the data or the data.* keys."""
 
 
 def _schema() -> Any:

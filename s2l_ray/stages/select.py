@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from s2l_ray.config import S2LConfig, SelectConfig
+from s2l_ray.errors import S2LError
 
 log = logging.getLogger(__name__)
 BATCH = 65536  # rows read at a time by a task
@@ -138,6 +139,17 @@ def select_from(cluster_dir: str | Path, trajectories_dir: str | Path,
                 examples_dir: str | Path, out_dir: str | Path, s: SelectConfig,
                 seed: int) -> dict[str, Any]:
     """Select from a cluster stage's outputs; write selected.parquet/.jsonl; return the report.
+    A bad budget or method fails naming its select.* key. Ray must be initialised."""
+    from s2l_ray.errors import config_keys
+
+    with config_keys("select"):
+        return _select_from(cluster_dir, trajectories_dir, examples_dir, out_dir, s, seed)
+
+
+def _select_from(cluster_dir: str | Path, trajectories_dir: str | Path,
+                examples_dir: str | Path, out_dir: str | Path, s: SelectConfig,
+                seed: int) -> dict[str, Any]:
+    """Select from a cluster stage's outputs; write selected.parquet/.jsonl; return the report.
 
     Ray must be initialised.
     """
@@ -196,7 +208,7 @@ def select_from(cluster_dir: str | Path, trajectories_dir: str | Path,
     by_id = dict(zip(raw["id"].to_pylist(), raw["raw"].to_pylist()))
     missing = [i for i in ids if i not in by_id]
     if missing:
-        raise RuntimeError(f"select: {len(missing)} selected ids are not in {examples_dir} (e.g."
+        raise S2LError(f"select: {len(missing)} selected ids are not in {examples_dir} (e.g."
                            f" {missing[:3]}); the ingest and trajectory stages disagree. Fix: "
                            "rerun them with the same config (run.overwrite=true)")
     with open(out / "selected.jsonl", "w", encoding="utf-8") as f:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from s2l_ray.config import ConfigError, S2LConfig, TrainConfig
+from s2l_ray.errors import config_keys
 from s2l_ray.io.atomic import copy_tree_atomic
 from s2l_ray.stages.base import read_report, trash_of
 
@@ -58,8 +59,9 @@ def plan_training(section: TrainConfig, key: str, n_examples: int) -> Any:
     from s2l_ray.core.schedule import make_plan
 
     s = section
-    plan = make_plan(n_examples, s.num_workers, s.batch_size, s.grad_accum, s.epochs,
-                     s.max_steps, s.num_checkpoints, s.checkpoint_steps, key, s.train_steps)
+    with config_keys(key):
+        plan = make_plan(n_examples, s.num_workers, s.batch_size, s.grad_accum, s.epochs,
+                         s.max_steps, s.num_checkpoints, s.checkpoint_steps, s.train_steps)
     check_cpu_headroom(s, key)
     return plan
 

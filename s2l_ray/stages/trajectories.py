@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from s2l_ray.config import ConfigError, S2LConfig
+from s2l_ray.errors import S2LError
 from s2l_ray.stages.base import read_report
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ MIN_GROUPS = 16  # small data sets: at least this many groups (work units for th
 INPUT_COLUMNS = ["id", "source", "input_ids", "n_prompt_tokens", "n_tokens"]
 
 
-class TrajectoryError(RuntimeError):
+class TrajectoryError(S2LError):
     """The checkpoints cannot be scored, or the output does not match the input."""
 
 
