@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from s2l_ray.core.kmeans import hash_ids
+from s2l_ray.core.hashing import hash_ids
 from s2l_ray.core.methods import LOSS_METHODS, SELECTION_METHODS, budget_problem
 from s2l_ray.errors import ParamError
 

@@ -81,17 +81,22 @@ class Stage:
     def is_done(self) -> bool:
         """True when a matching result is published; raises if a different one is."""
         m = self.marker()
-        if m is None:
-            return False
-        if m.get("fingerprint") == self.fingerprint:
+        return m is not None and self.matches(m, str(self.path), "run.output_dir")
+
+    def matches(self, marker: dict[str, Any], where: str, place_key: str) -> bool:
+        """The config-changed check, for the local folder and for run.storage_uri alike: True
+        when `marker` (found at `where`) came from this config; False when from another one and
+        run.overwrite is set (this run replaces it); otherwise raises, naming the fix."""
+        if marker.get("fingerprint") == self.fingerprint:
             return True
         if self.cfg.run.overwrite:
-            log.warning("%s: stored result came from another config; recomputing", self.name)
+            log.warning("%s: %s came from another config; it will be recomputed", self.name,
+                        where)
             return False
         raise ConfigError(
-            f"{self.path} holds a '{self.name}' result made with a different config "
-            f"(sections {', '.join(self.sections)} or an upstream stage changed). Fix: use a new "
-            f"run.output_dir, or pass run.overwrite=true to recompute it")
+            f"{where} holds a '{self.name}' result made with a different config (sections "
+            f"{', '.join(self.sections)} or an upstream stage changed)",
+            fix=f"use a new {place_key}, or pass run.overwrite=true to recompute and replace it")
 
     def needs_run(self) -> bool:
         """False (and logged) when a current result is published, or downloaded from

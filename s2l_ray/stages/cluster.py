@@ -193,6 +193,30 @@ class ShardActor(Shard):
                 "inertia": float(on_grid(dist, grid.dist).sum()), **memory_mb()}
 
 
+class ActorShards:
+    """`core.kmeans.Shards` held by Ray actors (`ShardActor`): each call runs on every actor
+    at once; arrays are put in the object store once for all of them."""
+
+    def __init__(self, actors: list[Any]) -> None:
+        self.actors = actors
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        import ray
+
+        refs = [ray.put(a) if isinstance(a, np.ndarray) else a for a in args]  # one copy each
+        return ray.get([getattr(a, method).remote(*refs) for a in self.actors])
+
+    def info(self) -> list[dict[str, Any]]:
+        return self.call("info")
+
+    def sample(self, seed: int, m: int) -> list[tuple[np.ndarray, list[str], np.ndarray]]:
+        return self.call("sample", seed, m)
+
+    def step(self, centroids: np.ndarray, grid: ExactGrid | None
+             ) -> list[tuple[np.ndarray, np.ndarray, float]]:
+        return self.call("step", centroids, grid)
+
+
 def _worker_resources(c: ClusterConfig, workers: int) -> tuple[float, bool]:
     import faiss
 
@@ -205,12 +229,12 @@ def _worker_resources(c: ClusterConfig, workers: int) -> tuple[float, bool]:
                           "Fix: set cluster.use_gpu=null (or false), or add GPU nodes")
     import ray
 
+    from s2l_ray.runtime import check_cpu_headroom
+
     total = ray.cluster_resources().get("CPU", 1.0)
     cpus = c.cpus_per_worker or min(1.0, total / workers)
-    if cpus * workers > total + 1e-9:
-        raise ConfigError(f"config key 'cluster.cpus_per_worker': {workers} actors x {cpus} CPUs "
-                          f"exceed the cluster's {total:g} CPUs, and they would wait forever. "
-                          "Fix: lower cluster.cpus_per_worker or cluster.num_workers, or null")
+    check_cpu_headroom(workers, cpus, "cluster.cpus_per_worker", "cluster.num_workers",
+                       "k-means actors", leave=0)  # they read their own shards
     return cpus, bool(use_gpu)
 
 
@@ -229,16 +253,12 @@ def fit_files(files: list[str], out_dir: str | Path, c: ClusterConfig, seed: int
     plan = plan_shards(files, c.num_workers)
     cpus, gpu = _worker_resources(c, len(plan))
     Actor = ray.remote(ShardActor).options(num_cpus=cpus, num_gpus=1 if gpu else 0)
-    actors = [Actor.remote(i, p, c.normalize, gpu or None, max(1, int(cpus)))
-              for i, p in enumerate(plan)]
-
-    def call(method: str, *args: Any) -> list[Any]:
-        refs = [ray.put(a) if isinstance(a, np.ndarray) else a for a in args]  # one copy each
-        return ray.get([getattr(a, method).remote(*refs) for a in actors])
-
+    shards = ActorShards([Actor.remote(i, p, c.normalize, gpu or None, max(1, int(cpus)))
+                          for i, p in enumerate(plan)])
+    call, actors = shards.call, shards.actors
     try:
         with config_keys("cluster"):  # k, init: named by their cluster.* key
-            res = fit_shards(call, c.k, seed=seed, max_iter=c.max_iter, tol=c.tol, init=c.init,
+            res = fit_shards(shards, c.k, seed=seed, max_iter=c.max_iter, tol=c.tol, init=c.init,
                              sample_per_centroid=c.init_sample_per_centroid,
                              on_iter=lambda r: log.info(
                                  "cluster: iteration %d inertia %.6g imbalance %.2f splits %d "

@@ -183,20 +183,20 @@ def evaluate_model(model_path: str, eval_path: str, e: EvalConfig,
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoTokenizer
 
     from s2l_ray.core.losses import autocast_dtype, score_sorted
+    from s2l_ray.models.loading import load_causal_lm
 
-    hf_logging.disable_progress_bar()
     on_gpu = torch.cuda.is_available() and e.use_gpu is not False
     device = torch.device("cuda" if on_gpu else "cpu")
     if not on_gpu:
         torch.set_num_threads(max(1, int(e.cpus)))
     t0 = time.time()
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch.float32, trust_remote_code=trust_remote_code,
-        use_safetensors=True).to(device).eval()
+    model = load_causal_lm(model_path, trust_remote_code=trust_remote_code,
+                           fix="the fine-tuned target is damaged; delete its trial folder "
+                               "(sweep work folder, trials/<trial>) and rerun `s2l sweep`"
+                           ).to(device)
     tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     table = pq.read_table(Path(eval_path) / "examples.parquet")
     n = table.num_rows

@@ -10,7 +10,6 @@ the first occurrence (by file and row number, whatever the parallelism); the res
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from s2l_ray.config import S2LConfig
+from s2l_ray.core.hashing import hash64
 from s2l_ray.errors import S2LError
 
 log = logging.getLogger(__name__)
@@ -144,20 +144,16 @@ def _keep(batch: Any, valid: bool) -> Any:
     return batch.filter(mask if valid else pc.invert(mask))
 
 
-def _hash64(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-
-
 def _id_hashes(batch: Any) -> Any:
     import pyarrow as pa
 
     ids = _keep(batch, valid=True)["id"].to_pylist()
-    return pa.table({"h": pa.array([_hash64(i) for i in ids], pa.uint64())})
+    return pa.table({"h": pa.array([hash64(i) for i in ids], pa.uint64())})
 
 
 def _rows_with_hashes(batch: Any, hashes: frozenset[int]) -> Any:
     valid = _keep(batch, valid=True).select(["id", "origin_file", "origin_row"])
-    keep = [_hash64(i) in hashes for i in valid["id"].to_pylist()]
+    keep = [hash64(i) in hashes for i in valid["id"].to_pylist()]
     return valid.filter(keep)
 
 

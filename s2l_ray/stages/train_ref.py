@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from s2l_ray.config import ConfigError, S2LConfig, TrainConfig
+from s2l_ray.config import S2LConfig, TrainConfig
 from s2l_ray.errors import config_keys
 from s2l_ray.io.atomic import copy_tree_atomic
 from s2l_ray.stages.base import read_report, trash_of
@@ -41,28 +41,17 @@ def probe_batch(examples: Path, k: int = PROBE_SIZE) -> dict[str, list]:
     return {c: [r[c] for r in rows] for c in ("id", "input_ids", "n_prompt_tokens")}
 
 
-def check_cpu_headroom(s: TrainConfig, key: str) -> None:
-    """Training workers must leave a CPU for Ray Data to read with, or the run hangs."""
-    import ray
-
-    total = ray.cluster_resources().get("CPU", 0)
-    if total - s.num_workers * s.cpus_per_worker < 1:
-        raise ConfigError(
-            f"config key '{key}.cpus_per_worker': {s.num_workers} workers x "
-            f"{s.cpus_per_worker} CPU leave less than 1 of the cluster's {total:g} CPUs for "
-            f"reading the data, and training would wait forever. Fix: lower "
-            f"{key}.cpus_per_worker (e.g. 0.5) or {key}.num_workers, or add CPUs")
-
-
 def plan_training(section: TrainConfig, key: str, n_examples: int) -> Any:
     """The step plan, and every check that can fail, before any training work starts."""
     from s2l_ray.core.schedule import make_plan
+    from s2l_ray.runtime import check_cpu_headroom
 
     s = section
     with config_keys(key):
         plan = make_plan(n_examples, s.num_workers, s.batch_size, s.grad_accum, s.epochs,
                          s.max_steps, s.num_checkpoints, s.checkpoint_steps, s.train_steps)
-    check_cpu_headroom(s, key)
+    check_cpu_headroom(s.num_workers, s.cpus_per_worker, f"{key}.cpus_per_worker",
+                       f"{key}.num_workers", "training workers")
     return plan
 
 

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from s2l_ray.config import ConfigError, S2LConfig
+from s2l_ray.config import S2LConfig
+from s2l_ray.core.hashing import hash128
 from s2l_ray.errors import S2LError
 from s2l_ray.stages.base import read_report
 
@@ -37,11 +38,6 @@ INPUT_COLUMNS = ["id", "source", "input_ids", "n_prompt_tokens", "n_tokens"]
 
 class TrajectoryError(S2LError):
     """The checkpoints cannot be scored, or the output does not match the input."""
-
-
-def _hash128(text: str) -> tuple[int, int]:
-    d = hashlib.blake2b(text.encode(), digest_size=16).digest()
-    return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little")
 
 
 def n_groups(valid: int, tokens: int, batch_tokens: int) -> int:
@@ -59,7 +55,7 @@ def id_digest(ids: list[str]) -> dict[str, int]:
     """Row count and two sums of 64-bit id hashes: equal digests mean the same id multiset."""
     h1 = h2 = 0
     for i in ids:
-        a, b = _hash128(i)
+        a, b = hash128(i)
         h1, h2 = (h1 + a) % 2**64, (h2 + b) % 2**64
     return {"rows": len(ids), "h1": h1, "h2": h2}
 
@@ -68,7 +64,7 @@ def with_groups(batch: Any, groups: int) -> Any:
     """The batch (pyarrow) plus column `group`: a hash of the id, so it ignores the layout."""
     import pyarrow as pa
 
-    keys = [_hash128(i)[0] % groups for i in batch["id"].to_pylist()]
+    keys = [hash128(i)[0] % groups for i in batch["id"].to_pylist()]
     return batch.append_column("group", pa.array(keys, pa.int64()))
 
 
@@ -85,25 +81,13 @@ def _add_group(batch: Any, groups: int, sink: Any) -> Any:
 
 
 def load_checkpoint(path: str, trust_remote_code: bool = False) -> Any:
-    """A float32 causal LM in eval mode, or TrajectoryError naming the path and the fix."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+    """A reference checkpoint (float32, eval mode), or TrajectoryError naming it and the fix."""
+    from s2l_ray.models.loading import load_causal_lm
 
-    hf_logging.disable_progress_bar()
-    fix = ("Fix: the reference checkpoints are damaged or incomplete; delete the train_ref "
-           "folder and rerun `s2l train-ref` to recreate them")
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, output_loading_info=True,
-            trust_remote_code=trust_remote_code, use_safetensors=True)
-    except Exception as e:
-        raise TrajectoryError(f"checkpoint {path} does not load ({type(e).__name__}: "
-                              f"{str(e)[:300]}). {fix}") from e
-    bad = sorted(map(str, (*info.get("missing_keys", ()), *info.get("mismatched_keys", ()))))
-    if bad:  # from_pretrained would score with randomly initialised weights
-        raise TrajectoryError(f"checkpoint {path} lacks or mismatches weights {bad[:5]}. {fix}")
-    return model.eval()
+    return load_causal_lm(
+        path, trust_remote_code=trust_remote_code, error=TrajectoryError,
+        fix="the reference checkpoints are damaged or incomplete; delete the train_ref folder "
+            "and rerun `s2l train-ref` to recreate them")
 
 
 def tokenizer_fingerprint(path: str, trust_remote_code: bool = False) -> str:
@@ -243,18 +227,6 @@ def verify_output(parts: list[dict[str, Any]], valid: int, out: Path) -> dict[st
     return {"rows": n_out, "nonfinite_losses": tot["output"]["nonfinite"]}
 
 
-def _check_cpu_headroom(concurrency: int, cpus: float) -> None:
-    import ray
-
-    total = ray.cluster_resources().get("CPU", 0)
-    if total - concurrency * cpus < 1:
-        raise ConfigError(
-            f"config key 'trajectories.cpus_per_actor': {concurrency} CPU actors x {cpus} CPU "
-            f"leave less than 1 of the cluster's {total:g} CPUs for reading and shuffling the "
-            "data, and the stage would wait forever. Fix: lower trajectories.cpus_per_actor "
-            "(e.g. 0.5) or trajectories.concurrency, or add CPUs")
-
-
 def _score(cfg: S2LConfig, examples: Path, tmp: Path, paths: list[str], groups: int,
            use_gpu: bool, sink: Any) -> tuple[list[dict[str, Any]], float]:
     """The Ray Data pipeline: read, group, shuffle, score, write. Returns (digests, seconds)."""
@@ -301,7 +273,11 @@ def check(cfg: S2LConfig, inputs: dict[str, Path]) -> None:
     rep = read_report(inputs["ingest"])
     check_checkpoints(paths, rep.get("tokenizer"), cfg.reference.trust_remote_code)
     if not _use_gpu(cfg):
-        _check_cpu_headroom(cfg.trajectories.concurrency, cfg.trajectories.cpus_per_actor)
+        from s2l_ray.runtime import check_cpu_headroom
+
+        t = cfg.trajectories
+        check_cpu_headroom(t.concurrency, t.cpus_per_actor, "trajectories.cpus_per_actor",
+                           "trajectories.concurrency", "CPU scoring actors")
 
 
 def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
