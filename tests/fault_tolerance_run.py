@@ -1,5 +1,5 @@
-"""Run by tests/test_fault_tolerance.py in a process of its own, because it needs a multi-node Ray
-(`ray.cluster_utils.Cluster`) and the test session already holds `ray_local`.
+"""Run by tests/e2e/test_fault_tolerance.py in a process of its own, because it needs a multi-node
+Ray (`ray.cluster_utils.Cluster`) and the test session already holds `ray_local`.
 
     python tests/fault_tolerance_run.py CONFIG.yaml RESULT.json
 

@@ -248,7 +248,7 @@ def _score(cfg: S2LConfig, examples: Path, tmp: Path, paths: list[str], groups: 
         **({"num_gpus": 1} if use_gpu else {}),
         # No retry arguments: Ray Data already restarts pool actors lost with their node and
         # reruns their blocks (max_restarts=-1, max_task_retries=-1), and the ray_remote_args
-        # that would set them are deprecated. tests/test_fault_tolerance.py guards this.
+        # that would set them are deprecated. tests/e2e/test_fault_tolerance.py guards this.
         fn_constructor_kwargs={"paths": paths, "batch_tokens": t.batch_tokens, "dtype": t.dtype,
                                "use_gpu": use_gpu, "cpus": t.cpus_per_actor, "stats": sink,
                                "trust_remote_code": trust})

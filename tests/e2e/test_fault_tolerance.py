@@ -3,8 +3,8 @@ multi-node `ray.cluster_utils.Cluster`, in a process of its own), and a Ray Trai
 during reference training (the session's `ray_local`, reference.max_failures=1).
 
 For the node loss the reference checkpoints are built directly (seeded perturbations of the tiny
-model, published as a train_ref stage, as tests/test_trajectories.py does): the trajectory stage
-only needs T loadable checkpoints, and training them would double the test's time."""
+model, published as a train_ref stage, as tests/stages/test_trajectories.py does): the trajectory
+stage only needs T loadable checkpoints, and training them would double the test's time."""
 
 from __future__ import annotations
 
@@ -26,19 +26,17 @@ import torch
 from s2l_ray.config import dump_config, load_config
 from s2l_ray.stages.registry import run_stage, stage_for
 from s2l_ray.stages.train_ref import load_manifest
+from tests.conftest import overrides
 from tests.ray_procs import REPO, clean_env, kill_run, short_tmpdir
 
 pytestmark = pytest.mark.ray
 
 
 def _overrides(tiny_ref: str, out: Path) -> list[str]:
-    return [f"run.output_dir={out}", f"reference.model={tiny_ref}", f"target.model={tiny_ref}",
-            "demo.n_train=200", "demo.n_test_per_source=1", "data.template=plain",
-            "data.max_length=128", "reference.num_workers=2", "reference.cpus_per_worker=0.5",
-            "reference.batch_size=8", "reference.grad_accum=1", "reference.epochs=1",
-            "reference.lr=3e-3", "reference.zero_stage=1", "reference.num_checkpoints=3",
-            # small batches: 16 groups of several batches each, so scoring takes a while
-            "trajectories.batch_tokens=512"]
+    return overrides(out, tiny_ref, "demo.n_train=200", "reference.num_workers=2",
+                     "trajectories.cpus_per_actor=1",
+                     # small batches: 16 groups of several batches each, so scoring takes a while
+                     "trajectories.batch_tokens=512")
 
 
 def _publish_checkpoints(cfg, tiny_ref: str, t: int = 3) -> None:

@@ -4,7 +4,8 @@ selected ids as a clean run, without redoing any stage that had finished before 
 
 The stages come from `s2l_ray.stages.registry.STAGES`, so a stage added there is covered without
 editing this test; `sweep` is left out (it fine-tunes target models under Ray Tune: minutes per
-run on CPU; tests/test_sweep.py covers its own resume), so the runs stop at the stage before it.
+run on CPU; tests/stages/test_sweep.py covers its own resume), so the runs stop at the stage
+before it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 
 from s2l_ray.config import dump_config, load_config
 from s2l_ray.stages.registry import BY_NAME, STAGES, run_stage
+from tests.conftest import overrides
 from tests.ray_procs import REPO, clean_env, kill_run, short_tmpdir
 
 pytestmark = pytest.mark.e2e
@@ -33,13 +35,10 @@ def _dir(stage: str) -> str:
 
 
 def _overrides(tiny_ref: str, out: Path) -> list[str]:
-    return [f"run.output_dir={out}", "run.num_cpus=2", f"reference.model={tiny_ref}",
-            f"target.model={tiny_ref}", "demo.n_train=120", "demo.n_test_per_source=1",
-            "data.template=plain", "data.max_length=128", "reference.num_workers=1",
-            "reference.cpus_per_worker=1", "reference.batch_size=8", "reference.grad_accum=1",
-            "reference.max_steps=6", "reference.lr=3e-3", "reference.zero_stage=1",
-            "reference.num_checkpoints=3", "trajectories.batch_tokens=1024", "cluster.k=5",
-            "cluster.max_iter=10", "select.budget=0.2"]
+    return overrides(out, tiny_ref, "run.num_cpus=2", "demo.n_train=120",
+                     "demo.n_test_per_source=1", "reference.cpus_per_worker=1",
+                     "reference.max_steps=6", "trajectories.batch_tokens=1024", "cluster.k=5",
+                     "cluster.max_iter=10", "select.budget=0.2")
 
 
 def _selected(out: Path) -> list[str]:

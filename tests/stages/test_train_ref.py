@@ -18,18 +18,15 @@ from s2l_ray.config import ConfigError, dump_config, load_config
 from s2l_ray.core.tokens import pad_batch
 from s2l_ray.stages.registry import run_stage
 from s2l_ray.stages.train_ref import load_manifest
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, overrides
 
 pytestmark = pytest.mark.ray
 T = 4
 
 
 def _overrides(tiny_ref: str, out: Path) -> list[str]:
-    return [f"run.output_dir={out}", f"reference.model={tiny_ref}", f"target.model={tiny_ref}",
-            "demo.n_train=300", "demo.n_test_per_source=2", "data.template=plain",
-            "data.max_length=128", "reference.num_workers=2", "reference.cpus_per_worker=0.5",
-            "reference.batch_size=8", "reference.grad_accum=1", "reference.epochs=2",
-            "reference.lr=3e-3", "reference.zero_stage=1", f"reference.num_checkpoints={T}"]
+    return overrides(out, tiny_ref, "reference.num_workers=2", "reference.epochs=2",
+                     f"reference.num_checkpoints={T}")
 
 
 @pytest.fixture(scope="module")

@@ -18,21 +18,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from s2l_ray.config import load_config
 from s2l_ray.core.tokens import labels_for
 from s2l_ray.stages.registry import run_stage, stage_for
 from s2l_ray.stages.trajectories import TrajectoryError, check_checkpoints
+from tests.conftest import small_cfg
 
 pytestmark = pytest.mark.ray
 T = 3
 
 
 def _cfg(out: Path, tiny_ref: str, *extra: str):
-    return load_config(None, [
-        f"run.output_dir={out}", f"reference.model={tiny_ref}", f"target.model={tiny_ref}",
-        "demo.n_train=240", "demo.n_test_per_source=2", "data.template=plain",
-        "data.max_length=128", f"reference.num_checkpoints={T}",
-        "trajectories.batch_tokens=256", "trajectories.cpus_per_actor=0.5", *extra])
+    return small_cfg(out, tiny_ref, "demo.n_train=240", f"reference.num_checkpoints={T}",
+                     "trajectories.batch_tokens=256", *extra)
 
 
 def _checkpoint(tiny_ref: str, out: Path, seed: int, tokenizer: str | None = None) -> None:

@@ -3,7 +3,7 @@
 Each input either fails with a clear message (exit code 2, the key or the file named, a fix) or
 has its rows rejected with a reason; a failure publishes nothing (no `ingest/` folder, no
 `_SUCCESS.json`). Row-level reasons on mixed folders, stable ids and the basic overlong and
-duplicate cases are in tests/test_ingest.py; this file adds the inputs that end a run, and
+duplicate cases are in tests/stages/test_ingest.py; this file adds the inputs that end a run, and
 sizes and shapes that one does not expect.
 """
 

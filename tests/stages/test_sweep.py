@@ -13,27 +13,20 @@ from s2l_ray.config import ConfigError, load_config
 from s2l_ray.core.selection import resolve_budget
 from s2l_ray.stages.registry import run_stage
 from s2l_ray.stages.report import make_report
+from tests.conftest import copy_upstream, overrides
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 BUDGETS = [0.2, 45]
 
 
 def _overrides(model: str, out: Path) -> list[str]:
-    return [f"run.output_dir={out}", f"reference.model={model}", f"target.model={model}",
-            "demo.n_train=300", "demo.n_test_per_source=3", "data.template=plain",
-            "data.max_length=128", "reference.num_workers=1", "reference.cpus_per_worker=0.5",
-            "reference.batch_size=8", "reference.grad_accum=1", "reference.epochs=1",
-            "reference.lr=3e-3", "reference.zero_stage=1", "reference.num_checkpoints=3",
-            "trajectories.cpus_per_actor=0.5", "cluster.k=4", "cluster.num_workers=1",
-            "target.num_workers=1", "target.cpus_per_worker=0.5", "target.batch_size=8",
-            "target.grad_accum=1", "target.epochs=1", "target.lr=3e-3", "target.zero_stage=1",
-            "target.num_checkpoints=1", "eval.max_new_tokens=12", "eval.cpus=1",
-            "sweep.methods=[s2l,random]", f"sweep.budgets={BUDGETS}", "sweep.seeds=[0]"]
+    return overrides(out, model, "sweep.methods=[s2l,random]", f"sweep.budgets={BUDGETS}",
+                     "sweep.seeds=[0]")
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory: pytest.TempPathFactory, ray_local, tiny_ref: str):
-    out = tmp_path_factory.mktemp("sweep") / "out"
+def swept(tmp_path_factory: pytest.TempPathFactory, upstream, tiny_ref: str):
+    out = copy_upstream(upstream, tmp_path_factory.mktemp("sweep") / "out")
     cfg = load_config(None, _overrides(tiny_ref, out))
     return cfg, run_stage(cfg, "sweep")
 
