@@ -29,7 +29,7 @@ from s2l_ray.stages.train_ref import load_manifest
 from tests.conftest import overrides
 from tests.ray_procs import REPO, clean_env, kill_run, short_tmpdir
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def _overrides(tiny_ref: str, out: Path) -> list[str]:

@@ -32,7 +32,7 @@ from tests.ray_procs import (
     short_tmpdir,
 )
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 TINY = ["demo.n_train=300", "demo.n_test_per_source=2", "reference.model=tiny:nano",
         "target.model=tiny:nano", "reference.epochs=1", "reference.num_checkpoints=3",
         "cluster.k=5", "select.budget=0.2"]

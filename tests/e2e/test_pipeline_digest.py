@@ -18,7 +18,7 @@ import pytest
 from s2l_ray.stages.registry import run_stage
 from tests.conftest import copy_upstream, small_cfg
 
-pytestmark = [pytest.mark.ray, pytest.mark.e2e]
+pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.slow]
 
 # method -> (selected, sha256 of the ids in selection order, one per line); budget 0.2 of 300
 PINNED = {

@@ -24,7 +24,7 @@ from s2l_ray.stages.registry import BY_NAME, STAGES, run_stage
 from tests.conftest import overrides
 from tests.ray_procs import REPO, clean_env, kill_run, short_tmpdir
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 LEFT_OUT = {"sweep"}
 NAMES = [s.name for s in STAGES if s.name not in LEFT_OUT]
 MARKER = "_SUCCESS.json"

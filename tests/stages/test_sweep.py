@@ -15,8 +15,8 @@ from s2l_ray.stages.registry import run_stage
 from s2l_ray.stages.report import make_report
 from tests.conftest import copy_upstream, overrides
 
-pytestmark = [pytest.mark.ray, pytest.mark.e2e]
-BUDGETS = [0.2, 45]
+pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.slow]
+BUDGETS = [45]  # a count; fractions and the full-data trials: tests/stages/test_results.py
 
 
 def _overrides(model: str, out: Path) -> list[str]:
@@ -35,15 +35,15 @@ def test_sweep_writes_one_row_per_trial(swept) -> None:
     _, stage = swept
     table = pq.read_table(stage.path / "results.parquet").to_pylist()
     assert sorted(r["trial"] for r in table) == sorted(
-        f"{m}-b{b}-s0" for m in ("s2l", "random") for b in ("0.2", "45"))
+        f"{m}-b{b}-s0" for m in ("s2l", "random") for b in ("45",))
     csv = (stage.path / "results.csv").read_text().splitlines()
-    assert len(csv) == 1 + 4 and csv[0].startswith("trial,method,budget")
+    assert len(csv) == 1 + 2 and csv[0].startswith("trial,method,budget")
     for r in table:  # every trial trained and was evaluated
         assert r["steps"] >= 1 and r["eval_examples"] == 7 * 3
         assert 0.0 <= r["macro_em"] <= 1.0 and r["eval_loss"] > 0
         assert r["eval_loss"] < 6.5  # log(512) = 6.24 is chance level: it learned something
     summary = (stage.path / "summary.md").read_text()
-    assert summary.count("| s2l |") == 2 and summary.count("| random |") == 2
+    assert summary.count("| s2l |") == 1 and summary.count("| random |") == 1
 
 
 def test_each_trial_trains_on_exactly_its_budget(swept) -> None:

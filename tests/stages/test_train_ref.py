@@ -18,21 +18,21 @@ from s2l_ray.config import ConfigError, dump_config, load_config
 from s2l_ray.core.tokens import pad_batch
 from s2l_ray.stages.registry import run_stage
 from s2l_ray.stages.train_ref import load_manifest
-from tests.conftest import make_cfg, overrides
+from tests.conftest import copy_upstream, make_cfg, overrides, small_cfg
 
 pytestmark = pytest.mark.ray
-T = 4
+T = 3  # the small run's reference.num_checkpoints
 
 
 def _overrides(tiny_ref: str, out: Path) -> list[str]:
-    return overrides(out, tiny_ref, "reference.num_workers=2", "reference.epochs=2",
-                     f"reference.num_checkpoints={T}")
+    return overrides(out, tiny_ref, "reference.num_workers=2")  # 2 DeepSpeed ranks (gloo)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, ray_local, tiny_ref: str):
-    out = tmp_path_factory.mktemp("train") / "out"
-    cfg = load_config(None, _overrides(tiny_ref, out))
+def trained(tmp_path_factory: pytest.TempPathFactory, upstream: Path, tiny_ref: str):
+    """The small run's reference training (1 worker, 1 epoch), published once per session."""
+    out = copy_upstream(upstream, tmp_path_factory.mktemp("train") / "out")
+    cfg = small_cfg(out, tiny_ref)
     return cfg, run_stage(cfg, "train-ref")
 
 
@@ -45,6 +45,7 @@ def _hf_loss(path: str, probe: dict) -> float:
         return float(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
 
 
+@pytest.mark.slow  # the session's upstream run: ~40 s on 2 CPUs, shared with later tests
 def test_t_checkpoints_and_loss_goes_down(trained) -> None:
     _, stage = trained
     manifest = load_manifest(stage.path)
@@ -57,6 +58,7 @@ def test_t_checkpoints_and_loss_goes_down(trained) -> None:
     assert stage.report()["tokens_per_s_per_worker"] > 0
 
 
+@pytest.mark.slow
 def test_each_checkpoint_loads_and_reproduces_logged_loss(trained) -> None:
     _, stage = trained
     probe = json.loads((stage.path / "probe.json").read_text())
@@ -65,6 +67,7 @@ def test_each_checkpoint_loads_and_reproduces_logged_loss(trained) -> None:
         assert _hf_loss(m["path"], probe) == pytest.approx(m["probe_loss"], rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_rerun_is_skipped(trained) -> None:
     cfg, stage = trained
     marker = (stage.path / "_SUCCESS.json").read_text()
@@ -117,11 +120,12 @@ def test_bad_configs_fail_before_training(tmp_path: Path, ray_local, tiny_ref: s
             make_cfg(tmp_path, tiny_ref, override)
 
 
+@pytest.mark.slow
 def test_resume_after_kill(tmp_path: Path, ray_local, tiny_ref: str) -> None:
-    """Kill a training run after its 2nd checkpoint; the rerun does only the rest."""
+    """Kill a 2-worker training run after its 2nd checkpoint; the rerun does only the rest."""
     out = tmp_path / "out"
     overrides = [*_overrides(tiny_ref, out), "reference.batch_size=2",
-                 "reference.max_steps=140", "reference.checkpoint_steps=[5, 10, 120, 140]"]
+                 "reference.max_steps=40", "reference.checkpoint_steps=[5, 10, 30, 40]"]
     cfg = load_config(None, overrides)
     cfg_file = tmp_path / "cfg.yaml"
     dump_config(cfg, cfg_file)
@@ -150,7 +154,7 @@ def test_resume_after_kill(tmp_path: Path, ray_local, tiny_ref: str) -> None:
     killed_at = time.time()
     stage = run_stage(cfg, "train-ref")
     manifest = load_manifest(stage.path)
-    assert [m["step"] for m in manifest] == [5, 10, 120, 140]
+    assert [m["step"] for m in manifest] == [5, 10, 30, 40]
     assert [m["attempt_start_step"] for m in manifest[:2]] == [0, 0]  # from the killed run
     assert all(m["attempt_start_step"] >= 10 for m in manifest[2:])  # resumed, not redone
     first = Path(manifest[0]["path"]) / "model.safetensors"

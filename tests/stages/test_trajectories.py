@@ -144,6 +144,7 @@ def test_report_manifest_and_marker(base) -> None:
     assert (stage.path / "_SUCCESS.json").read_text() == marker
 
 
+@pytest.mark.slow
 def test_same_output_whatever_the_parallelism(base, tmp_path: Path, tiny_ref: str) -> None:
     cfg, _, stage = base
     other = tmp_path / "out"
