@@ -36,9 +36,9 @@ def materialize(cfg: S2LConfig, trial: Any, d: Path, dirs: dict[str, Path]) -> P
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from s2l_ray.stages.cluster import parquet_files
+    from s2l_ray.io.parquet import map_files, parquet_files
     from s2l_ray.stages.results import FULL
-    from s2l_ray.stages.select import _map, rows_with_ids, select_from
+    from s2l_ray.stages.select import rows_with_ids, select_from
 
     if trial.method == FULL:
         return dirs["examples"]
@@ -51,7 +51,7 @@ def materialize(cfg: S2LConfig, trial: Any, d: Path, dirs: dict[str, Path]) -> P
     write_json_atomic(d / "selection" / "report.json", report)
     ids = pq.read_table(d / "selection" / "selected.parquet", columns=["id"])["id"].to_pylist()
     cols = ["id", "source", "input_ids", "n_prompt_tokens"]
-    rows = pa.concat_tables(_map(rows_with_ids, parquet_files(dirs["examples"], "ingest"),
+    rows = pa.concat_tables(map_files(rows_with_ids, parquet_files(dirs["examples"], "ingest"),
                                  ids, cols))
     if rows.num_rows != trial.size:
         raise RuntimeError(f"sweep: trial {trial.name} selected {rows.num_rows} rows, expected "
@@ -79,7 +79,7 @@ def run_trial(config: dict[str, Any], cfg: S2LConfig, root: str) -> None:
 
     from s2l_ray.core.schedule import TrainPlan
     from s2l_ray.runtime import cluster_has_gpus, quiet_ray_data
-    from s2l_ray.stages.train_ref import fit
+    from s2l_ray.training.driver import fit
 
     d = Path(root) / "trials" / config["trial"]
     done = d / "result.json"
@@ -156,7 +156,7 @@ def _tune(cfg: S2LConfig, work: Path, names: list[str]) -> None:
 def _plan(cfg: S2LConfig, inputs: dict[str, Path]) -> tuple[list[Any], dict[str, Any]]:
     """The trials and each one's step plan: every check that can fail before any training."""
     from s2l_ray.stages.results import plan_trials
-    from s2l_ray.stages.train_ref import plan_training
+    from s2l_ray.training.driver import plan_training
 
     n = read_report(inputs["ingest"])["valid"]
     trials = plan_trials(cfg.sweep.methods, cfg.sweep.budgets, cfg.sweep.seeds, n)
