@@ -45,6 +45,9 @@ class ParamError(ValueError):
         self.param, self.problem, self.fix = param, problem, fix
         super().__init__(f"{param}: {problem}. Fix: {fix}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        return type(self), (self.param, self.problem, self.fix)  # crosses Ray (pickle) whole
+
 
 def _cause(e: BaseException) -> BaseException:
     """The exception raised in a Ray task or actor, when `e` is Ray's wrapper of it."""

@@ -23,6 +23,16 @@ def test_every_user_error_is_an_s2l_error_with_a_fix() -> None:
     assert str(S2LError("it broke", fix="do this")) == "it broke. Fix: do this"
 
 
+def test_errors_survive_pickling() -> None:  # Ray ships them from tasks and actors
+    import pickle
+
+    p = pickle.loads(pickle.dumps(ParamError("k", "9 > 3", "lower `k`")))
+    assert (p.param, p.problem, p.fix) == ("k", "9 > 3", "lower `k`")
+    for e in (ConfigError("config key 'a': b", fix="c"), TrajectoryError("x. Fix: y")):
+        back = pickle.loads(pickle.dumps(e))
+        assert type(back) is type(e) and str(back) == str(e) and back.fix == e.fix
+
+
 def test_config_keys_passes_other_errors_through() -> None:
     with pytest.raises(KeyError), config_keys("cluster"):
         raise KeyError("a bug, not the user's")
