@@ -1,28 +1,26 @@
 """Settings that are impossible for the data, caught as soon as the counts are known and before
 any training: ingest's report (the number of valid examples) is all they need.
 
-The runner calls `check_counts(cfg, stage)` after ingest and before the first later stage; each
+The runner calls `check_counts` once ingest is published, before the next stage; each
 check covers a stage the requested run will reach (the reference model's steps for train-ref and
 beyond, cluster.k for cluster and beyond).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from s2l_ray.config import ConfigError, S2LConfig
 
 ORDER = ("ingest", "train-ref", "trajectories", "cluster", "select", "sweep")
 
 
-def check_counts(cfg: S2LConfig, last_stage: str) -> None:
-    """Run the checks for every stage up to `last_stage` against the published ingest report;
-    a no-op while ingest has no current result."""
-    from s2l_ray.stages.ingest import ingest_stage
+def check_counts(cfg: S2LConfig, ingest_dir: Path, last_stage: str) -> None:
+    """Run the checks for every stage up to `last_stage` against the published ingest report
+    in `ingest_dir`."""
+    from s2l_ray.stages.base import read_report
 
-    ingest = ingest_stage(cfg)
-    marker = ingest.marker()
-    if marker is None or marker.get("fingerprint") != ingest.fingerprint:
-        return
-    check_counts_for(cfg, int(ingest.report()["valid"]), last_stage)
+    check_counts_for(cfg, int(read_report(ingest_dir)["valid"]), last_stage)
 
 
 def check_counts_for(cfg: S2LConfig, n_examples: int, last_stage: str) -> None:
