@@ -108,11 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     for s in PIPELINE:
         p = sub.add_parser(s.name, help=s.summary, description=f"{s.summary}. Output: {s.output}")
         _add_config_args(p)
-    p = sub.add_parser("report", help="plot a run: accuracy vs budget, clusters, trajectories, "
-                       "source shares (PNG files in RUN_DIR/report/)",
+    p = sub.add_parser("report", help="a run's report: RUN_DIR/report/index.html (one "
+                       "page: stages, sweep table, plots, cluster browser) and PNG plots",
                        description="Plot what a run's published stages hold, as PNG files in "
-                       "RUN_DIR/report/, with an index.md. Needs no Ray.")
+                       "RUN_DIR/report/, with an index.md, and write RUN_DIR/report/index.html: "
+                       "one self-contained page (opens from disk) with the run at a glance, the "
+                       "sweep table, the plots and a cluster browser. Needs no Ray.")
     p.add_argument("run_dir", help="a run's output folder (its run.output_dir)")
+    p.add_argument("--examples", type=int, default=3, metavar="N",
+                   help="examples shown per cluster in index.html, nearest the centroid first "
+                   "(default 3)")
     p.add_argument("--log-level", default="INFO")
     p = sub.add_parser("config", help="print the resolved config, or --reference for all keys")
     p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]")
@@ -182,7 +187,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "report":
         from s2l_ray.stages.report import make_report
 
-        make_report(args.run_dir)
+        make_report(args.run_dir, examples_per_cluster=args.examples)
         return 0
     if args.command == "demo":
         cfg = load_config(PACKAGED / "demo.yaml", args.overrides)

@@ -70,3 +70,11 @@ def make_cfg(tmp_path: Path, model: str, *overrides: str) -> S2LConfig:
     """A config writing under tmp_path, using a prebuilt tiny model for every model key."""
     return load_config(None, [f"run.output_dir={tmp_path / 'out'}", f"reference.model={model}",
                               f"target.model={model}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory: pytest.TempPathFactory, ray_local, tiny_ref: str) -> S2LConfig:
+    """A small real run up to select, with HTML planted in its data (tests/small_run.py)."""
+    from tests.small_run import make_small_run
+
+    return make_small_run(tmp_path_factory.mktemp("small_run"), tiny_ref)

@@ -190,8 +190,9 @@ def _selections(run: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
-def make_report(run_dir: str | Path) -> list[Path]:
-    """Write every plot the run's published stages allow; returns the files written."""
+def make_report(run_dir: str | Path, examples_per_cluster: int = 3) -> list[Path]:
+    """Write every plot the run's published stages allow, and index.md and index.html (with
+    `examples_per_cluster` examples per cluster); returns the PNG files written."""
     run = Path(run_dir).expanduser().resolve()
     if not run.is_dir():
         from s2l_ray.config import ConfigError
@@ -233,6 +234,6 @@ def make_report(run_dir: str | Path) -> list[Path]:
         log.info("report: wrote %s", p)
     from s2l_ray.stages.report_html import write_html_report
 
-    page = write_html_report(run, written)
+    page = write_html_report(run, written, examples_per_cluster)
     log.info("report: the whole run on one page: %s", page.as_uri())
     return written

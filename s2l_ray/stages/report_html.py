@@ -137,7 +137,8 @@ def _clip(text: str, n: int = TEXT_CHARS) -> str:
     return text if len(text) <= n else text[:n].rstrip() + " …"
 
 
-def cluster_rows(run: Path) -> list[ClusterRow]:
+def cluster_rows(run: Path,
+                 examples_per_cluster: int = EXAMPLES_PER_CLUSTER) -> list[ClusterRow]:
     """Every cluster of a finished cluster stage, with its selections, sources, mean trajectory
     and the examples nearest its centroid."""
     import pyarrow as pa
@@ -178,14 +179,14 @@ def cluster_rows(run: Path) -> list[ClusterRow]:
     first = np.r_[0, np.cumsum(sizes)[:-1]]
     rank = np.empty(len(order), np.int64)
     rank[order] = np.arange(len(order)) - first[cl[order]]
-    keep = labels.filter(pa.array(rank < EXAMPLES_PER_CLUSTER))
+    keep = labels.filter(pa.array(rank < examples_per_cluster))
     examples = run / "ingest" / "examples"
     if examples.is_dir() and keep.num_rows:
         data = pads.dataset(str(examples), format="parquet")
         cols_x = [c for c in ("id", "prompt", "response", "raw") if c in data.schema.names]
         found = data.to_table(columns=cols_x, filter=pc.field("id").isin(keep["id"]))
         by_id = {r["id"]: r for r in found.to_pylist()}
-        order_keep = sorted(zip(keep["cluster"].to_pylist(), rank[rank < EXAMPLES_PER_CLUSTER],
+        order_keep = sorted(zip(keep["cluster"].to_pylist(), rank[rank < examples_per_cluster],
                                 keep["id"].to_pylist()))
         for c, _, i in order_keep:
             r = by_id.get(i)
@@ -427,8 +428,10 @@ def render_page(run: Path, stages: list[dict[str, Any]], config_text: str,
         f"<script>{SCRIPT}</script></body></html>\n")
 
 
-def write_html_report(run_dir: str | Path, pngs: list[Path]) -> Path:
-    """Write RUN_DIR/report/index.html from the published stages and the given PNG files."""
+def write_html_report(run_dir: str | Path, pngs: list[Path],
+                      examples_per_cluster: int = EXAMPLES_PER_CLUSTER) -> Path:
+    """Write RUN_DIR/report/index.html from the published stages and the given PNG files,
+    showing the `examples_per_cluster` examples nearest each centroid."""
     run = Path(run_dir).expanduser().resolve()
     stages = stage_overview(run)
     config_text = ""
@@ -440,7 +443,7 @@ def write_html_report(run_dir: str | Path, pngs: list[Path]) -> Path:
     clusters: list[ClusterRow] = []
     cols: list[str] = []
     if (run / "cluster" / "_SUCCESS.json").is_file():
-        clusters = cluster_rows(run)
+        clusters = cluster_rows(run, examples_per_cluster)
         cols = [label for label, _ in selection_columns(run)]
     page = render_page(run, stages, config_text, sweep_tables(run), pngs, clusters, cols)
     out = run / "report" / "index.html"
