@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from s2l_ray import __version__
-from s2l_ray.config import ConfigError, S2LConfig, dump_config, load_config, reference_table
+from s2l_ray.api import PACKAGED, config_path
+from s2l_ray.config import ConfigError, S2LConfig, dump_config, reference_table
 
 log = logging.getLogger("s2l_ray.cli")
-PACKAGED = Path(__file__).parent / "configs"
+# The CLI is a thin layer over s2l_ray.api (load, run_pipeline, report): the same functions a
+# notebook calls.
+__all__ = ["PACKAGED", "build_parser", "config_path", "main"]
 
 DESCRIPTION = """\
 s2l: pick the training examples worth fine-tuning a large language model on.
@@ -51,19 +53,6 @@ def _epilog() -> str:
     return "\n".join(lines)
 
 
-def config_path(name: str) -> Path:
-    """A YAML path, or the name of a packaged config ('demo', 'mathinstruct')."""
-    p = Path(name)
-    if p.is_file():
-        return p
-    packaged = PACKAGED / f"{name}.yaml"
-    if packaged.is_file() and not p.suffix:
-        return packaged
-    names = ", ".join(sorted(f.stem for f in PACKAGED.glob("*.yaml")))
-    raise ConfigError(f"config '{name}' is neither a file nor a packaged config. Fix: give a "
-                      f"YAML path, or one of: {names}")
-
-
 # The section a stage's bare `key=value` overrides belong to: `s2l select CFG budget=0.2`.
 STAGE_SECTION = {"ingest": "data", "train-ref": "reference", "trajectories": "trajectories",
                  "cluster": "cluster", "select": "select", "sweep": "sweep"}
@@ -77,8 +66,9 @@ def _scoped(command: str, overrides: list[str]) -> list[str]:
 
 
 def _load(args: argparse.Namespace) -> S2LConfig:
-    path = config_path(args.config) if getattr(args, "config", None) else None
-    return load_config(path, _scoped(args.command, args.overrides))
+    from s2l_ray import api
+
+    return api.load(getattr(args, "config", None), _scoped(args.command, args.overrides))
 
 
 def _add_config_args(p: argparse.ArgumentParser, *, config: bool = True) -> None:
@@ -159,15 +149,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from s2l_ray.stages import registry as pipeline
+    from s2l_ray import api
 
     if args.command == "config":
         if args.reference:
             sys.stdout.write(reference_table() + "\n")
             return 0
         rest = list(args.args)
-        path = config_path(rest.pop(0)) if rest and "=" not in rest[0] else None
-        sys.stdout.write(dump_config(load_config(path, rest)))
+        name = rest.pop(0) if rest and "=" not in rest[0] else None
+        sys.stdout.write(dump_config(api.load(name, rest)))
         return 0
     if args.command == "make-demo-data":
         from s2l_ray.demo.data import write_mathmix
@@ -185,21 +175,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         log.info("saved %s", build_tiny_model(args.out_dir, preset=args.preset, seed=args.seed))
         return 0
     if args.command == "report":
-        from s2l_ray.stages.report import make_report
-
-        make_report(args.run_dir, examples_per_cluster=args.examples)
+        api.report(args.run_dir, examples_per_cluster=args.examples)
         return 0
-    if args.command == "demo":
-        cfg = load_config(PACKAGED / "demo.yaml", args.overrides)
-    else:
-        cfg = _load(args)
+    cfg = api.load("demo", args.overrides) if args.command == "demo" else _load(args)
     if args.command in ("demo", "run"):
-        done = pipeline.run_pipeline(cfg)
+        api.run_pipeline(cfg)  # writes the report after a sweep
     else:
-        pipeline.run_stage(cfg, args.command)
-        done = [args.command]
-    if "sweep" in done:  # the pictures of a finished sweep, regenerated: cheap and current
-        from s2l_ray.stages.report import make_report
-
-        make_report(cfg.run.output_dir)
+        api.run_pipeline(cfg, until=args.command)
+        if args.command == "sweep":  # the pictures of a finished sweep: cheap and current
+            api.report(cfg.run.output_dir)
     return 0
