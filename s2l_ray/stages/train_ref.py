@@ -132,10 +132,13 @@ def fit(cfg: S2LConfig, section: TrainConfig, key: str, examples: Path, plan: An
 
 def run_train_ref(cfg: S2LConfig) -> Stage:
     """Train the reference model (after ingest, which runs first if needed)."""
+    from s2l_ray.stages.given import skip_training
     from s2l_ray.stages.ingest import run_ingest
 
     ingest = run_ingest(cfg)
     stage = train_ref_stage(cfg)
+    if skip_training(cfg, stage):  # reference.checkpoints or trajectories.source given
+        return stage
     if not stage.needs_run():
         return stage
     rep = ingest.report()

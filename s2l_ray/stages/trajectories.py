@@ -298,9 +298,12 @@ def run_trajectories(cfg: S2LConfig) -> Stage:
 
     from s2l_ray.core.losses import ScoreStats, autocast_dtype
     from s2l_ray.runtime import cluster_has_gpus
+    from s2l_ray.stages.given import run_given_trajectories
     from s2l_ray.stages.ingest import ingest_stage
     from s2l_ray.stages.train_ref import load_manifest, run_train_ref
 
+    if cfg.trajectories.source:  # ready-made trajectories: checked and published, not scored
+        return run_given_trajectories(cfg)
     ref = run_train_ref(cfg)
     stage = trajectories_stage(cfg)
     if not stage.needs_run():
