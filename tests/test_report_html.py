@@ -164,3 +164,17 @@ def test_sweep_table_is_methods_by_budgets(tmp_path: Path) -> None:
     assert s2l[1] == f"0.600 ± {np.std([0.5, 0.7], ddof=1):.3f} [0.500, 0.700] (2 seeds)"
     assert s2l[2].startswith("0.800 ± 0.000") and s2l[3] == ""
     assert "<h3>macro_loss</h3>" in render_sweep(tables)
+
+
+def test_cli_report_logs_the_page(small_run, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from s2l_ray.cli import main
+
+    out = Path(small_run.run.output_dir)
+    with caplog.at_level(logging.INFO, logger="s2l_ray"):
+        assert main(["report", str(out), "--examples", "2"]) == 0
+    page = out / "report" / "index.html"
+    assert page.as_uri() in caplog.text
+    shown = re.findall(r"<summary>(\d+) examples</summary>", page.read_text())
+    assert len(shown) == small_run.cluster.k and max(map(int, shown)) == 2
