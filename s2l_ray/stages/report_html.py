@@ -57,6 +57,15 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    m, s = divmod(round(seconds), 60)
+    return f"{m // 60} h {m % 60} min" if m >= 60 else f"{m} min {s} s"
+
+
 # ---------------------------------------------------------------------------------------------
 # what the page shows, gathered from the published stages
 
@@ -278,8 +287,9 @@ max-width:1400px}
 h1{font-size:1.5em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ddd;padding:4px 8px;
 vertical-align:top;text-align:left}th{background:#f4f4f4}td.num{text-align:right}
-.small{font-size:.8em;color:#555}.missing{color:#999}pre{background:#f8f8f8;padding:8px;
-overflow:auto;max-height:400px}img{max-width:100%;border:1px solid #eee;margin:6px 0}
+.small{font-size:.8em;color:#555}.t{white-space:nowrap}.missing{color:#999}pre{background:#f8f8f8;padding:8px;
+overflow:auto;max-height:400px}img{width:100%;border:1px solid #eee;margin:6px 0}
+figure{display:inline-block;width:48%;margin:0 1% 8px 0;vertical-align:top}
 .ex{margin:4px 0;padding:4px;border-left:3px solid #ddd;white-space:pre-wrap;font-size:.85em}
 .ex b{color:#555}button{margin-right:6px}button[aria-pressed=true]{font-weight:bold}
 .legend span{display:inline-block;margin-right:10px}.sw{display:inline-block;width:10px;
@@ -330,7 +340,7 @@ def render_overview(stages: list[dict[str, Any]]) -> str:
             continue
         nums = ", ".join(f"{esc(k)}: <b>{esc(_fmt(v))}</b>" for k, v in s["numbers"].items())
         secs = s["seconds"]
-        rows.append([esc(s["stage"]), "done", esc(f"{secs:.1f} s" if secs is not None else "?"),
+        rows.append([esc(s["stage"]), "done", f'<span class="t">{esc(_duration(secs))}</span>',
                      nums])
     out = _table(["stage", "status", "time", "counts and rates (report.json)"], rows, raw=True)
     ingest = next((s for s in stages if s["stage"] == "ingest" and s["done"]), None)
