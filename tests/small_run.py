@@ -1,7 +1,7 @@
 """A small real run up to `select`, made once per test session and shared by the tests that only
 read a run (the HTML report, bring-your-own checkpoints): the demo data as a JSONL file plus rows
 planted with HTML/JS in their text, a real ingest, T reference checkpoints made directly (the
-tiny model with seeded noise, as in test_trajectories: no training), and the real trajectories,
+tiny model with seeded noise: no training), and the real trajectories,
 cluster and select stages on the session's local Ray. No sweep: a report must work without one.
 """
 
@@ -41,14 +41,46 @@ def write_planted_data(folder: Path, n_train: int = 240) -> Path:
     return folder
 
 
+def perturbed_checkpoint(model: str, out: Path, seed: int, tokenizer: str | None = None) -> None:
+    """The tiny model with seeded noise on every weight (none for seed 0): a stand-in for a
+    training checkpoint, saved with `tokenizer` (default: the model's own)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    net = AutoModelForCausalLM.from_pretrained(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * seed * torch.randn(p.shape, generator=gen))
+    net.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(tokenizer or model).save_pretrained(str(out))
+
+
+def publish_checkpoints(cfg: S2LConfig, model: str, t: int = 3) -> list[Path]:
+    """A published train_ref stage with t checkpoints at steps 10, 20, ..., as run_train_ref
+    would leave it."""
+    from s2l_ray.stages.train_ref import train_ref_stage
+
+    stage = train_ref_stage(cfg)
+    tmp = stage.begin()
+    manifest = []
+    for i in range(t):
+        rel = f"checkpoints/step_{10 * (i + 1):07d}"
+        perturbed_checkpoint(model, tmp / rel, seed=i)
+        manifest.append({"index": i, "step": 10 * (i + 1), "epoch": 0, "train_loss": 1.0,
+                         "probe_loss": 1.0, "lr": 1e-3, "attempt_start_step": 0, "path": rel})
+    (tmp / "manifest.json").write_text(json.dumps(manifest))
+    stage.publish({"checkpoints": manifest})
+    return [stage.path / m["path"] for m in manifest]
+
+
 def make_small_run(root: Path, model: str) -> S2LConfig:
     """ingest -> (T direct checkpoints as train_ref) -> trajectories -> cluster -> select."""
     from s2l_ray.stages.ingest import run_ingest
     from s2l_ray.stages.select import run_select
-    from tests.test_trajectories import _publish_ref
 
     cfg = small_run_cfg(root / "out", model, write_planted_data(root / "data"))
     run_ingest(cfg)
-    _publish_ref(cfg, model)
+    publish_checkpoints(cfg, model)
     run_select(cfg)
     return cfg

@@ -16,7 +16,7 @@ from s2l_ray.models.checkpoints import check_checkpoint_specs, hub_spec, step_of
 from s2l_ray.stages.given import import_trajectories
 from s2l_ray.stages.train_ref import load_manifest, train_ref_stage
 from s2l_ray.stages.trajectories import TrajectoryError, run_trajectories, trajectories_stage
-from tests.small_run import small_run_cfg
+from tests.small_run import perturbed_checkpoint, small_run_cfg
 
 
 def _traj(folder: Path) -> pa.Table:
@@ -75,12 +75,10 @@ def test_given_checkpoints_give_the_runs_trajectories(small_run, tmp_path: Path,
 def test_checkpoint_with_another_tokenizer_is_refused_before_scoring(
         small_run, tmp_path: Path, tiny_ref: str) -> None:
     from s2l_ray.models.tiny import build_tokenizer
-    from tests.test_trajectories import _checkpoint
-
     other_tok = tmp_path / "tok"
     build_tokenizer(other_tok, vocab_size=300)
     odd = tmp_path / "odd"
-    _checkpoint(tiny_ref, odd, seed=1, tokenizer=str(other_tok))
+    perturbed_checkpoint(tiny_ref, odd, seed=1, tokenizer=str(other_tok))
     paths = _given_paths(small_run)
     out = tmp_path / "out"
     cfg = small_run_cfg(out, tiny_ref, _data(small_run),
