@@ -183,9 +183,11 @@ def import_trajectories(source: str, examples: Path, out: Path) -> dict[str, Any
                           "in ingest/examples and no other (rows ingest rejected, listed in "
                           "ingest/rejects, are not examples)")
     n_resp = pc.subtract(ingested["n_tokens"], ingested["n_prompt_tokens"]).cast("int32")
-    meta = ingested.select(["id", "source"]).append_column("n_response_tokens", n_resp)
-    table = meta.join(given, "id").select(["id", "source", "n_response_tokens", "losses"]
-                                          ).sort_by("id")
+    # Each ingested row's losses (the id sets are equal: every lookup hits).
+    where = pc.index_in(ingested["id"], value_set=given["id"])
+    table = ingested.select(["id", "source"]).append_column(
+        "n_response_tokens", n_resp).append_column("losses", given["losses"].take(where)
+                                                   ).sort_by("id")
     out.mkdir(parents=True, exist_ok=True)
     for i in range(0, max(1, table.num_rows), ROWS_PER_FILE):
         pq.write_table(table.slice(i, ROWS_PER_FILE),
