@@ -114,16 +114,11 @@ class Run:
 
     def trajectories(self) -> Any:
         """The trajectories as a pyarrow Table (id, source, n_response_tokens, losses[T])."""
-        import pyarrow.dataset as pads
-
-        return pads.dataset(str(self._need("trajectories")), format="parquet").to_table()
+        return _read_parquet(self._need("trajectories"), "trajectories")
 
     def assignments(self) -> Any:
         """cluster/assignments as a pyarrow Table (id, cluster, distance, source)."""
-        import pyarrow.dataset as pads
-
-        return pads.dataset(str(self._need("cluster") / "assignments"),
-                            format="parquet").to_table()
+        return _read_parquet(self._need("cluster") / "assignments", "cluster")
 
     def sweep_table(self) -> Any:
         """sweep/results.parquet as a pyarrow Table, one row per trial (`.to_pandas()` for a
@@ -135,6 +130,16 @@ class Run:
     def report_page(self) -> Path:
         """Write the run's report (PNG plots, index.md, index.html); returns index.html."""
         return report(self.output_dir)
+
+
+def _read_parquet(folder: Path, stage: str) -> Any:
+    """The Parquet files of a stage folder (not its config.yaml or manifest) as one table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from s2l_ray.stages.cluster import parquet_files
+
+    return pa.concat_tables([pq.read_table(f) for f in parquet_files(folder, stage)])
 
 
 def open_run(where: str | Path | S2LConfig) -> Run:
