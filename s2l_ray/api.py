@@ -23,9 +23,6 @@ import numpy as np
 from s2l_ray.config import ConfigError, S2LConfig, load_config
 
 PACKAGED = Path(__file__).parent / "configs"
-# Stage names as the CLI spells them -> the folder each publishes into.
-FOLDERS = {"ingest": "ingest", "train-ref": "train_ref", "trajectories": "trajectories",
-           "cluster": "cluster", "select": "select", "sweep": "sweep"}
 
 
 def config_path(name: str | Path) -> Path:
@@ -67,10 +64,17 @@ def load(config: str | Path | Mapping[str, Any] | S2LConfig | None = None,
     return load_config(None if config is None else config_path(config), extra)
 
 
+def _folders() -> dict[str, str]:
+    """Stage names as the CLI spells them -> the folder each publishes into (the registry's)."""
+    from s2l_ray.stages.registry import STAGES
+
+    return {s.name: s.folder for s in STAGES}
+
+
 def _stage_name(name: str) -> str:
     key = name.replace("_", "-")
-    if key not in FOLDERS:
-        raise ConfigError(f"unknown stage '{name}'. Fix: use one of {', '.join(FOLDERS)}")
+    if key not in _folders():
+        raise ConfigError(f"unknown stage '{name}'. Fix: use one of {', '.join(_folders())}")
     return key
 
 
@@ -86,7 +90,7 @@ class Run:
 
     def path(self, stage: str) -> Path:
         """The folder a stage publishes into (`run.output_dir/<stage>`)."""
-        return self.output_dir / FOLDERS[_stage_name(stage)]
+        return self.output_dir / _folders()[_stage_name(stage)]
 
     def done(self, stage: str) -> bool:
         return (self.path(stage) / "_SUCCESS.json").is_file()
@@ -137,7 +141,7 @@ def _read_parquet(folder: Path, stage: str) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from s2l_ray.stages.cluster import parquet_files
+    from s2l_ray.io.parquet import parquet_files
 
     return pa.concat_tables([pq.read_table(f) for f in parquet_files(folder, stage)])
 
@@ -147,7 +151,7 @@ def open_run(where: str | Path | S2LConfig) -> Run:
     if isinstance(where, S2LConfig):
         return Run(where)
     folder = Path(where).expanduser().resolve()
-    for stage in reversed(FOLDERS.values()):  # the latest stage's snapshot has every section
+    for stage in reversed(_folders().values()):  # the latest stage's snapshot has every section
         snap = folder / stage / "config.yaml"
         if snap.is_file():
             return Run(load_config(snap, [f"run.output_dir={folder}"]))

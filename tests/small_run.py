@@ -59,9 +59,9 @@ def perturbed_checkpoint(model: str, out: Path, seed: int, tokenizer: str | None
 def publish_checkpoints(cfg: S2LConfig, model: str, t: int = 3) -> list[Path]:
     """A published train_ref stage with t checkpoints at steps 10, 20, ..., as run_train_ref
     would leave it."""
-    from s2l_ray.stages.train_ref import train_ref_stage
+    from s2l_ray.stages.registry import stage_for
 
-    stage = train_ref_stage(cfg)
+    stage = stage_for(cfg, "train-ref")
     tmp = stage.begin()
     manifest = []
     for i in range(t):
@@ -76,11 +76,10 @@ def publish_checkpoints(cfg: S2LConfig, model: str, t: int = 3) -> list[Path]:
 
 def make_small_run(root: Path, model: str) -> S2LConfig:
     """ingest -> (T direct checkpoints as train_ref) -> trajectories -> cluster -> select."""
-    from s2l_ray.stages.ingest import run_ingest
-    from s2l_ray.stages.select import run_select
+    from s2l_ray.stages.registry import run_stage
 
     cfg = small_run_cfg(root / "out", model, write_planted_data(root / "data"))
-    run_ingest(cfg)
+    run_stage(cfg, "ingest")
     publish_checkpoints(cfg, model)
-    run_select(cfg)
+    run_stage(cfg, "select")
     return cfg

@@ -8,7 +8,8 @@
                                    in the stage's own layout; train-ref is skipped
 
 Both publish the same stage folders as the computing stages, so cluster, select, sweep and the
-report read them unchanged. The hooks are called from the stages' run functions.
+report read them unchanged. The hooks are called from the train-ref and trajectories stages'
+check and run functions, and `preflight` from the runner's.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from typing import Any
 import numpy as np
 
 from s2l_ray.config import ConfigError, S2LConfig
-from s2l_ray.stages.base import Stage
 
 log = logging.getLogger(__name__)
 ROWS_PER_FILE = 1_000_000
@@ -41,41 +41,50 @@ def preflight(cfg: S2LConfig) -> None:
         trajectory_files(src)
 
 
-def skip_training(cfg: S2LConfig, stage: Stage) -> bool:
-    """Called by train-ref after ingest: True when the reference is not trained here (given
-    checkpoints, published now unless current, or given trajectories, which need none)."""
-    if cfg.trajectories.source:
-        log.info("train-ref: skipped, trajectories.source gives the trajectories")
-        return True
-    if not cfg.reference.checkpoints:
-        return False
-    if stage.needs_run():
-        publish_given_checkpoints(cfg, stage)
-    return True
-
-
-def publish_given_checkpoints(cfg: S2LConfig, stage: Stage) -> Path:
-    """Resolve (download hub ones), check every checkpoint, publish the train_ref manifest."""
-    from s2l_ray.models.checkpoints import (
-        check_checkpoint_specs,
-        check_given_checkpoints,
-        manifest_for,
-        resolve_checkpoint,
-    )
+def _given_paths(cfg: S2LConfig) -> list[str]:
+    """Local folders of the given checkpoints (hub ones downloaded once into the run)."""
+    from s2l_ray.models.checkpoints import check_checkpoint_specs, resolve_checkpoint
     from s2l_ray.models.specs import models_dir
-    from s2l_ray.stages.ingest import ingest_stage
 
     specs = list(cfg.reference.checkpoints or [])
     check_checkpoint_specs(specs)
-    paths = [resolve_checkpoint(s, models_dir(cfg) / "hub") for s in specs]
-    tokenizer = ingest_stage(cfg).report().get("tokenizer")
-    check_given_checkpoints(paths, tokenizer, cfg.reference.trust_remote_code)
-    tmp = stage.begin()
-    manifest = manifest_for(specs, paths)
+    return [resolve_checkpoint(s, models_dir(cfg) / "hub") for s in specs]
+
+
+def check_reference(cfg: S2LConfig, inputs: dict[str, Path]) -> bool:
+    """train-ref's check: True when the reference is not trained here. Given checkpoints get
+    every check now, before any work folder or scoring (tokenizers, weights, output head)."""
+    from s2l_ray.models.checkpoints import check_given_checkpoints
+    from s2l_ray.stages.base import read_report
+
+    if cfg.trajectories.source:
+        return True
+    if not cfg.reference.checkpoints:
+        return False
+    check_given_checkpoints(_given_paths(cfg), read_report(inputs["ingest"]).get("tokenizer"),
+                            cfg.reference.trust_remote_code)
+    return True
+
+
+def reference_report(cfg: S2LConfig, inputs: dict[str, Path],
+                     tmp: Path) -> dict[str, Any] | None:
+    """train-ref's work when nothing is trained: the manifest of the given checkpoints (or an
+    empty one when trajectories.source gives the trajectories) into `tmp`; None otherwise."""
+    from s2l_ray.models.checkpoints import manifest_for
+
+    if cfg.trajectories.source:
+        (tmp / "manifest.json").write_text("[]\n")
+        log.info("train-ref: nothing to train, trajectories.source gives the trajectories")
+        return {"model": None, "trained": False, "checkpoints": [],
+                "skipped": "trajectories.source gives the trajectories"}
+    if not cfg.reference.checkpoints:
+        return None
+    specs = list(cfg.reference.checkpoints)
+    manifest = manifest_for(specs, _given_paths(cfg))
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("train-ref: using %d given checkpoints (%s), no training", len(specs),
              ", ".join(specs))
-    return stage.publish({"model": None, "given_checkpoints": specs, "checkpoints": manifest})
+    return {"model": None, "trained": False, "given_checkpoints": specs, "checkpoints": manifest}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,17 +208,3 @@ def import_trajectories(source: str, examples: Path, out: Path) -> dict[str, Any
              n_t, source)
     return {"examples": table.num_rows, "checkpoints": n_t, "given": source,
             "nonfinite_losses": 0}
-
-
-def run_given_trajectories(cfg: S2LConfig) -> Stage:
-    """The trajectories stage when trajectories.source is set (after ingest)."""
-    from s2l_ray.stages.ingest import run_ingest
-    from s2l_ray.stages.trajectories import trajectories_stage
-
-    ingest = run_ingest(cfg)
-    stage = trajectories_stage(cfg)
-    if not stage.needs_run():
-        return stage
-    tmp = stage.begin()
-    stage.publish(import_trajectories(cfg.trajectories.source, ingest.path / "examples", tmp))
-    return stage

@@ -155,7 +155,7 @@ def cluster_rows(run: Path,
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
-    from s2l_ray.stages.cluster import parquet_files
+    from s2l_ray.io.parquet import parquet_files
     from s2l_ray.stages.report import cluster_mean_trajectories
 
     k = int(np.load(run / "cluster" / "centroids.npy", mmap_mode="r").shape[0])

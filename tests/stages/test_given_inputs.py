@@ -13,9 +13,11 @@ import pytest
 
 from s2l_ray.config import ConfigError
 from s2l_ray.models.checkpoints import check_checkpoint_specs, hub_spec, step_of
+from s2l_ray.stages.base import read_report
 from s2l_ray.stages.given import import_trajectories
-from s2l_ray.stages.train_ref import load_manifest, train_ref_stage
-from s2l_ray.stages.trajectories import TrajectoryError, run_trajectories, trajectories_stage
+from s2l_ray.stages.registry import run_stage, stage_for
+from s2l_ray.stages.train_ref import load_manifest
+from s2l_ray.stages.trajectories import TrajectoryError
 from tests.small_run import perturbed_checkpoint, small_run_cfg
 
 
@@ -29,7 +31,7 @@ def _data(cfg) -> Path:
 
 
 def _given_paths(cfg) -> list[str]:
-    return [m["path"] for m in load_manifest(train_ref_stage(cfg).path)]
+    return [m["path"] for m in load_manifest(stage_for(cfg, "train-ref").path)]
 
 
 def test_specs_and_steps(tmp_path: Path) -> None:
@@ -55,16 +57,16 @@ def test_given_checkpoints_give_the_runs_trajectories(small_run, tmp_path: Path,
     paths = _given_paths(small_run)
     cfg = small_run_cfg(tmp_path / "out", tiny_ref, _data(small_run),
                         f"reference.checkpoints={json.dumps(paths)}")
-    stage = run_trajectories(cfg)
+    stage = run_stage(cfg, "trajectories")
     ours = _traj(stage.path)
-    theirs = _traj(trajectories_stage(small_run).path)
+    theirs = _traj(stage_for(small_run, "trajectories").path)
     assert ours.num_rows == theirs.num_rows > 200
     assert ours.equals(theirs)  # bitwise: ids, sources, token counts, every loss
-    ref = train_ref_stage(cfg)
+    ref = stage_for(cfg, "train-ref")
     manifest = json.loads((ref.path / "manifest.json").read_text())
     assert [m["path"] for m in manifest] == paths and [m["step"] for m in manifest] == [10, 20,
                                                                                           30]
-    assert ref.report()["given_checkpoints"] == paths
+    assert read_report(ref.path)["given_checkpoints"] == paths
     assert not (ref.path / "checkpoints").exists()  # nothing trained, nothing copied
     # and the tokenizer the data was tokenized with is the first checkpoint's
     tokenizer = json.loads((tmp_path / "out" / "ingest" / "report.json").read_text())[
@@ -85,14 +87,14 @@ def test_checkpoint_with_another_tokenizer_is_refused_before_scoring(
     cfg = small_run_cfg(out, tiny_ref, _data(small_run),
                         f"reference.checkpoints={json.dumps([paths[0], str(odd), paths[2]])}")
     with pytest.raises(TrajectoryError, match=r"odd has another tokenizer than .*Fix:"):
-        run_trajectories(cfg)
+        run_stage(cfg, "trajectories")
     assert not (out / "train_ref").exists() and not (out / ".train_ref.tmp").exists()
     assert not (out / "trajectories").exists() and not (out / ".trajectories.tmp").exists()
     # every checkpoint agrees, but the data was tokenized with another tokenizer
     cfg = small_run_cfg(tmp_path / "out2", tiny_ref, _data(small_run), f"data.tokenizer={tiny_ref}",
                         f"reference.checkpoints={json.dumps([str(odd)])}")
     with pytest.raises(TrajectoryError, match=r"examples were tokenized with .*Fix:"):
-        run_trajectories(cfg)
+        run_stage(cfg, "trajectories")
     assert not (tmp_path / "out2" / ".trajectories.tmp").exists()
 
 
@@ -101,7 +103,7 @@ def test_given_trajectories_select_like_the_run(small_run, tmp_path: Path,
                                                 tiny_ref: str) -> None:
     from s2l_ray import api
 
-    theirs = _traj(trajectories_stage(small_run).path)
+    theirs = _traj(stage_for(small_run, "trajectories").path)
     order = np.random.default_rng(0).permutation(theirs.num_rows)
     given = theirs.select(["id", "losses"]).take(order)
     given = given.set_column(1, "losses", pa.array(given["losses"].to_pylist(),
@@ -115,7 +117,8 @@ def test_given_trajectories_select_like_the_run(small_run, tmp_path: Path,
                         f"trajectories.source={src}")
     run = api.run_pipeline(cfg, until="select")
     assert _traj(run.path("trajectories")).equals(theirs)
-    assert not run.done("train-ref")  # no reference trained
+    ref = run.report("train-ref")  # no reference trained, none scored
+    assert ref["trained"] is False and ref["checkpoints"] == []
     assert run.selected_ids == api.open_run(small_run).selected_ids
 
 

@@ -79,7 +79,7 @@ def readme_submit_command() -> str:
 PLACEHOLDERS = ("http://127.0.0.1:8265", "~/.ray/auth_token", "my.yaml")
 MY_YAML = """\
 run: {output_dir: OUT}
-demo: {n_train: 300, n_test_per_source: 2}
+demo: {n_train: 160, n_test_per_source: 1}  # what is tested is the job, not the data
 data: {template: plain, max_length: 128}
 reference: {model: "tiny:nano", epochs: 1, num_checkpoints: 3}
 cluster: {k: 5}
