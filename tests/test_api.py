@@ -79,7 +79,7 @@ def test_select_baselines_and_errors() -> None:
         api.select(np.zeros(5), budget=2)
     with pytest.raises(ValueError, match="3 ids for 60 rows"):
         api.select(losses, budget=2, ids=["a", "b", "c"])
-    with pytest.raises(ConfigError, match="more than the 60 examples"):
+    with pytest.raises(ValueError, match="more than the 60 examples"):
         api.select(losses, budget=61, k=2)
     with pytest.raises(ValueError, match="NaN or infinite"):
         api.select(np.full((10, 3), np.nan), budget=2, k=2)
