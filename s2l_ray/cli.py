@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from s2l_ray import __version__
-from s2l_ray.config import ConfigError, S2LConfig, dump_config, load_config, reference_table
+from s2l_ray.api import PACKAGED, config_path
+from s2l_ray.config import ConfigError, S2LConfig, dump_config, reference_table
 from s2l_ray.errors import S2LError
 
 log = logging.getLogger("s2l_ray.cli")
-PACKAGED = Path(__file__).parent / "configs"
+# The CLI is a thin layer over s2l_ray.api (load, run_pipeline, report): the same functions a
+# notebook calls.
+__all__ = ["PACKAGED", "build_parser", "config_path", "main"]
 
 DESCRIPTION = """\
 s2l: pick the training examples worth fine-tuning a large language model on.
@@ -51,19 +53,6 @@ def _epilog() -> str:
     return "\n".join(lines)
 
 
-def config_path(name: str) -> Path:
-    """A YAML path, or the name of a packaged config ('demo', 'mathinstruct')."""
-    p = Path(name)
-    if p.is_file():
-        return p
-    packaged = PACKAGED / f"{name}.yaml"
-    if packaged.is_file() and not p.suffix:
-        return packaged
-    names = ", ".join(sorted(f.stem for f in PACKAGED.glob("*.yaml")))
-    raise ConfigError(f"config '{name}' is neither a file nor a packaged config. Fix: give a "
-                      f"YAML path, or one of: {names}")
-
-
 def _scoped(command: str, overrides: list[str]) -> list[str]:
     """A stage command's bare `key=value` overrides belong to its own section (StageSpec.bare):
     `s2l select CFG budget=0.2` is select.budget=0.2."""
@@ -76,8 +65,9 @@ def _scoped(command: str, overrides: list[str]) -> list[str]:
 
 
 def _load(args: argparse.Namespace) -> S2LConfig:
-    path = config_path(args.config) if getattr(args, "config", None) else None
-    return load_config(path, _scoped(args.command, args.overrides))
+    from s2l_ray import api
+
+    return api.load(getattr(args, "config", None), _scoped(args.command, args.overrides))
 
 
 def _add_config_args(p: argparse.ArgumentParser, *, config: bool = True) -> None:
@@ -107,11 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     for s in STAGES:
         p = sub.add_parser(s.name, help=s.summary, description=f"{s.summary}. Output: {s.output}")
         _add_config_args(p)
-    p = sub.add_parser("report", help="plot a run: accuracy vs budget, clusters, trajectories, "
-                       "source shares (PNG files in RUN_DIR/report/)",
+    p = sub.add_parser("report", help="a run's report: RUN_DIR/report/index.html (one "
+                       "page: stages, sweep table, plots, cluster browser) and PNG plots",
                        description="Plot what a run's published stages hold, as PNG files in "
-                       "RUN_DIR/report/, with an index.md. Needs no Ray.")
+                       "RUN_DIR/report/, with an index.md, and write RUN_DIR/report/index.html: "
+                       "one self-contained page (opens from disk) with the run at a glance, the "
+                       "sweep table, the plots and a cluster browser. Needs no Ray.")
     p.add_argument("run_dir", help="a run's output folder (its run.output_dir)")
+    p.add_argument("--examples", type=int, default=3, metavar="N",
+                   help="examples shown per cluster in index.html, nearest the centroid first "
+                   "(default 3)")
     p.add_argument("--log-level", default="INFO")
     p = sub.add_parser("config", help="print the resolved config, or --reference for all keys")
     p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]")
@@ -164,16 +159,16 @@ def user_message(e: S2LError) -> str:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from s2l_ray import api
     from s2l_ray.redaction import redact
-    from s2l_ray.stages import registry as pipeline
 
     if args.command == "config":
         if args.reference:
             sys.stdout.write(reference_table() + "\n")
             return 0
         rest = list(args.args)
-        path = config_path(rest.pop(0)) if rest and "=" not in rest[0] else None
-        sys.stdout.write(redact(dump_config(load_config(path, rest))))
+        name = rest.pop(0) if rest and "=" not in rest[0] else None
+        sys.stdout.write(redact(dump_config(api.load(name, rest))))
         return 0
     if args.command == "make-demo-data":
         from s2l_ray.demo.data import write_mathmix
@@ -191,21 +186,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         log.info("saved %s", build_tiny_model(args.out_dir, preset=args.preset, seed=args.seed))
         return 0
     if args.command == "report":
-        from s2l_ray.stages.report import make_report
-
-        make_report(args.run_dir)
+        api.report(args.run_dir, examples_per_cluster=args.examples)
         return 0
-    if args.command == "demo":
-        cfg = load_config(PACKAGED / "demo.yaml", args.overrides)
-    else:
-        cfg = _load(args)
+    cfg = api.load("demo", args.overrides) if args.command == "demo" else _load(args)
     if args.command in ("demo", "run"):
-        done = pipeline.run_pipeline(cfg)
+        api.run_pipeline(cfg)  # writes the report after a sweep
     else:
-        pipeline.run_stage(cfg, args.command)
-        done = [args.command]
-    if "sweep" in done:  # the pictures of a finished sweep, regenerated: cheap and current
-        from s2l_ray.stages.report import make_report
-
-        make_report(cfg.run.output_dir)
+        api.run_pipeline(cfg, until=args.command)
+        if args.command == "sweep":  # the pictures of a finished sweep: cheap and current
+            api.report(cfg.run.output_dir)
     return 0

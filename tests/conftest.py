@@ -120,3 +120,11 @@ def copy_upstream(upstream: Path, out: Path) -> Path:
     for name in UPSTREAM:
         shutil.copytree(upstream / name, out / name)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory: pytest.TempPathFactory, ray_local, tiny_ref: str) -> S2LConfig:
+    """A small real run up to select, with HTML planted in its data (tests/small_run.py)."""
+    from tests.small_run import make_small_run
+
+    return make_small_run(tmp_path_factory.mktemp("small_run"), tiny_ref)

@@ -8,6 +8,7 @@ from s2l_ray.config.schema import (
     ClusterConfig,
     ConfigError,
     EvalConfig,
+    ReferenceConfig,
     S2LConfig,
     SelectConfig,
     TrainConfig,
@@ -15,7 +16,7 @@ from s2l_ray.config.schema import (
 )
 
 __all__ = [
-    "SELECTION_METHODS", "ClusterConfig", "ConfigError", "EvalConfig", "S2LConfig",
-    "SelectConfig", "TrainConfig", "check_budget", "dump_config", "field_docs", "load_config",
-    "parse_override", "reference_table",
+    "SELECTION_METHODS", "ClusterConfig", "ConfigError", "EvalConfig", "ReferenceConfig",
+    "S2LConfig", "SelectConfig", "TrainConfig", "check_budget", "dump_config", "field_docs",
+    "load_config", "parse_override", "reference_table",
 ]

@@ -18,10 +18,13 @@ from s2l_ray.config.schema import S2LConfig
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each dataclass field, read from the source."""
+    """The docstring under each dataclass field, read from the source (base classes too)."""
+    docs: dict[str, str] = {}
+    for base in cls.__mro__[1:]:
+        if dataclasses.is_dataclass(base):
+            docs.update(field_docs(base))
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
     for node, nxt in itertools.pairwise(body):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                 and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)

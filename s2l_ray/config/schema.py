@@ -280,6 +280,29 @@ class TrainConfig:
 
 
 @dataclass
+class ReferenceConfig(TrainConfig):
+    """The small reference model: trained here (the TrainConfig keys), or your own checkpoints."""
+
+    checkpoints: list[str] | None = None
+    """Your own reference checkpoints, scored in this order instead of training one (the other
+    reference.* training keys are then unused): local model folders (saved with
+    save_pretrained, safetensors weights) or hub ids with a revision, 'EleutherAI/pythia-70m@
+    step1000'. Each must have the same tokenizer as the others and as the data, logits from
+    its output head, and safetensors weights; checked before any scoring (null: train)."""
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        if self.checkpoints is not None:
+            specs = self.checkpoints
+            if not specs or not all(isinstance(s, str) and s.strip() for s in specs):
+                _fail(f"{key}.checkpoints", f"is {specs}", "list at least one model folder or "
+                      "hub id@revision, or null to train the reference")
+            if len(set(specs)) != len(specs):
+                _fail(f"{key}.checkpoints", f"repeats a checkpoint ({specs})",
+                      "list each checkpoint once: a repeat adds a copy of the same column")
+
+
+@dataclass
 class TrajectoryConfig:
     """Per-example loss under every reference checkpoint, computed by Ray Data actors."""
 
@@ -293,6 +316,11 @@ class TrajectoryConfig:
     """Compute dtype: 'auto' is bf16 autocast on GPU and fp32 on CPU."""
     cpus_per_actor: float = 1.0
     """CPUs reserved per actor; a CPU actor computes with that many threads (at least 1)."""
+    source: str | None = None
+    """Ready-made trajectories instead of scoring: a Parquet file or folder with columns `id`
+    (the ingested ids) and `losses` (a list of T floats per example, in checkpoint order).
+    Every ingested id must be there once and no other; the reference is then not trained
+    (null: score with the reference checkpoints)."""
 
     def __post_init__(self) -> None:
         if self.batch_tokens < 64:
@@ -462,7 +490,7 @@ class S2LConfig:
     """Built-in demo data set."""
     data: DataConfig = field(default_factory=DataConfig)
     """Ingestion and tokenization."""
-    reference: TrainConfig = field(default_factory=TrainConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     """Small reference model training (stage train-ref)."""
     trajectories: TrajectoryConfig = field(default_factory=TrajectoryConfig)
     """Loss trajectories (stage trajectories)."""

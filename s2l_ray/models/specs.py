@@ -12,7 +12,10 @@ from s2l_ray.config import ConfigError, S2LConfig
 
 
 def tokenizer_spec(cfg: S2LConfig) -> str:
-    return cfg.data.tokenizer or cfg.reference.model
+    """What the data is tokenized with: data.tokenizer, else the reference's (the first given
+    checkpoint's when reference.checkpoints is set)."""
+    given = cfg.reference.checkpoints
+    return cfg.data.tokenizer or (given[0] if given else cfg.reference.model)
 
 
 def models_dir(cfg: S2LConfig) -> Path:
@@ -47,7 +50,11 @@ def check_spec(spec: str, key: str, weights: bool = True) -> None:
 
 
 def resolve_model(spec: str, cfg: S2LConfig) -> str:
-    """A path or hub id for from_pretrained; builds tiny models once under run.output_dir."""
+    """A path or hub id for from_pretrained; builds tiny models once under run.output_dir, and
+    resolves given checkpoints (hub 'owner/name@revision' ones downloaded under it)."""
+    from s2l_ray.models.checkpoints import hub_spec, resolve_checkpoint
     from s2l_ray.models.tiny import resolve_model as resolve
 
+    if hub_spec(spec) or spec in (cfg.reference.checkpoints or ()):
+        return resolve_checkpoint(spec, models_dir(cfg) / "hub")
     return resolve(spec, models_dir(cfg))

@@ -124,6 +124,7 @@ def preflight(cfg: S2LConfig) -> None:
     """Checks that need the filesystem, done before any stage starts any work."""
     from s2l_ray.io.readers import check_allowed_roots, list_files
     from s2l_ray.models.specs import check_spec
+    from s2l_ray.stages.given import preflight as given_inputs
 
     check_spec(cfg.reference.model, "reference.model")
     check_spec(cfg.target.model, "target.model")
@@ -140,6 +141,7 @@ def preflight(cfg: S2LConfig) -> None:
                               "Fix: use demo:mathmix")
     elif not src.startswith("hf:"):
         list_files(src)
+    given_inputs(cfg)  # reference.checkpoints, trajectories.source
     out = Path(cfg.run.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"config key 'run.output_dir': '{out}' is a file. Fix: name a folder")

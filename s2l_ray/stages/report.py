@@ -8,6 +8,8 @@
                                checkpoints (the paper's picture)
     source_share.png           each source's share of the full data vs of each selection
     index.md                   the plots and the sweep's summary table
+    index.html                 one self-contained page: the run at a glance, the sweep table,
+                               the plots and a cluster browser (`report_html`)
 
 Reads only published stage folders, plots what exists and says what it skipped. No Ray needed.
 """
@@ -188,8 +190,9 @@ def _selections(run: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
-def make_report(run_dir: str | Path) -> list[Path]:
-    """Write every plot the run's published stages allow; returns the files written."""
+def make_report(run_dir: str | Path, examples_per_cluster: int = 3) -> list[Path]:
+    """Write every plot the run's published stages allow, and index.md and index.html (with
+    `examples_per_cluster` examples per cluster); returns the PNG files written."""
     run = Path(run_dir).expanduser().resolve()
     if not run.is_dir():
         from s2l_ray.config import ConfigError
@@ -221,11 +224,16 @@ def make_report(run_dir: str | Path) -> list[Path]:
                   for m, r in sorted(sel.items())}
         written.append(plot_source_share(main["sources"]["before"], labels,
                                          out / "source_share.png"))
-    lines = [f"# s2l report: {run}", ""] + [f"![{p.stem}]({p.name})" for p in written]
+    lines = [f"# s2l report: {run}", "", "The whole run on one page: [index.html](index.html)",
+             ""] + [f"![{p.stem}]({p.name})" for p in written]
     summary = run / "sweep" / "summary.md"
     if summary.is_file():
         lines += ["", summary.read_text()]
     (out / "index.md").write_text("\n".join(lines) + "\n")
     for p in written:
         log.info("report: wrote %s", p)
+    from s2l_ray.stages.report_html import write_html_report
+
+    page = write_html_report(run, written, examples_per_cluster)
+    log.info("report: the whole run on one page: %s", page.as_uri())
     return written

@@ -28,13 +28,23 @@ from s2l_ray.training.driver import fit, plan_training, probe_batch
 
 log = logging.getLogger(__name__)
 def check(cfg: S2LConfig, inputs: dict[str, Path]) -> None:
-    """The step plan and the CPU headroom, before the work folder is made."""
+    """The step plan and the CPU headroom, before the work folder is made (or, for given
+    checkpoints, every check of them: `stages.given`)."""
+    from s2l_ray.stages.given import check_reference
+
+    if check_reference(cfg, inputs):  # reference.checkpoints or trajectories.source given
+        return
     plan_training(cfg.reference, "reference", read_report(inputs["ingest"])["valid"])
 
 
 def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
     """Train the reference model on the ingest examples; checkpoints + manifest into `tmp`.
     `tmp` is kept across an interruption: Ray Train's checkpoints in it resume the run."""
+    from s2l_ray.stages.given import reference_report
+
+    given = reference_report(cfg, inputs, tmp)  # no training: given checkpoints/trajectories
+    if given is not None:
+        return given
     examples = inputs["ingest"] / "examples"
     rep = read_report(inputs["ingest"])
     plan = plan_training(cfg.reference, "reference", rep["valid"])

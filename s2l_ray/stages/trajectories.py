@@ -269,6 +269,8 @@ def check(cfg: S2LConfig, inputs: dict[str, Path]) -> None:
     the actors leave CPU to read with: checked on the driver before any Ray Data work."""
     from s2l_ray.stages.train_ref import load_manifest
 
+    if cfg.trajectories.source:  # ready-made: checked when read (stages.given)
+        return
     paths = [m["path"] for m in load_manifest(inputs["train-ref"])]
     rep = read_report(inputs["ingest"])
     check_checkpoints(paths, rep.get("tokenizer"), cfg.reference.trust_remote_code)
@@ -286,8 +288,11 @@ def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from s2l_ray.core.losses import ScoreStats, autocast_dtype
+    from s2l_ray.stages.given import import_trajectories
     from s2l_ray.stages.train_ref import load_manifest
 
+    if cfg.trajectories.source:  # ready-made trajectories: checked and published, not scored
+        return import_trajectories(cfg.trajectories.source, inputs["ingest"] / "examples", tmp)
     t = cfg.trajectories
     rep = read_report(inputs["ingest"])
     manifest = load_manifest(inputs["train-ref"])

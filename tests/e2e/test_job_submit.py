@@ -1,19 +1,21 @@
-"""`ray job submit` against a real Ray head started with `ray start --head` on 127.0.0.1: the
-submitted pipeline joins that cluster (run.ray_address=auto, resolved through the RAY_ADDRESS
-that the job server sets) and writes its outputs. The head runs in its own processes with its own
-ports and temp dir, so the session's in-process `ray_local` is untouched; it is ended by its temp
-dir (not `ray stop`, which would end every Ray on the machine)."""
+"""The README's `ray job submit` command line, run as written against a real Ray head started
+with `ray start --head` on 127.0.0.1 with token authentication: the submitted pipeline joins that
+cluster (run.ray_address=auto, resolved through the RAY_ADDRESS that the job server sets) and
+writes its outputs; without the token in front the same command is refused. The head runs in
+its own processes with its own ports and temp dir, so the session's in-process `ray_local` is
+untouched; it is ended by its temp dir (not `ray stop`, which would end every Ray on the
+machine)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,12 +35,6 @@ from tests.ray_procs import (
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-TINY = ["demo.n_train=160", "demo.n_test_per_source=1", "reference.model=tiny:nano",
-        "target.model=tiny:nano", "reference.epochs=1", "reference.num_checkpoints=3",
-        "cluster.k=5", "select.budget=0.2"]  # what is tested is the job, not the data size
-# The working dir is zipped and uploaded to the cluster: the virtualenv alone is gigabytes.
-EXCLUDES = [".venv", ".git", "s2l_output", "*.egg-info", "__pycache__", ".pytest_cache",
-            ".ruff_cache", ".device-bundle"]
 
 
 @pytest.fixture
@@ -62,36 +58,69 @@ def ray_head() -> Iterator[dict[str, Any]]:
     try:
         started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         assert started.returncode == 0, f"ray start failed:\n{started.stdout}\n{started.stderr}"
-        yield {"dashboard": f"http://127.0.0.1:{dash}", "gcs_port": gcs, "env": env}
+        yield {"dashboard": f"http://127.0.0.1:{dash}", "gcs_port": gcs, "env": env,
+               "token": str(token)}
     finally:
         kill_processes(processes_of(str(temp)))
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _job_logs(head: dict[str, Any], job_id: str) -> str:
-    done = subprocess.run([ray_cli(), "job", "logs", "--address", head["dashboard"], job_id],
-                          env=head["env"], capture_output=True, text=True, timeout=60)
-    return done.stdout + done.stderr
+def readme_submit_command() -> str:
+    """The `ray job submit` command of the README's cluster section, continuation lines joined."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### Running on a cluster"):]
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", section, re.S)
+                 if "ray job submit" in b)
+    return block.replace("\\\n", " ").strip()
 
 
-def test_ray_job_submit_runs_the_pipeline_on_the_cluster(ray_head: dict[str, Any],
-                                                         tmp_path: Path) -> None:
+# The README's placeholders and what this test puts there: its head's job server, its token
+# (never the machine's own ~/.ray, which other Rays use), and a tiny config.
+PLACEHOLDERS = ("http://127.0.0.1:8265", "~/.ray/auth_token", "my.yaml")
+MY_YAML = """\
+run: {output_dir: OUT}
+demo: {n_train: 160, n_test_per_source: 1}  # what is tested is the job, not the data
+data: {template: plain, max_length: 128}
+reference: {model: "tiny:nano", epochs: 1, num_checkpoints: 3}
+cluster: {k: 5}
+select: {budget: 0.2}
+target: {model: "tiny:nano", epochs: 1, num_checkpoints: 1}
+sweep: {methods: [s2l], budgets: [0.2], seeds: [0]}
+eval: {max_examples: 6, max_new_tokens: 8}
+"""
+
+
+def test_readme_cluster_command_runs_the_pipeline(ray_head: dict[str, Any],
+                                                  tmp_path: Path) -> None:
     out = tmp_path / "out"
-    job_id = f"s2l-test-{uuid.uuid4().hex[:8]}"
-    runtime_env = {"excludes": EXCLUDES, "env_vars": {"HF_HUB_OFFLINE": "1"}}
-    # `select`: the demo config up to selection (the sweep after it trains the target model:
-    # minutes, and not what this test is about).
-    entry = [sys.executable, "-m", "s2l_ray", "select", "demo", *TINY,
-             f"run.output_dir={out}", "run.ray_address=auto"]
-    cmd = [ray_cli(), "job", "submit", "--address", ray_head["dashboard"],
-           "--submission-id", job_id, "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps(runtime_env), "--", *entry]
+    my_yaml = tmp_path / "my.yaml"
+    my_yaml.write_text(MY_YAML.replace("OUT", str(out)))
+    command = readme_submit_command()
+    assert command.startswith("RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=~/.ray/auth_token ")
+    for p in PLACEHOLDERS:
+        assert p in command, f"the README's command lost {p!r}; update this test with it"
+    ours = command.replace(PLACEHOLDERS[0], ray_head["dashboard"]).replace(
+        PLACEHOLDERS[1], ray_head["token"]).replace(PLACEHOLDERS[2], str(my_yaml))
+    # `ray` and `python` as a user's shell finds them (this virtualenv first); no Ray auth
+    # variables but the command's own.
+    env = {k: v for k, v in clean_env().items() if not k.startswith("RAY_AUTH")}
+    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+
+    # Without the token the job server refuses at once, as the README says.
+    bare = ours.split("ray job submit", 1)[1]
+    refused = subprocess.run(["bash", "-c", "ray job submit" + bare], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    assert re.search(r"[Aa]uthentication", refused.stdout + refused.stderr), \
+        (refused.stdout + refused.stderr)[-3000:]
+    assert not out.exists()
+
     t0 = time.time()
     try:
-        done = subprocess.run(cmd, env=ray_head["env"], capture_output=True, text=True,
-                              timeout=900)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"job did not finish in 900 s; its logs:\n{_job_logs(ray_head, job_id)}")
+        done = subprocess.run(["bash", "-c", ours], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=1200)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"job did not finish in 1200 s:\n{str(e.stdout)[-6000:]}")
     output = done.stdout + done.stderr
     assert done.returncode == 0 and "succeeded" in output, \
         f"job failed (exit {done.returncode}) after {time.time() - t0:.0f} s:\n{output[-8000:]}"
@@ -107,4 +136,6 @@ def test_ray_job_submit_runs_the_pipeline_on_the_cluster(ray_head: dict[str, Any
     ids = pq.read_table(out / "select" / "selected.parquet")["id"].to_pylist()
     valid = json.loads((out / "ingest" / "report.json").read_text())["valid"]
     assert len(lines) == len(set(ids)) == len(ids) == resolve_budget(0.2, valid) > 0
-    assert not (out / "sweep").exists()
+    # `run` is the whole pipeline: the one-trial sweep, then the report
+    assert (out / "sweep" / "_SUCCESS.json").is_file()
+    assert (out / "report" / "index.html").is_file()
