@@ -111,11 +111,13 @@ def group_file(group: int, groups: int) -> str:
 
 
 def checkpoints_key(paths: list[str]) -> str:
-    """Identity of the checkpoints scored with (paths, and each file's name, size and mtime):
-    a group file scored with other weights under the same config is not reused."""
+    """Identity of the checkpoints scored with, in column order: each one's files (relative
+    name, size, mtime), not its folder's path, so a run folder moved or copied whole (mtimes
+    kept) still matches. A group file scored with other weights under the same config is not
+    reused."""
     h = hashlib.sha256()
-    for p in paths:
-        h.update(f"{p}\0".encode())
+    for i, p in enumerate(paths):
+        h.update(f"checkpoint {i}\0".encode())
         root = Path(p)
         for f in sorted(root.rglob("*")) if root.is_dir() else []:
             if f.is_file():
