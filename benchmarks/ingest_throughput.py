@@ -222,6 +222,11 @@ def main() -> None:
     ap.add_argument("--tokenizer", default="tiny:nano")
     ap.add_argument("--work", default="/tmp/s2l_ingest_bench")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/ingest_throughput_cpu.md"))
+    ap.add_argument("--baseline-max", type=int, default=10**9,
+                    help="run the datasets baseline only for sizes up to this")
+    ap.add_argument("--keep", action="store_true",
+                    help="merge into the results of earlier runs (same --work) instead of "
+                         "replacing them: the table then holds every (size, format) measured")
     ap.add_argument("--baseline", nargs=5, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.baseline:
@@ -239,17 +244,22 @@ def main() -> None:
     tok = resolve_model(a.tokenizer, work / "models") if a.tokenizer.startswith("tiny:") \
         else a.tokenizer
     init_ray(num_cpus=a.cpus)
-    rows = []
+    saved = work / "results.json"
+    rows = json.loads(saved.read_text()) if a.keep and saved.is_file() else []
     for n in (int(s) for s in a.sizes.split(",")):
         for fmt in a.formats.split(","):
             data = write_data(work / "data", n, fmt)
             log.info("%d rows, %s: ingest stage", n, fmt)
             st = run_stage(data, work / "out", tok)
             log.info("%s", st)
-            log.info("%d rows, %s: datasets baseline", n, fmt)
-            base = run_baseline(data, fmt, tok, work)
-            log.info("%s", base)
-            rows.append({"n": n, "fmt": fmt, "stage": st, "base": base})
+            base = None
+            if n <= a.baseline_max:
+                log.info("%d rows, %s: datasets baseline", n, fmt)
+                base = run_baseline(data, fmt, tok, work)
+                log.info("%s", base)
+            rows = [r for r in rows if (r["n"], r["fmt"]) != (n, fmt)]
+            rows.append({"n": n, "fmt": fmt, "stage": st, "base": base, "cpus": a.cpus})
+            saved.write_text(json.dumps(rows, indent=1))
     lines = [
         "# Ingest throughput: the ingest stage vs `datasets` map (CPU)", "",
         f"Machine: {machine()}. Ray local with {a.cpus} CPUs (started before timing); the "
@@ -261,21 +271,20 @@ def main() -> None:
         "driver peak MB | worker peak MB | datasets s | datasets rows/s | datasets peak MB | "
         "per-core ratio |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        s, b = r["stage"], r["base"]
+    for r in sorted(rows, key=lambda r: (r["n"], r["fmt"])):
+        s, b, cpus = r["stage"], r["base"], r["cpus"]
+        base = (f"{b['seconds']:.1f} | {b['rows_per_s']:,.0f} | {b['peak_mb']:,.0f} | "
+                f"{s['rows_per_s'] / cpus / b['rows_per_s']:.2f}x") if b else "- | - | - | -"
         lines.append(
             f"| {r['n']:,} | {r['fmt']} | {s['seconds']:.1f} | {s['rows_per_s']:,.0f} | "
-            f"{s['rows_per_s'] / a.cpus:,.0f} | {s['tokens_per_s']:,.0f} | "
-            f"{s['driver_peak_mb']:,.0f} | {s['worker_peak_mb']:,.0f} | {b['seconds']:.1f} | "
-            f"{b['rows_per_s']:,.0f} | {b['peak_mb']:,.0f} | "
-            f"{s['rows_per_s'] / a.cpus / b['rows_per_s']:.2f}x |")
+            f"{s['rows_per_s'] / cpus:,.0f} | {s['tokens_per_s']:,.0f} | "
+            f"{s['driver_peak_mb']:,.0f} | {s['worker_peak_mb']:,.0f} | {base} |")
     lines += ["", "per-core ratio = (stage rows/s / CPUs) / (datasets rows/s, one process). "
               "The stage also deduplicates ids, keeps rejects with reasons and writes Parquet; "
               "the baseline does the same parsing, templating and tokenization only.", ""]
     text = "\n".join(lines)
     print(text)
     Path(a.out).write_text(text)
-    (work / "results.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ prompt masking, resume after a killed run, and configs that fail before training
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,11 +33,39 @@ def _overrides(tiny_ref: str, out: Path) -> list[str]:
             "reference.lr=3e-3", "reference.zero_stage=1", f"reference.num_checkpoints={T}"]
 
 
+PROGRESS: list[str] = []  # the driver's log lines while `trained` ran
+
+
+class _Lines(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        PROGRESS.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, ray_local, tiny_ref: str):
     out = tmp_path_factory.mktemp("train") / "out"
-    cfg = load_config(None, _overrides(tiny_ref, out))
-    return cfg, run_train_ref(cfg)
+    # a short progress cadence: training takes longer, so lines must appear
+    cfg = load_config(None, [*_overrides(tiny_ref, out), "run.progress_seconds=0.5"])
+    root, handler = logging.getLogger("s2l_ray"), _Lines(logging.INFO)
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        return cfg, run_train_ref(cfg)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def test_progress_lines_reach_the_driver(trained) -> None:
+    """Rank 0's step counts reach the driver's log (worker -> ProgressSink actor -> driver)."""
+    _, stage = trained
+    total = stage.report()["plan"]["total_steps"]
+    found = [re.match(r"train-ref: (\d+)/(\d+) steps \(\d+%\)", line) for line in PROGRESS]
+    found = [(int(m[1]), int(m[2])) for m in found if m]
+    assert len(found) >= 2, PROGRESS[-20:]
+    assert {t for _, t in found} == {total}
+    assert found[-1][0] == total  # the last line: every step, known only from the workers
 
 
 def _hf_loss(path: str, probe: dict) -> float:
