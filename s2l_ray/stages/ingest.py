@@ -1,7 +1,13 @@
 """Stage `ingest`: instruction data -> validated, tokenized examples with stable ids (Parquet).
 
-    files / HF data set --parse (tasks)--> raw rows --normalize+tokenize (actors)--> examples
-                                                                                 \\-> rejects
+    files / HF data set --parse (tasks)--> raw rows --normalize+tokenize+write (tasks, one
+        streaming pass)--> examples/part-*.parquet + rejects/part-*.parquet
+    driver: per part, its counts and 8-byte id hashes --> repeated ids --> the few parts holding
+        them rewritten in place (later rows moved to rejects/, reason duplicate_id)
+
+The driver never holds the rows: its memory grows by 8 bytes per valid row (the id hashes), and
+each task holds one part (ROWS_PER_PART rows). Part files are named by their first row's origin
+(file rank, row number), so their sorted order is the input order whatever the parallelism.
 
 Every input row ends in exactly one of `examples/` or `rejects/` (with a reason code and a
 detail), and the report counts both, so nothing is dropped silently. Rows whose id repeats keep
@@ -342,6 +348,8 @@ def normalize_to_parts(cfg: S2LConfig, source: str, tok_path: str, out: Path
                 progress.add(json.loads(parts[name])["rows"])
     parts.update(dedupe_parts(out, hashes, cfg.data.duplicates))
     for sub in ("examples", "rejects"):
+        for left in (out / sub).glob(".*.tmp"):  # a task killed mid-write, since retried
+            left.unlink()
         if not any((out / sub).iterdir()):
             (out / sub).rmdir()
     return merge_stats([json.loads(v) for v in parts.values()]), progress.stop()
