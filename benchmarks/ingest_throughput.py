@@ -4,9 +4,9 @@ For each size N and format (JSONL, Parquet) it writes N MathInstruct-shaped rows
 instruction, output}: seeded random words, lengths like MathInstruct's, 0.5% of rows repeated so
 deduplication has work) as 8 shard files, then measures in the same run:
 
-  * the ingest stage (`run_ingest`) on a local Ray with --cpus CPUs, Ray started beforehand and
-    not timed: rows/s, tokens/s, peak RSS of the driver and of the busiest Ray worker process
-    (sampled every 0.1 s);
+  * the ingest stage (`run_stage(cfg, "ingest")`) on a local Ray with --cpus CPUs, Ray
+    started beforehand and not timed: rows/s, tokens/s, peak RSS of the driver and of the
+    busiest Ray worker process (sampled every 0.1 s);
   * the baseline a user would write: `datasets.load_dataset` + `Dataset.map(batched=True)` in
     one process (no num_proc), doing the same per-row work with the same functions (parse the
     row, apply the template, tokenize with the same tokenizer, truncate) but no deduplication
@@ -132,7 +132,7 @@ class PeakRSS:
 
 def run_stage(data: Path, out: Path, tokenizer: str) -> dict[str, Any]:
     from s2l_ray.config import load_config
-    from s2l_ray.stages.ingest import run_ingest
+    from s2l_ray.stages.registry import run_stage
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config(None, [f"run.output_dir={out}", f"data.source={data}",
@@ -141,7 +141,7 @@ def run_stage(data: Path, out: Path, tokenizer: str) -> dict[str, Any]:
                              "run.progress_seconds=30"])
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        rep = run_ingest(cfg).report()
+        rep = run_stage(cfg, "ingest").report()
         wall = time.perf_counter() - t0
     shutil.rmtree(out, ignore_errors=True)
     return {"rows": rep["rows"], "valid": rep["valid"], "rejected": rep["rejected"],

@@ -16,7 +16,6 @@ the first occurrence (by file and row number, whatever the parallelism); the res
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,8 +23,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from s2l_ray.config import ConfigError, S2LConfig
-from s2l_ray.stages.base import Stage
+from s2l_ray.config import S2LConfig
+from s2l_ray.core.hashing import hash64
+from s2l_ray.errors import S2LError
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,8 @@ REJECT_COLUMNS = ["origin_file", "origin_row", "reject_reason", "reject_detail",
                   "raw"]
 
 
-class IngestError(ConfigError, RuntimeError):
-    """The input yields no usable example. A ConfigError too: the fix is in the data or the
-    data.* keys, so the CLI reports the message (exit 2) instead of a traceback."""
+class IngestError(S2LError):
+    """The input yields no usable example: the fix is in the data or the data.* keys."""
 
 
 def _schema() -> Any:
@@ -152,8 +151,6 @@ def _keep(batch: Any, valid: bool) -> Any:
     return batch.filter(mask if valid else pc.invert(mask))
 
 
-def _hash64(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
 def _mark_losers(batch: Any, losers: dict[tuple[str, int], str]) -> Any:
@@ -180,7 +177,7 @@ def part_name(origin_file: str, origin_row: int, origins: dict[str, int]) -> str
     """A part's file name from its first row: sorted names follow the input order (file, then
     row) whatever the parallelism, so readers see the rows in one order on every run."""
     i = origins.get(origin_file)
-    tag = f"{i:05d}" if i is not None else f"h{_hash64(origin_file) % 10**12:012d}"
+    tag = f"{i:05d}" if i is not None else f"h{hash64(origin_file) % 10**12:012d}"
     return f"part-{tag}-{origin_row:012d}.parquet"
 
 
@@ -224,7 +221,7 @@ def normalize_part(batch: Any, out_dir: str, origins: dict[str, int], tokenizer_
         _write(_columns(good, EXAMPLE_COLUMNS), out / "examples" / name)
     if bad.num_rows:
         _write(_columns(bad, REJECT_COLUMNS), out / "rejects" / name)
-    hashes = np.array([_hash64(i) for i in good["id"].to_pylist()], np.uint64)
+    hashes = np.array([hash64(i) for i in good["id"].to_pylist()], np.uint64)
     return pa.table({"part": [name], "stats": _stats(norm)["stats"],
                      "hashes": pa.array([hashes], pa.list_(pa.uint64()))})
 
@@ -234,7 +231,7 @@ def _part_candidates(path: str, hashes: frozenset[int]) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     t = pq.read_table(path, columns=["id", "origin_file", "origin_row"])
-    return t.filter([_hash64(i) in hashes for i in t["id"].to_pylist()]).to_pylist()
+    return t.filter([hash64(i) in hashes for i in t["id"].to_pylist()]).to_pylist()
 
 
 def _drop_losers(out_dir: str, name: str, losers: dict[tuple[str, int], str]) -> str:
@@ -355,20 +352,11 @@ def normalize_to_parts(cfg: S2LConfig, source: str, tok_path: str, out: Path
     return merge_stats([json.loads(v) for v in parts.values()]), progress.stop()
 
 
-def ingest_stage(cfg: S2LConfig) -> Stage:
-    from s2l_ray.models.specs import tokenizer_spec
-
-    return Stage(cfg, "ingest", ("data", "demo"), upstream=(tokenizer_spec(cfg),))
-
-
-def run_ingest(cfg: S2LConfig) -> Stage:
-    """Read `data.source`, validate, tokenize, dedupe; publish examples/, rejects/, report."""
+def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
+    """Read `data.source`, validate, tokenize, dedupe into examples/ and rejects/ in `tmp`;
+    returns the report."""
     from s2l_ray.models.specs import resolve_model, tokenizer_spec
 
-    stage = ingest_stage(cfg)
-    if not stage.needs_run():
-        return stage
-    tmp = stage.begin()
     source = cfg.data.source
     if source == "demo:mathmix":
         from s2l_ray.demo.data import write_mathmix
@@ -389,12 +377,11 @@ def run_ingest(cfg: S2LConfig) -> Stage:
                           f"reasons: {top}). Fix: check data.format and the field names")
     for reason, n in sorted(stats["rejects"].items()):
         log.warning("ingest: rejected %d rows: %s (see %s)", n, reason,
-                    stage.path / "rejects")
+                    Path(cfg.run.output_dir) / "ingest" / "rejects")
     log.info("ingest: %d valid examples, %d rejected, %d truncated, %d tokens",
              stats["valid"], stats["rejected"], stats["truncated"], stats["tokens"])
     seconds = speed["seconds"]
-    stage.publish({"source": cfg.data.source, "tokenizer": tok_path, **stats,
-                   "seconds_normalizing": seconds,
-                   "rows_per_s": stats["rows"] / seconds if seconds else None,
-                   "tokens_per_s": stats["tokens"] / seconds if seconds else None})
-    return stage
+    return {"source": cfg.data.source, "tokenizer": tok_path, **stats,
+            "seconds_normalizing": seconds,
+            "rows_per_s": stats["rows"] / seconds if seconds else None,
+            "tokens_per_s": stats["tokens"] / seconds if seconds else None}

@@ -19,18 +19,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from s2l_ray.config import dump_config
+from s2l_ray.core.hashing import hash128
 from s2l_ray.core.losses import ScoreStats
-from s2l_ray.stages.ingest import run_ingest
+from s2l_ray.stages.registry import run_stage
 from s2l_ray.stages.trajectories import (
-    _hash128,
     check_group,
     group_file,
     reusable_groups,
-    run_trajectories,
     write_group,
 )
 from tests.ray_procs import REPO, clean_env, kill_run, short_tmpdir
-from tests.test_trajectories import _cfg, _copy_inputs, _publish_ref
+from tests.stages.test_trajectories import _cfg, _copy_inputs, _publish_ref
 
 
 def _group_files(folder: Path) -> dict[str, bytes]:
@@ -61,17 +60,17 @@ def _kill_after_groups(cfg_file: Path, tmp: Path, log: Path, n: int) -> int:
 @pytest.mark.slow
 def test_killed_run_resumes_with_missing_groups_only(tmp_path: Path, ray_local, tiny_ref: str,
                                                      caplog: pytest.LogCaptureFixture) -> None:
-    # Slow scoring (5 checkpoints, small batches, 1 actor): a wide window between the first
+    # Slow scoring (small batches, 1 actor): a wide window between the first
     # group file and the last, for the kill to land in.
     extra = ("demo.n_train=400", "trajectories.batch_tokens=128", "trajectories.concurrency=1")
     clean = tmp_path / "clean"
     cfg = _cfg(clean, tiny_ref, *extra, "run.progress_seconds=0.2")  # short: lines must show
     caplog.set_level(logging.INFO, logger="s2l_ray")
-    ingest = run_ingest(cfg).report()
+    ingest = run_stage(cfg, "ingest").report()
     assert ingest["rows_per_s"] > 0 and ingest["tokens_per_s"] > 0
     assert re.search(r"ingest: [\d,]+ rows", caplog.text)
     _publish_ref(cfg, tiny_ref)
-    expected = _group_files(run_trajectories(cfg).path)
+    expected = _group_files(run_stage(cfg, "trajectories").path)
     # progress lines while scoring (a stage longer than the cadence): done/total (%), and the
     # final one with the rate and ETA
     lines = re.findall(r"trajectories: [\d,]+/([\d,]+) examples \(\d+%\)(.*)", caplog.text)
@@ -100,7 +99,7 @@ def test_killed_run_resumes_with_missing_groups_only(tmp_path: Path, ray_local, 
     (tmp / f".{kept[-1].name}.part").write_bytes(b"PAR1 half a file")
 
     caplog.clear()
-    rep = run_trajectories(cfg2).report()
+    rep = run_stage(cfg2, "trajectories").report()
     assert rep["groups_reused"] == at_kill - 1  # all complete files but the damaged one
     assert rep["groups_scored"] == groups - rep["groups_reused"]
     assert rep["examples_reused"] + rep["examples_scored"] == rep["examples"] == full["examples"]
@@ -112,7 +111,7 @@ def test_killed_run_resumes_with_missing_groups_only(tmp_path: Path, ray_local, 
 
 
 def _meta_file(folder: Path, group: int, groups: int, key: str = "k") -> Path:
-    ids = [f"id{i}" for i in range(400) if _hash128(f"id{i}")[0] % groups == group][:5]
+    ids = [f"id{i}" for i in range(400) if hash128(f"id{i}")[0] % groups == group][:5]
     table = pa.table({"id": ids, "losses": pa.FixedSizeListArray.from_arrays(
         pa.array([0.5] * (2 * len(ids)), pa.float32()), 2)})
     write_group(folder, group, groups, table, key, ScoreStats(tokens=7))
