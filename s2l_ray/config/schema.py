@@ -63,6 +63,9 @@ class RunConfig:
     <storage_uri>/<stage>/ (its _SUCCESS.json last); a run whose output_dir lacks a finished
     stage downloads it from there instead of recomputing it. Credentials come from the
     environment, never the URI. null: output_dir only."""
+    progress_seconds: float = 15.0
+    """Seconds between the progress lines a long stage logs (done/total, rate, time left);
+    0 turns them off (each stage still logs its totals when it ends)."""
 
     def __post_init__(self) -> None:
         if not self.output_dir:
@@ -73,6 +76,9 @@ class RunConfig:
                   "(the stages' work space) and put the URI in run.storage_uri")
         # Absolute, because Ray Train workers and Ray Data actors run in other directories.
         self.output_dir = os.path.abspath(os.path.expanduser(self.output_dir))
+        if self.progress_seconds < 0:
+            _fail("run.progress_seconds", f"is {self.progress_seconds}",
+                  "use seconds between progress lines (e.g. 15), or 0 to turn them off")
         if self.num_cpus is not None and self.num_cpus < 1:
             _fail("run.num_cpus", f"is {short(self.num_cpus)}", "use a positive count or null")
         if self.storage_uri is not None:

@@ -31,6 +31,7 @@ import numpy as np
 
 from s2l_ray.config import ClusterConfig, ConfigError, S2LConfig
 from s2l_ray.core.kmeans import ExactGrid, IdView, Shard
+from s2l_ray.core.progress import DEFAULT_EVERY
 from s2l_ray.errors import config_keys
 from s2l_ray.io.parquet import losses_matrix, parquet_files
 
@@ -204,15 +205,17 @@ def _worker_resources(c: ClusterConfig, workers: int) -> tuple[float, bool]:
     return cpus, bool(use_gpu)
 
 
-def fit_files(files: list[str], out_dir: str | Path, c: ClusterConfig, seed: int
-              ) -> dict[str, Any]:
+def fit_files(files: list[str], out_dir: str | Path, c: ClusterConfig, seed: int,
+              every: float = DEFAULT_EVERY) -> dict[str, Any]:
     """Cluster the trajectories in `files` with Ray actors; write the outputs into out_dir.
+    `every`: seconds between progress lines (iterations done, rate, time left at most).
 
     Returns the report (also what the stage publishes). Ray must be initialised.
     """
     import ray
 
     from s2l_ray.core.kmeans import fit_shards
+    from s2l_ray.core.progress import Progress
 
     out = Path(out_dir)
     (out / "assignments").mkdir(parents=True, exist_ok=True)
@@ -222,17 +225,23 @@ def fit_files(files: list[str], out_dir: str | Path, c: ClusterConfig, seed: int
     shards = ActorShards([Actor.remote(i, p, c.normalize, gpu or None, max(1, int(cpus)))
                           for i, p in enumerate(plan)])
     call, actors = shards.call, shards.actors
+
+    def on_iter(r: dict[str, Any]) -> None:
+        progress.set(r["iteration"])
+        log.info("cluster: iteration %d inertia %.6g imbalance %.2f splits %d (%.2f s)",
+                 r["iteration"], r["inertia"], r["imbalance"], r["splits"], r["seconds"])
+
+    # Iterations up to max_iter: the ETA is an upper bound (k-means may converge earlier).
+    progress = Progress("cluster", c.max_iter, "iterations", rate_unit="it/s", every=every,
+                        logger=log).start()
     try:
         with config_keys("cluster"):  # k, init: named by their cluster.* key
             res = fit_shards(shards, c.k, seed=seed, max_iter=c.max_iter, tol=c.tol, init=c.init,
-                             sample_per_centroid=c.init_sample_per_centroid,
-                             on_iter=lambda r: log.info(
-                                 "cluster: iteration %d inertia %.6g imbalance %.2f splits %d "
-                                 "(%.2f s)", r["iteration"], r["inertia"], r["imbalance"],
-                                 r["splits"], r["seconds"]))
+                             sample_per_centroid=c.init_sample_per_centroid, on_iter=on_iter)
             written = call("write", res.centroids, res.grid, str(out / "assignments"))
             memory = call("info")
     finally:
+        speed = progress.stop()
         for a in actors:
             ray.kill(a)
     sizes = sum(w["counts"] for w in written)
@@ -248,6 +257,7 @@ def fit_files(files: list[str], out_dir: str | Path, c: ClusterConfig, seed: int
         "empty_clusters": int((sizes == 0).sum()), "workers": len(plan),
         "cpus_per_worker": cpus, "gpu": gpu, "shard_rows": res.shard_sizes,
         "init_seconds": res.init_seconds, "seconds_per_iteration": float(np.mean(iter_s)),
+        "seconds": speed["seconds"], "examples_per_s": res.n / speed["seconds"],
         "actor_peak_rss_mb": [m["peak_rss_mb"] for m in memory],
         "driver_peak_rss_mb": memory_mb()["peak_rss_mb"],
     }
@@ -260,4 +270,5 @@ def fit_files(files: list[str], out_dir: str | Path, c: ClusterConfig, seed: int
 
 def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
     """k-means over the trajectories; assignments, centroids, per-iteration stats into `tmp`."""
-    return fit_files(parquet_files(inputs["trajectories"]), tmp, cfg.cluster, cfg.run.seed)
+    return fit_files(parquet_files(inputs["trajectories"]), tmp, cfg.cluster, cfg.run.seed,
+                     every=cfg.run.progress_seconds)

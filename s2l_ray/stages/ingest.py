@@ -1,7 +1,13 @@
 """Stage `ingest`: instruction data -> validated, tokenized examples with stable ids (Parquet).
 
-    files / HF data set --parse (tasks)--> raw rows --normalize+tokenize (actors)--> examples
-                                                                                 \\-> rejects
+    files / HF data set --parse (tasks)--> raw rows --normalize+tokenize+write (tasks, one
+        streaming pass)--> examples/part-*.parquet + rejects/part-*.parquet
+    driver: per part, its counts and 8-byte id hashes --> repeated ids --> the few parts holding
+        them rewritten in place (later rows moved to rejects/, reason duplicate_id)
+
+The driver never holds the rows: its memory grows by 8 bytes per valid row (the id hashes), and
+each task holds one part (ROWS_PER_PART rows). Part files are named by their first row's origin
+(file rank, row number), so their sorted order is the input order whatever the parallelism.
 
 Every input row ends in exactly one of `examples/` or `rejects/` (with a reason code and a
 detail), and the report counts both, so nothing is dropped silently. Rows whose id repeats keep
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -144,17 +151,6 @@ def _keep(batch: Any, valid: bool) -> Any:
     return batch.filter(mask if valid else pc.invert(mask))
 
 
-def _id_hashes(batch: Any) -> Any:
-    import pyarrow as pa
-
-    ids = _keep(batch, valid=True)["id"].to_pylist()
-    return pa.table({"h": pa.array([hash64(i) for i in ids], pa.uint64())})
-
-
-def _rows_with_hashes(batch: Any, hashes: frozenset[int]) -> Any:
-    valid = _keep(batch, valid=True).select(["id", "origin_file", "origin_row"])
-    keep = [hash64(i) in hashes for i in valid["id"].to_pylist()]
-    return valid.filter(keep)
 
 
 def _mark_losers(batch: Any, losers: dict[tuple[str, int], str]) -> Any:
@@ -173,42 +169,192 @@ def _mark_losers(batch: Any, losers: dict[tuple[str, int], str]) -> Any:
                             pa.array(detail, pa.string()))
 
 
-def duplicate_losers(norm: Any, policy: str) -> dict[tuple[str, int], str]:
-    """Rows to reject because their id was used by an earlier row (by file, then row number).
+ROWS_PER_PART = 16384  # rows normalized and written per task: bounds a worker's memory
+NORMALIZE_BATCH = 1024  # rows per tokenizer call inside a part
 
-    Only 8-byte id hashes and then the few colliding rows' (id, file, row) reach the driver;
-    the decision depends on origins alone, so it is the same for any block layout.
-    """
+
+def part_name(origin_file: str, origin_row: int, origins: dict[str, int]) -> str:
+    """A part's file name from its first row: sorted names follow the input order (file, then
+    row) whatever the parallelism, so readers see the rows in one order on every run."""
+    i = origins.get(origin_file)
+    tag = f"{i:05d}" if i is not None else f"h{hash64(origin_file) % 10**12:012d}"
+    return f"part-{tag}-{origin_row:012d}.parquet"
+
+
+def _write(table: Any, path: Path) -> None:
+    """Write a Parquet file under a hidden temporary name, then rename it into place: a reader
+    (or a rerun) never sees half a file; a retried task replaces it with the same rows."""
+    import pyarrow.parquet as pq
+
+    part = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, str(part))
+    os.replace(part, path)
+
+
+def _columns(table: Any, names: list[str]) -> Any:
+    import pyarrow as pa
+
+    schema = _schema()
+    return table.select(names).cast(pa.schema([schema.field(n) for n in names]))
+
+
+def normalize_part(batch: Any, out_dir: str, origins: dict[str, int], tokenizer_path: str,
+                   data_cfg: dict[str, Any], trust_remote_code: bool = False) -> Any:
+    """One task's rows: normalize (in tokenizer batches), write examples/ and rejects/ parts,
+    and return one summary row: the part's name, its stats, and the 8-byte hashes of its valid
+    ids (for the duplicate check). Only the summary reaches the driver."""
     import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if batch.num_rows == 0:
+        return pa.table({"part": pa.array([], pa.string()), "stats": pa.array([], pa.string()),
+                         "hashes": pa.array([], pa.list_(pa.uint64()))})
+    norm = pa.concat_tables([
+        normalize_batch(batch.slice(i, NORMALIZE_BATCH), tokenizer_path, data_cfg,
+                        trust_remote_code) for i in range(0, batch.num_rows, NORMALIZE_BATCH)])
+    name = part_name(norm["origin_file"][0].as_py(), norm["origin_row"][0].as_py(), origins)
+    valid = pc.is_null(norm["reject_reason"])
+    good, bad = norm.filter(valid), norm.filter(pc.invert(valid))
+    out = Path(out_dir)
+    if good.num_rows:
+        _write(_columns(good, EXAMPLE_COLUMNS), out / "examples" / name)
+    if bad.num_rows:
+        _write(_columns(bad, REJECT_COLUMNS), out / "rejects" / name)
+    hashes = np.array([hash64(i) for i in good["id"].to_pylist()], np.uint64)
+    return pa.table({"part": [name], "stats": _stats(norm)["stats"],
+                     "hashes": pa.array([hashes], pa.list_(pa.uint64()))})
+
+
+def _part_candidates(path: str, hashes: frozenset[int]) -> list[dict[str, Any]]:
+    """(id, origin_file, origin_row) of the rows of one examples part whose id hash repeats."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path, columns=["id", "origin_file", "origin_row"])
+    return t.filter([hash64(i) in hashes for i in t["id"].to_pylist()]).to_pylist()
+
+
+def _drop_losers(out_dir: str, name: str, losers: dict[tuple[str, int], str]) -> str:
+    """Move one part's duplicate rows from examples/ to rejects/ (reason duplicate_id), each
+    file replaced atomically; returns the part's stats (JSON) as its rows now are."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    out = Path(out_dir)
+    ex = pq.read_table(str(out / "examples" / name))
+    nulls = pa.nulls(ex.num_rows, pa.string())
+    ex = _mark_losers(ex.append_column("reject_reason", nulls).append_column(
+        "reject_detail", nulls), losers)
+    valid = pc.is_null(ex["reject_reason"])
+    kept, lost = ex.filter(valid), ex.filter(pc.invert(valid))
+    rej_path = out / "rejects" / name
+    old = pq.read_table(str(rej_path)) if rej_path.is_file() else None
+    _write(pa.concat_tables([t for t in (old, _columns(lost, REJECT_COLUMNS)) if t is not None]),
+           rej_path)
+    if kept.num_rows:
+        _write(_columns(kept, EXAMPLE_COLUMNS), out / "examples" / name)
+    else:
+        (out / "examples" / name).unlink()
+    stats = json.loads(_stats(kept)["stats"][0].as_py())  # the valid rows' figures, exact
+    for r in [*(old["reject_reason"].to_pylist() if old is not None else []),
+              *lost["reject_reason"].to_pylist()]:
+        stats["rows"] += 1
+        stats["rejects"][r] = stats["rejects"].get(r, 0) + 1
+    return json.dumps(stats)
+
+
+def dedupe_parts(out_dir: Path, hashes: dict[str, Any], policy: str) -> dict[str, str]:
+    """Reject rows whose id was used by an earlier row (by file, then row number), part files
+    rewritten in place. `hashes`: part name -> its valid ids' 8-byte hashes (numpy). Only the
+    hashes and then the few colliding rows' (id, file, row) reach the driver; the decision
+    depends on origins alone, so it is the same for any block layout. Returns the new stats
+    (JSON) of the parts rewritten."""
+    import numpy as np
     import ray
 
-    tables = ray.get(norm.map_batches(_id_hashes, batch_format="pyarrow").to_arrow_refs())
-    tables = [t for t in tables if t.num_rows]  # blocks of empty input carry no columns at all
-    h = pa.concat_tables(tables)["h"].to_numpy() if tables else np.zeros(0, np.uint64)
-    uniq, counts = np.unique(h, return_counts=True)
-    repeated = frozenset(int(x) for x in uniq[counts > 1])
-    if not repeated:
+    every = np.concatenate(list(hashes.values())) if hashes else np.zeros(0, np.uint64)
+    uniq, counts = np.unique(every, return_counts=True)
+    repeated = uniq[counts > 1]
+    if not len(repeated):
         return {}
-    cand = pa.concat_tables(ray.get(norm.map_batches(
-        _rows_with_hashes, batch_format="pyarrow", fn_kwargs={"hashes": repeated}
-    ).to_arrow_refs())).to_pylist()
+    touched = [n for n, h in hashes.items() if np.isin(h, repeated).any()]
+    rep = frozenset(int(x) for x in repeated)
+    task = ray.remote(_part_candidates)
+    found = ray.get([task.remote(str(out_dir / "examples" / n), rep) for n in touched])
     groups: dict[str, list[tuple[str, int]]] = {}
-    for r in cand:
-        groups.setdefault(r["id"], []).append((r["origin_file"], r["origin_row"]))
+    where: dict[tuple[str, int], str] = {}  # origin -> the part holding it
+    for n, rows in zip(touched, found):
+        for r in rows:
+            where[(r["origin_file"], r["origin_row"])] = n
+            groups.setdefault(r["id"], []).append((r["origin_file"], r["origin_row"]))
     groups = {k: sorted(v) for k, v in groups.items() if len(v) > 1}  # drop hash collisions
-    if groups and policy == "error":
+    if not groups:
+        return {}
+    if policy == "error":
         raise IngestError(f"{len(groups)} ids repeat (e.g. {list(groups)[:3]}); with "
                           "data.duplicates=error that is fatal. Fix: dedupe the input, or set "
                           "data.duplicates=reject to keep each id's first row")
     log.info("ingest: %d ids repeat; keeping the first row of each", len(groups))
-    return {o: f"{v[0][0]}:{v[0][1]}" for v in groups.values() for o in v[1:]}
+    losers = {o: f"{v[0][0]}:{v[0][1]}" for v in groups.values() for o in v[1:]}
+    by_part: dict[str, dict[tuple[str, int], str]] = {}
+    for o, winner in losers.items():
+        by_part.setdefault(where[o], {})[o] = winner
+    drop = ray.remote(_drop_losers)
+    names = sorted(by_part)
+    return dict(zip(names, ray.get([drop.remote(str(out_dir), n, by_part[n]) for n in names])))
+
+
+def origin_order(source: str, split: str) -> dict[str, int]:
+    """Each origin (input file, or the HF data set) -> its rank in the input's order."""
+    if source.startswith("hf:"):
+        return {f"{source}:{split}": 0}
+    from s2l_ray.io.readers import list_files
+
+    return {f: i for i, f in enumerate(list_files(source))}
+
+
+def normalize_to_parts(cfg: S2LConfig, source: str, tok_path: str, out: Path
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One streaming pass: read, normalize and write examples/ and rejects/ parts (in the
+    tasks), then reject duplicated ids in place. The driver holds only per-part summaries (a
+    few numbers and 8 bytes per valid row), never the rows. Returns (stats, progress)."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import ray.data
+
+    from s2l_ray.io.readers import read_raw
+    from s2l_ray.stages.progress import stage_progress
+
+    ray.data.DataContext.get_current().max_errored_blocks = 0
+    for sub in ("examples", "rejects"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    ds = read_raw(source, cfg.data.split, cfg.data.max_row_bytes).map_batches(
+        normalize_part, batch_format="pyarrow", batch_size=ROWS_PER_PART,
+        fn_kwargs={"out_dir": str(out), "origins": origin_order(source, cfg.data.split),
+                   "tokenizer_path": tok_path, "data_cfg": vars(cfg.data),
+                   "trust_remote_code": cfg.reference.trust_remote_code})
+    parts: dict[str, str] = {}
+    hashes: dict[str, Any] = {}
+    with stage_progress(cfg, "ingest", None, "rows") as progress:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for i, name in enumerate(batch["part"].to_pylist()):
+                parts[name] = batch["stats"][i].as_py()
+                hashes[name] = pc.list_flatten(batch["hashes"].slice(i, 1)).to_numpy(
+                    zero_copy_only=False).astype(np.uint64)
+                progress.add(json.loads(parts[name])["rows"])
+    parts.update(dedupe_parts(out, hashes, cfg.data.duplicates))
+    for sub in ("examples", "rejects"):
+        for left in (out / sub).glob(".*.tmp"):  # a task killed mid-write, since retried
+            left.unlink()
+        if not any((out / sub).iterdir()):
+            (out / sub).rmdir()
+    return merge_stats([json.loads(v) for v in parts.values()]), progress.stop()
 
 
 def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
     """Read `data.source`, validate, tokenize, dedupe into examples/ and rejects/ in `tmp`;
     returns the report."""
-    from s2l_ray.io.readers import read_raw
     from s2l_ray.models.specs import resolve_model, tokenizer_spec
 
     source = cfg.data.source
@@ -220,16 +366,7 @@ def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
                               n_test_per_source=d.n_test_per_source, seed=d.seed)
         source = paths["train"]
     tok_path = resolve_model(tokenizer_spec(cfg), cfg)
-    norm = read_raw(source, cfg.data.split, cfg.data.max_row_bytes).map_batches(
-        normalize_batch, batch_format="pyarrow", batch_size=1024,
-        fn_kwargs={"tokenizer_path": tok_path, "data_cfg": vars(cfg.data),
-                   "trust_remote_code": cfg.reference.trust_remote_code},
-    ).materialize()
-    losers = duplicate_losers(norm, cfg.data.duplicates)
-    final = norm.map_batches(_mark_losers, batch_format="pyarrow",
-                             fn_kwargs={"losers": losers}).materialize() if losers else norm
-    stats = merge_stats([json.loads(r["stats"]) for r in
-                         final.map_batches(_stats, batch_format="pyarrow").take_all()])
+    stats, speed = normalize_to_parts(cfg, source, tok_path, tmp)
     if stats["valid"] == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         if stats["rows"] == 0:
@@ -238,14 +375,13 @@ def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
         top = sorted(stats["rejects"].items(), key=lambda kv: -kv[1])[:5]
         raise IngestError(f"'{cfg.data.source}' has no valid rows ({stats['rows']} read; "
                           f"reasons: {top}). Fix: check data.format and the field names")
-    final.map_batches(_keep, batch_format="pyarrow", fn_kwargs={"valid": True}).select_columns(
-        EXAMPLE_COLUMNS).write_parquet(str(tmp / "examples"))
-    if stats["rejected"]:
-        final.map_batches(_keep, batch_format="pyarrow", fn_kwargs={"valid": False}
-                          ).select_columns(REJECT_COLUMNS).write_parquet(str(tmp / "rejects"))
     for reason, n in sorted(stats["rejects"].items()):
         log.warning("ingest: rejected %d rows: %s (see %s)", n, reason,
                     Path(cfg.run.output_dir) / "ingest" / "rejects")
     log.info("ingest: %d valid examples, %d rejected, %d truncated, %d tokens",
              stats["valid"], stats["rejected"], stats["truncated"], stats["tokens"])
-    return {"source": cfg.data.source, "tokenizer": tok_path, **stats}
+    seconds = speed["seconds"]
+    return {"source": cfg.data.source, "tokenizer": tok_path, **stats,
+            "seconds_normalizing": seconds,
+            "rows_per_s": stats["rows"] / seconds if seconds else None,
+            "tokens_per_s": stats["tokens"] / seconds if seconds else None}

@@ -71,8 +71,9 @@ STAGES = (
     StageSpec("trajectories", "trajectories", ("trajectories",), ("train-ref",),
               "s2l_ray.stages.trajectories:run",
               "loss of every example under every checkpoint (Ray Data actors)",
-              "trajectories/*.parquet (id, losses[T])", "trajectories",
-              check="s2l_ray.stages.trajectories:check"),
+              "trajectories/group-*.parquet (id, losses[T])", "trajectories",
+              check="s2l_ray.stages.trajectories:check",
+              resumable=True),  # complete group files of an interrupted run are reused
     StageSpec("cluster", "cluster", ("cluster",), ("trajectories",), "s2l_ray.stages.cluster:run",
               "distributed faiss k-means over the trajectories",
               "cluster/assignments/, centroids", "cluster", extra=_seed),

@@ -67,7 +67,7 @@ def _evaluate_task(model_dir: str, eval_dir: str, ecfg: Any, trust: bool) -> Any
     return evaluate_model(model_dir, eval_dir, ecfg, trust)
 
 
-def run_trial(config: dict[str, Any], cfg: S2LConfig, root: str) -> None:
+def run_trial(config: dict[str, Any], cfg: S2LConfig, root: str, sink: Any = None) -> None:
     """Tune's function trainable: fine-tune the target on one trial's subset, then evaluate."""
     import time
 
@@ -95,7 +95,7 @@ def run_trial(config: dict[str, Any], cfg: S2LConfig, root: str) -> None:
         plan = TrainPlan(**{**p, "checkpoint_steps": tuple(p["checkpoint_steps"])})
         ckpts = fit(cfg, cfg.target, "target", Path(spec["subset"]), plan, d,
                     spec["tokenizer"], seed=spec["seed"], callbacks=[TuneReportCallback()],
-                    log_lines=4)
+                    log_lines=4, progress=(sink, config["trial"]) if sink is not None else None)
         copy_tree_atomic(Path(ckpts[-1]["dir"]) / "hf", model)
         write_json_atomic(d / "train.json", {"train_loss": ckpts[-1]["train_loss"],
                                        "steps": plan.total_steps, "epochs": plan.epochs,
@@ -119,7 +119,34 @@ def run_trial(config: dict[str, Any], cfg: S2LConfig, root: str) -> None:
     tune.report(result)
 
 
-def _tune(cfg: S2LConfig, work: Path, names: list[str]) -> None:
+def trial_detail(counts: dict[str, float], steps: dict[str, int]) -> str:
+    """`trials 3/8 done; t1 40/120, t2 7/120` (the trials under way, steps done/total)."""
+    done = sum(counts.get(t, 0) >= n for t, n in steps.items())
+    running = [f"{t} {counts[t]:,.0f}/{n:,}" for t, n in steps.items() if 0 < counts.get(t, 0) < n]
+    return f"trials {done}/{len(steps)} done" + (f"; {', '.join(running)}" if running else "")
+
+
+def _sweep_progress(cfg: S2LConfig, work: Path, steps: dict[str, int]) -> tuple[Any, Any]:
+    """The sweep's progress: one ProgressSink that every trial's rank-0 worker pushes its step
+    count to, and a Progress on this driver over all trials' steps, each trial's in the line.
+    A trial finished before an interruption counts as done (its steps are not in the rate)."""
+    import ray
+
+    from s2l_ray.stages.progress import polled, progress_sink, stage_progress
+
+    sink = progress_sink()
+    finished = {t: n for t, n in steps.items() if (work / "trials" / t / "result.json").is_file()
+                or (work / "trials" / t / "model" / "config.json").is_file()}
+    ray.get([sink.set.remote(t, n) for t, n in finished.items()])
+
+    def detail() -> str:
+        return trial_detail(ray.get(sink.all.remote(), timeout=5), steps)
+
+    return sink, stage_progress(cfg, "sweep", sum(steps.values()), "steps", rate_unit="steps/s",
+                                base=sum(finished.values()), poll=polled(sink), detail=detail)
+
+
+def _tune(cfg: S2LConfig, work: Path, names: list[str], sink: Any = None) -> None:
     from ray import tune
 
     class Progress(tune.Callback):
@@ -134,7 +161,7 @@ def _tune(cfg: S2LConfig, work: Path, names: list[str]) -> None:
                      r.get("macro_loss", float("nan")))
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, cfg=cfg, root=str(work)), TRIAL_RESOURCES)
+        tune.with_parameters(run_trial, cfg=cfg, root=str(work), sink=sink), TRIAL_RESOURCES)
     path = work / "tune"
     if tune.Tuner.can_restore(str(path)):
         log.info("sweep: resuming the Tune experiment in %s", path)
@@ -199,7 +226,16 @@ def run(cfg: S2LConfig, inputs: dict[str, Path], work: Path) -> dict[str, Any]:
             "trial": t.name, **t.as_dict(), "fraction": t.size / n, "subset": str(subset),
             "plan": plans[t.name].as_dict(), "tokenizer": rep["tokenizer"],
             "eval_dir": str(eval_dir)})
-    _tune(cfg, work, [t.name for t in trials])
+    sink, progress = _sweep_progress(cfg, work, {t.name: plans[t.name].total_steps
+                                                 for t in trials})
+    progress.start()
+    try:
+        _tune(cfg, work, [t.name for t in trials], sink)
+    finally:
+        speed = progress.stop()
+        import ray
+
+        ray.kill(sink)
     rows = [json.loads((work / "trials" / t.name / "result.json").read_text()) for t in trials]
     for r in rows:  # counts and fractions in one column: keep it text, as configured
         r["budget"] = budget_label(r["budget"])
@@ -212,4 +248,5 @@ def run(cfg: S2LConfig, inputs: dict[str, Path], work: Path) -> dict[str, Any]:
     log.info("sweep: results in %s\n%s", Path(cfg.run.output_dir) / "sweep" / "results.csv",
              (work / "summary.md").read_text())
     return {"trials": len(trials), "examples": n, "summary": summary,
+            "train_steps_per_s": speed["per_s"], "tune_seconds": speed["seconds"],
             "eval": json.loads((eval_dir / "report.json").read_text())}

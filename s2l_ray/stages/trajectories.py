@@ -1,9 +1,9 @@
 """Stage `trajectories`: every example's loss under every reference checkpoint (the N x T matrix).
 
     ingest/examples -> + group = hash(id) % G -> hash shuffle by group -> map_batches(
-        TrajectoryScorer actors, all T checkpoints on one device) -> write_parquet:
-    trajectories/*.parquet (id, source, n_response_tokens, losses[T]) + manifest.json (the T
-    checkpoints, in column order)
+        TrajectoryScorer actors, all T checkpoints on one device, each group written by the
+        actor) -> trajectories/group-GGGGG-of-NNNNN.parquet (id, source, n_response_tokens,
+        losses[T]) + manifest.json (the T checkpoints, in column order)
 
 One pass: each batch crosses to the device once and goes through all T models. The math is in
 `core.losses` (Ray-free). A group is one scoring window (rows sorted by (n_tokens, id), sliced
@@ -12,16 +12,22 @@ which rows share a batch never depends on the number of actors or blocks, and th
 bitwise the same whatever the parallelism (on the same hardware and software). The price is one
 hash shuffle of the input. Checkpoints are checked on the driver before any Ray Data work; at the
 end, per-block id digests and Parquet footers prove that no example was lost or duplicated.
+
+Resume: each group's file is published atomically (written as a hidden .part, then renamed)
+with its id digest in its metadata. A rerun after a kill (driver or whole cluster lost) keeps
+the work folder, checks every group file there (`check_group`: it decodes, and its rows match
+its metadata, group and checkpoints), deletes the rest, and scores only the missing groups; the
+exactly-once check then covers all of them. A group's losses depend on its rows only, so the
+result is the same (bitwise on the same hardware) as an uninterrupted run's.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import os
-import time
+import re
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +74,123 @@ def with_groups(batch: Any, groups: int) -> Any:
     return batch.append_column("group", pa.array(keys, pa.int64()))
 
 
-def _add_group(batch: Any, groups: int, sink: Any) -> Any:
-    """with_groups, reporting the block's id digest (the input side of the final check)."""
+def _add_group(batch: Any, groups: int, sink: Any, done: frozenset[int] = frozenset()) -> Any:
+    """with_groups, reporting the block's id digest (the input side of the final check, over
+    every row), then dropping the rows of groups already scored (`done`, a resumed run)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import ray
 
     ray.get(sink.add.remote("input", id_digest(batch["id"].to_pylist())))
-    return with_groups(batch, groups)
+    out = with_groups(batch, groups)
+    if done:
+        skip = pa.array(sorted(done), pa.int64())
+        out = out.filter(pc.invert(pc.is_in(out["group"], value_set=skip)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# group files: the unit of output and of resume
+
+GROUP_FILE = re.compile(r"group-(\d{5,})-of-(\d{5,})\.parquet")
+GROUP_META = b"s2l_group"  # Parquet schema metadata key: what the file claims to hold
+
+
+def group_file(group: int, groups: int) -> str:
+    return f"group-{group:05d}-of-{groups:05d}.parquet"
+
+
+def checkpoints_key(paths: list[str]) -> str:
+    """Identity of the checkpoints scored with, in column order: each one's files (relative
+    name, size, mtime), not its folder's path, so a run folder moved or copied whole (mtimes
+    kept) still matches. A group file scored with other weights under the same config is not
+    reused."""
+    h = hashlib.sha256()
+    for i, p in enumerate(paths):
+        h.update(f"checkpoint {i}\0".encode())
+        root = Path(p)
+        for f in sorted(root.rglob("*")) if root.is_dir() else []:
+            if f.is_file():
+                st = f.stat()
+                h.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()[:16]
+
+
+def _nonfinite(table: Any) -> int:
+    import numpy as np
+    import pyarrow.compute as pc
+
+    return int((~np.isfinite(pc.list_flatten(table["losses"]).to_numpy())).sum())
+
+
+def write_group(folder: Path, group: int, groups: int, table: Any, key: str,
+                stats: Any) -> dict[str, Any]:
+    """Publish one group's scored rows as `group-G-of-N.parquet`, atomically (written under a
+    hidden .part name, then renamed): the file is either whole or absent. Its schema metadata
+    records what it holds (id digest, counts, checkpoints key), for checking before reuse.
+    Deterministic content only (no timings), so a rescored group gives the same bytes."""
+    import pyarrow.parquet as pq
+
+    meta = {"group": group, "groups": groups, "key": key, **id_digest(table["id"].to_pylist()),
+            "nonfinite": _nonfinite(table), "tokens": stats.tokens,
+            "response_tokens": stats.response_tokens, "padded_tokens": stats.padded_tokens,
+            "batches": stats.batches}
+    table = table.replace_schema_metadata({GROUP_META: json.dumps(meta).encode()})
+    name = group_file(group, groups)
+    part = folder / f".{name}.part"
+    pq.write_table(table, str(part))
+    os.replace(part, folder / name)
+    return meta
+
+
+def check_group(path: Path, groups: int, key: str) -> dict[str, Any]:
+    """The metadata of a complete, trustworthy group file, or ValueError saying why not.
+
+    The whole file is read (a truncated or damaged file fails to decode), and its rows must
+    match its metadata: same row count and id digest, every id in this group, the same group
+    count and checkpoints key, the same count of non-finite losses."""
+    import pyarrow.parquet as pq
+
+    m = GROUP_FILE.fullmatch(path.name)
+    if not m or int(m.group(2)) != groups:
+        raise ValueError(f"not a group file of this run ({groups} groups)")
+    group = int(m.group(1))
+    try:
+        table = pq.read_table(str(path))
+        meta = json.loads((table.schema.metadata or {}).get(GROUP_META, b"null"))
+    except Exception as e:  # pyarrow raises several types for damaged files
+        raise ValueError(f"unreadable ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(meta, dict):
+        raise ValueError("no group metadata")
+    if (meta.get("group"), meta.get("groups"), meta.get("key")) != (group, groups, key):
+        raise ValueError("made for another group, group count or checkpoints")
+    ids = table["id"].to_pylist()
+    got = id_digest(ids)
+    if any(meta.get(k) != got[k] for k in ("rows", "h1", "h2")):
+        raise ValueError("its rows do not match its metadata")
+    if any(hash128(i)[0] % groups != group for i in ids):
+        raise ValueError("holds ids of another group")
+    if _nonfinite(table) != meta.get("nonfinite"):
+        raise ValueError("its losses do not match its metadata")
+    return meta
+
+
+def reusable_groups(folder: Path, groups: int, key: str) -> dict[int, dict[str, Any]]:
+    """Group files a killed run left complete in `folder`: {group: metadata}. Everything else
+    (half-written .part files, damaged or foreign files) is deleted, so it is scored again."""
+    found: dict[int, dict[str, Any]] = {}
+    for f in sorted(folder.iterdir()):
+        if f.name.endswith(".part"):
+            f.unlink()
+        elif f.suffix == ".parquet":
+            try:
+                meta = check_group(f, groups, key)
+            except ValueError as e:
+                log.warning("trajectories: scoring %s again: %s", f.name, e)
+                f.unlink()
+                continue
+            found[meta["group"]] = meta
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,10 +266,13 @@ def check_checkpoints(paths: list[str], data_tokenizer: str | None,
 
 
 class TrajectoryScorer:
-    """Ray Data callable class: all T checkpoints on one device; scores whole groups per call."""
+    """Ray Data callable class: all T checkpoints on one device; scores whole groups per call
+    and publishes each group's file itself (`write_group`). Returns one small summary row per
+    group (its metadata as JSON): only those reach the driver."""
 
     def __init__(self, paths: list[str], batch_tokens: int, dtype: str, use_gpu: bool,
-                 cpus: float, stats: Any, trust_remote_code: bool = False) -> None:
+                 cpus: float, out_dir: str, groups: int, key: str,
+                 trust_remote_code: bool = False) -> None:
         import torch
 
         from s2l_ray.core.losses import autocast_dtype
@@ -162,21 +282,24 @@ class TrajectoryScorer:
         self.device = torch.device("cuda" if use_gpu else "cpu")  # Ray sets CUDA_VISIBLE_DEVICES
         self.amp = autocast_dtype(dtype, use_gpu)
         self.models = [load_checkpoint(p, trust_remote_code).to(self.device) for p in paths]
-        self.batch_tokens, self.stats = batch_tokens, stats
+        self.batch_tokens = batch_tokens
+        self.out_dir, self.groups, self.key = Path(out_dir), groups, key
 
     def __call__(self, block: Any) -> Any:
-        import numpy as np
+        import pyarrow as pa
         import pyarrow.compute as pc
-        import ray
 
         from s2l_ray.core.losses import score_block
 
-        out, stats = score_block(self.models, block, self.batch_tokens, self.device, self.amp)
-        bad = int((~np.isfinite(pc.list_flatten(out["losses"]).to_numpy())).sum())
-        ray.get(self.stats.add.remote("output", {**id_digest(out["id"].to_pylist()),
-                                                 "nonfinite": bad, "pid": os.getpid(),
-                                                 "stats": dataclasses.asdict(stats)}))
-        return out
+        summaries = []
+        for g in sorted(pc.unique(block["group"]).to_pylist()) if block.num_rows else []:
+            # One group per score_block call: its own window, whatever else shares the block.
+            out, stats = score_block(self.models, block.filter(pc.equal(block["group"], g)),
+                                     self.batch_tokens, self.device, self.amp)
+            meta = write_group(self.out_dir, g, self.groups, out, self.key, stats)
+            summaries.append(json.dumps({**meta, "pid": os.getpid(),
+                                         "seconds_per_checkpoint": stats.seconds_per_checkpoint}))
+        return pa.table({"summary": pa.array(summaries, pa.string())})
 
 
 class _StatsSink:
@@ -228,19 +351,22 @@ def verify_output(parts: list[dict[str, Any]], valid: int, out: Path) -> dict[st
 
 
 def _score(cfg: S2LConfig, examples: Path, tmp: Path, paths: list[str], groups: int,
-           use_gpu: bool, sink: Any) -> tuple[list[dict[str, Any]], float]:
-    """The Ray Data pipeline: read, group, shuffle, score, write. Returns (digests, seconds)."""
+           done: dict[int, dict[str, Any]], key: str, use_gpu: bool, sink: Any,
+           total: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The Ray Data pipeline: read, group, drop the groups in `done`, shuffle, score and write
+    each group (in the actors). Returns (one summary per group scored, progress figures)."""
     import ray
     import ray.data
 
+    from s2l_ray.stages.progress import stage_progress
+
     t, trust = cfg.trajectories, cfg.reference.trust_remote_code
-    started = time.time()
     # A block that keeps failing fails the stage, never skipped (Ray Data's default, restated
     # in case something in this process raised it).
     ray.data.DataContext.get_current().max_errored_blocks = 0
     ds = ray.data.read_parquet(str(examples)).select_columns(INPUT_COLUMNS)
     ds = ds.map_batches(_add_group, batch_format="pyarrow",
-                        fn_kwargs={"groups": groups, "sink": sink})
+                        fn_kwargs={"groups": groups, "sink": sink, "done": frozenset(done)})
     ds = ds.repartition(groups, keys=["group"])  # a group's rows meet in one block
     ds = ds.map_batches(
         TrajectoryScorer, batch_size=None, batch_format="pyarrow",
@@ -250,11 +376,37 @@ def _score(cfg: S2LConfig, examples: Path, tmp: Path, paths: list[str], groups: 
         # reruns their blocks (max_restarts=-1, max_task_retries=-1), and the ray_remote_args
         # that would set them are deprecated. tests/e2e/test_fault_tolerance.py guards this.
         fn_constructor_kwargs={"paths": paths, "batch_tokens": t.batch_tokens, "dtype": t.dtype,
-                               "use_gpu": use_gpu, "cpus": t.cpus_per_actor, "stats": sink,
-                               "trust_remote_code": trust})
-    ds.write_parquet(str(tmp))
-    wall = time.time() - started
-    return ray.get(sink.get.remote()), wall
+                               "use_gpu": use_gpu, "cpus": t.cpus_per_actor, "out_dir": str(tmp),
+                               "groups": groups, "key": key, "trust_remote_code": trust})
+    scored: list[dict[str, Any]] = []
+    # Summaries stream back as groups finish: the progress count, at no extra cost.
+    with stage_progress(cfg, "trajectories", total, rate_unit="ex/s") as progress:
+        for row in ds.iter_rows():
+            scored.append(json.loads(row["summary"]))
+            progress.add(scored[-1]["rows"])
+    return scored, progress.stop()
+
+
+def digests(scored: list[dict[str, Any]], reused: dict[int, dict[str, Any]],
+            sink_parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The parts verify_output checks: the input digests, and one output digest per group file
+    (scored now or reused). A group reported twice with the same rows (a block Ray reran; its
+    file was replaced by the same bytes) counts once; with other rows, twice, and fails."""
+    parts, seen = list(sink_parts), set()
+    for m in [*reused.values(), *scored]:
+        k = (m["group"], m["rows"], m["h1"], m["h2"])
+        if k not in seen:
+            seen.add(k)
+            parts.append({"side": "output", **m})
+    return parts
+
+
+def _resume_report(groups: int, reused: dict[int, dict[str, Any]],
+                   scored: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"groups": groups, "groups_reused": len(reused),
+            "groups_scored": len({m["group"] for m in scored}),
+            "examples_reused": sum(m["rows"] for m in reused.values()),
+            "examples_scored": sum(m["rows"] for m in scored)}
 
 
 def _use_gpu(cfg: S2LConfig) -> bool:
@@ -299,35 +451,52 @@ def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
     paths = [m["path"] for m in manifest]
     use_gpu = _use_gpu(cfg)
     groups = n_groups(rep["valid"], rep["tokens"], t.batch_tokens)
-    log.info("trajectories: %d examples x %d checkpoints, %d groups, %d %s actors",
-             rep["valid"], len(paths), groups, t.concurrency, "GPU" if use_gpu else "CPU")
+    key = checkpoints_key(paths)
+    reused = reusable_groups(tmp, groups, key)  # tmp is kept from an interrupted run
+    log.info("trajectories: %d examples x %d checkpoints, %d groups (%d done by an earlier run),"
+             " %d %s actors", rep["valid"], len(paths), groups, len(reused), t.concurrency,
+             "GPU" if use_gpu else "CPU")
     # On the driver's node: its digests cannot be rebuilt, so it must not die with a worker node
     # (losing the driver's node ends the run anyway).
     sink = ray.remote(num_cpus=0)(_StatsSink).options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(
             ray.get_runtime_context().get_node_id(), soft=False)).remote()
+    todo = rep["valid"] - sum(m["rows"] for m in reused.values())
     try:
-        parts, wall = _score(cfg, inputs["ingest"] / "examples", tmp, paths, groups, use_gpu, sink)
+        scored, progress = _score(cfg, inputs["ingest"] / "examples", tmp, paths, groups,
+                                  reused, key, use_gpu, sink, todo)
+        parts = digests(scored, reused, ray.get(sink.get.remote()))
     finally:
         ray.kill(sink)
+    wall = progress["seconds"]
     stats = ScoreStats(seconds_per_checkpoint=[0.0] * len(paths))
-    for part in parts:
-        if part["side"] == "output":
-            stats.add(ScoreStats(**part["stats"]))
+    for m in [*reused.values(), *scored]:
+        stats.add(ScoreStats(tokens=m["tokens"], response_tokens=m["response_tokens"],
+                             padded_tokens=m["padded_tokens"], batches=m["batches"],
+                             seconds_per_checkpoint=m.get("seconds_per_checkpoint")
+                             or [0.0] * len(paths)))
     checked = verify_output(parts, rep["valid"], tmp)
     (tmp / "manifest.json").write_text(json.dumps(
         [{**m, "column": i} for i, m in enumerate(manifest)], indent=2) + "\n")
     n, pad_eff = checked["rows"], stats.tokens / max(1, stats.padded_tokens)
-    log.info("trajectories: %d examples, %.1f examples/s, %.0f tokens/s, padding efficiency %.2f",
-             n, n / wall, stats.tokens / wall, pad_eff)
+    resume = _resume_report(groups, reused, scored)
+    done_now = resume["examples_scored"]
+    scored_tokens = sum(m["tokens"] for m in scored)
+    log.info("trajectories: %d examples (%d scored now, %d groups of %d reused), %.1f "
+             "examples/s, %.0f tokens/s, padding efficiency %.2f", n, done_now,
+             resume["groups_reused"], groups, done_now / wall if wall else 0.0,
+             scored_tokens / wall if wall else 0.0, pad_eff)
     return {
         "examples": n, "checkpoints": len(paths), "tokens": stats.tokens,
         "response_tokens": stats.response_tokens, "padded_tokens": stats.padded_tokens,
-        "padding_efficiency": pad_eff, "scoring_seconds": wall, "examples_per_s": n / wall,
-        "tokens_per_s": stats.tokens / wall, "seconds_per_checkpoint": stats.seconds_per_checkpoint,
-        "batches": stats.batches, "groups": groups, "actors": t.concurrency,
+        "padding_efficiency": pad_eff, "scoring_seconds": wall,
+        # rates of this run's scoring: examples and tokens it scored (not those reused)
+        "examples_per_s": done_now / wall if wall else None,
+        "tokens_per_s": scored_tokens / wall if wall else None,
+        "seconds_per_checkpoint": stats.seconds_per_checkpoint,
+        "batches": stats.batches, **resume, "actors": t.concurrency,
         "blocks_read": sum(p["side"] == "input" for p in parts),
-        "actors_used": len({p["pid"] for p in parts if p["side"] == "output" and p["rows"]}),
+        "actors_used": len({m["pid"] for m in scored if m["rows"]}),
         "device": "GPU" if use_gpu else "CPU",
         "compute_dtype": "fp32" if autocast_dtype(t.dtype, use_gpu) is None else "bf16",
         "nonfinite_losses": checked["nonfinite_losses"]}

@@ -44,13 +44,24 @@ def plan_training(section: TrainConfig, key: str, n_examples: int) -> Any:
     return plan
 
 
+def resumed_step(work: Path) -> int:
+    """The step of the last Ray Train checkpoint in `work` (where a rerun resumes), else 0."""
+    steps = [json.loads(p.read_text()).get("step", 0)
+             for p in (work / "ray_train").glob("step_*/state.json")]
+    return max(steps, default=0)
+
+
 def fit(cfg: S2LConfig, section: TrainConfig, key: str, examples: Path, plan: Any,
         work: Path, tokenizer_path: str, *, seed: int | None = None,
-        callbacks: list[Any] | None = None, log_lines: int = 20) -> list[dict[str, Any]]:
+        callbacks: list[Any] | None = None, log_lines: int = 20,
+        progress: tuple[Any, str] | None = None) -> list[dict[str, Any]]:
     """Run (or resume) Ray Train + DeepSpeed on `examples` following `plan`.
 
     Used for the reference model and, inside Tune trials, for the target (`seed` replaces
     run.seed; `callbacks` are Ray Train callbacks, e.g. Tune's report callback).
+    Progress: rank 0 pushes its step count to a ProgressSink actor; with `progress=(sink, name)`
+    to that sink under `name` (a sweep's trial: the sweep's driver logs it), else to one made
+    here, and this process logs `key: step/total steps, rate, ETA` every run.progress_seconds.
     Checkpoints are dicts {index, step, epoch, train_loss, probe_loss, ..., dir} in step order,
     `dir` being the Ray checkpoint folder holding `hf/`.
     """
@@ -79,6 +90,12 @@ def fit(cfg: S2LConfig, section: TrainConfig, key: str, examples: Path, plan: An
         "seed": seed, "shuffle_buffer": 4 * s.batch_size * s.grad_accum,
         "probe": probe_batch(examples), "log_lines": log_lines,
     }
+    own = progress is None
+    if own:
+        from s2l_ray.stages.progress import progress_sink
+
+        progress = (progress_sink(), key)
+    loop_cfg["progress"] = progress
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_cfg, datasets={"train": ds},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu,
@@ -89,7 +106,19 @@ def fit(cfg: S2LConfig, section: TrainConfig, key: str, examples: Path, plan: An
                              failure_config=FailureConfig(max_failures=s.max_failures),
                              callbacks=callbacks),
     )
-    result = trainer.fit()
+    if own:
+        from s2l_ray.stages.progress import polled, stage_progress
+
+        sink, name = progress
+        watch = stage_progress(cfg, "train-ref" if key == "reference" else key,
+                               plan.total_steps, "steps", rate_unit="steps/s",
+                               base=resumed_step(work), poll=polled(sink, name)).start()
+    try:
+        result = trainer.fit()
+    finally:
+        if own:
+            watch.stop()
+            ray.kill(sink)
     if result.error:
         raise result.error
     found = sorted((work / "ray_train").glob("step_*/state.json"))

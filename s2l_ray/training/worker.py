@@ -133,6 +133,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     todo = plan.steps_per_epoch * g  # micro-batches trained per epoch
     loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of micro losses, count) since report
     tokens, t0 = 0, time.time()
+    sink, name = config.get("progress") or (None, "")
+    pushed = 0.0
     log_every = max(1, total // config["log_lines"])
     for epoch in range(plan.epoch_of(step + 1) if step < total else plan.epochs, plan.epochs):
         done_in_epoch = (step - epoch * plan.steps_per_epoch) * g  # > 0 only when resuming
@@ -156,6 +158,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             step += 1
             is_ckpt = step in plan.checkpoint_steps
             now = time.time()
+            if rank == 0 and sink is not None and (now - pushed >= 1.0 or step == total):
+                sink.set.remote(name, step)  # fire and forget: the driver polls the count
+                pushed = now
             # Every rank must take the same branch (all_reduce + report are collective), so the
             # decision depends on the step count only, never on each worker's clock.
             if not is_ckpt and step % log_every and step < total:

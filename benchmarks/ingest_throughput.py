@@ -1,0 +1,291 @@
+"""Benchmark: the ingest stage vs Hugging Face `datasets` `map`, on MathInstruct-shaped rows.
+
+For each size N and format (JSONL, Parquet) it writes N MathInstruct-shaped rows ({source,
+instruction, output}: seeded random words, lengths like MathInstruct's, 0.5% of rows repeated so
+deduplication has work) as 8 shard files, then measures in the same run:
+
+  * the ingest stage (`run_stage(cfg, "ingest")`) on a local Ray with --cpus CPUs, Ray
+    started beforehand and not timed: rows/s, tokens/s, peak RSS of the driver and of the
+    busiest Ray worker process (sampled every 0.1 s);
+  * the baseline a user would write: `datasets.load_dataset` + `Dataset.map(batched=True)` in
+    one process (no num_proc), doing the same per-row work with the same functions (parse the
+    row, apply the template, tokenize with the same tokenizer, truncate) but no deduplication
+    and no reject bookkeeping: rows/s and its peak RSS (own subprocess).
+
+    python benchmarks/ingest_throughput.py                       # 262144 and 1000000 rows
+    python benchmarks/ingest_throughput.py --sizes 30000 --formats jsonl
+
+The markdown table goes to benchmarks/results/ingest_throughput_cpu.md (and stdout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARDS = 8
+DUP_FRACTION = 0.005
+SOURCES = ["data/CoT/gsm_rft.json", "data/PoT/mathqa.json", "data/CoT/MATH_train.json",
+           "data/PoT/gsm_gpt4.json", "data/CoT/aqua_rat.json", "data/CoT/TheoremQA.json"]
+log = logging.getLogger("ingest_throughput")
+
+
+def make_rows(n: int, seed: int = 0) -> Any:
+    """n rows shaped like MathInstruct: instruction ~30 words, output ~60 words (log-normal),
+    from a 5,000-word vocabulary with digits and symbols; the last DUP_FRACTION of the rows
+    repeat earlier rows' content."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    vocab = np.array([f"w{i}" for i in range(4000)] + [str(i) for i in range(900)]
+                     + ["=", "+", "-", "*", "/", "(", ")", "$", "%", "x"] * 10)
+    n_dup = int(n * DUP_FRACTION)
+    n_new = n - n_dup
+    ins_len = np.clip(rng.lognormal(3.3, 0.5, n_new), 5, 300).astype(int)
+    out_len = np.clip(rng.lognormal(4.0, 0.6, n_new), 3, 600).astype(int)
+    words = vocab[rng.integers(0, len(vocab), int(ins_len.sum() + out_len.sum()))]
+    instr, outs, pos = [], [], 0
+    for a, b in zip(ins_len, out_len):
+        instr.append(" ".join(words[pos:pos + a]) + "?")
+        outs.append(" ".join(words[pos + a:pos + a + b]) + ". The answer is 42.")
+        pos += a + b
+    src = [SOURCES[i] for i in rng.integers(0, len(SOURCES), n_new)]
+    dup = rng.integers(0, n_new, n_dup)
+    return pa.table({"source": src + [src[i] for i in dup],
+                     "output": outs + [outs[i] for i in dup],
+                     "instruction": instr + [instr[i] for i in dup]})
+
+
+def write_data(folder: Path, n: int, fmt: str) -> Path:
+    """The rows as SHARDS files of one format (reused when present)."""
+    import pyarrow.parquet as pq
+
+    done = folder / f"{fmt}_{n}"
+    if (done / "_done").is_file():
+        return done
+    shutil.rmtree(done, ignore_errors=True)
+    done.mkdir(parents=True)
+    table = make_rows(n)
+    step = -(-n // SHARDS)
+    for i in range(SHARDS):
+        part = table.slice(i * step, step)
+        if fmt == "parquet":
+            pq.write_table(part, done / f"part-{i:02d}.parquet")
+        else:
+            with (done / f"part-{i:02d}.jsonl").open("w") as f:
+                for r in part.to_pylist():
+                    f.write(json.dumps(r) + "\n")
+    (done / "_done").write_text("ok")
+    return done
+
+
+class PeakRSS:
+    """Samples the RSS of this process and of every descendant (the local Ray's processes)
+    every 0.1 s: peak of the driver, and of the largest Ray worker (`ray::` processes)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.me = psutil.Process()
+        self.driver = 0
+        self.workers: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            self.driver = max(self.driver, self.me.memory_info().rss)
+            for p in self.me.children(recursive=True):
+                try:
+                    if p.name().startswith("ray::"):
+                        self.workers[p.pid] = max(self.workers.get(p.pid, 0),
+                                                  p.memory_info().rss)
+                except psutil.Error:
+                    continue
+            time.sleep(0.1)
+
+    def __enter__(self) -> PeakRSS:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def run_stage(data: Path, out: Path, tokenizer: str) -> dict[str, Any]:
+    from s2l_ray.config import load_config
+    from s2l_ray.stages.registry import run_stage
+
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = load_config(None, [f"run.output_dir={out}", f"data.source={data}",
+                             "data.format=mathinstruct", "data.template=alpaca",
+                             "data.max_length=512", f"reference.model={tokenizer}",
+                             "run.progress_seconds=30"])
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        rep = run_stage(cfg, "ingest").report()
+        wall = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    return {"rows": rep["rows"], "valid": rep["valid"], "rejected": rep["rejected"],
+            "tokens": rep["tokens"], "seconds": wall, "rows_per_s": rep["rows"] / wall,
+            "tokens_per_s": rep["tokens"] / wall, "driver_peak_mb": mem.driver / 2**20,
+            "worker_peak_mb": max(mem.workers.values(), default=0) / 2**20}
+
+
+def baseline(data: Path, fmt: str, tokenizer: str, cache: Path) -> dict[str, Any]:
+    """datasets.load_dataset + map(batched) in this process (run in a subprocess of its own)."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from s2l_ray.core.formats import RowError, content_id, to_example
+    from s2l_ray.core.tokens import tokenize_batch
+
+    datasets.disable_progress_bars()
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    files = sorted(str(p) for p in data.glob(f"*.{fmt}"))
+
+    def fn(batch: dict[str, list]) -> dict[str, list]:
+        rows = [dict(zip(batch, v)) for v in zip(*batch.values())]
+        exs = []
+        for r in rows:
+            try:
+                exs.append(to_example(r, "mathinstruct", "alpaca"))
+            except RowError:
+                exs.append(None)
+        ok = [e for e in exs if e is not None]
+        tk = tokenize_batch(tok, [e.prompt for e in ok], [e.response for e in ok], 512)
+        it = iter(zip(tk.input_ids, tk.n_prompt))
+        out: dict[str, list] = {"id": [], "input_ids": [], "n_prompt_tokens": [],
+                                "n_tokens": []}
+        for e in exs:
+            ids, npr = next(it) if e is not None else ([], 0)
+            out["id"].append(content_id(e.content) if e is not None else None)
+            out["input_ids"].append(ids)
+            out["n_prompt_tokens"].append(npr)
+            out["n_tokens"].append(len(ids))
+        return out
+
+    t0 = time.perf_counter()
+    ds = datasets.load_dataset("json" if fmt == "jsonl" else "parquet", data_files=files,
+                               split="train", cache_dir=str(cache))
+    ds = ds.map(fn, batched=True, batch_size=1000, remove_columns=ds.column_names,
+                load_from_cache_file=False)
+    wall = time.perf_counter() - t0
+    tokens = int(np.sum(ds["n_tokens"]))
+    return {"rows": len(ds), "tokens": tokens, "seconds": wall, "rows_per_s": len(ds) / wall,
+            "tokens_per_s": tokens / wall,
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_baseline(data: Path, fmt: str, tokenizer: str, work: Path) -> dict[str, Any]:
+    cache = work / "hf_cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    res = work / "baseline.json"
+    subprocess.run([sys.executable, __file__, "--baseline", str(data), fmt, tokenizer,
+                    str(cache), str(res)], check=True, cwd=ROOT)
+    shutil.rmtree(cache, ignore_errors=True)
+    return json.loads(res.read_text())
+
+
+def machine() -> str:
+    import psutil
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
+                .splitlines() if ln.startswith("model name")), platform.processor())
+    return (f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB "
+            f"RAM, Linux {platform.release()}, Python {platform.python_version()}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="262144,1000000")
+    ap.add_argument("--formats", default="jsonl,parquet")
+    ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--tokenizer", default="tiny:nano")
+    ap.add_argument("--work", default="/tmp/s2l_ingest_bench")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/ingest_throughput_cpu.md"))
+    ap.add_argument("--baseline-max", type=int, default=10**9,
+                    help="run the datasets baseline only for sizes up to this")
+    ap.add_argument("--keep", action="store_true",
+                    help="merge into the results of earlier runs (same --work) instead of "
+                         "replacing them: the table then holds every (size, format) measured")
+    ap.add_argument("--baseline", nargs=5, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.baseline:
+        data, fmt, tok, cache, res = a.baseline
+        Path(res).write_text(json.dumps(baseline(Path(data), fmt, tok, Path(cache))))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    from s2l_ray.models.tiny import resolve_model
+    from s2l_ray.runtime import init_ray, setup_logging
+
+    setup_logging()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    tok = resolve_model(a.tokenizer, work / "models") if a.tokenizer.startswith("tiny:") \
+        else a.tokenizer
+    init_ray(num_cpus=a.cpus)
+    saved = work / "results.json"
+    rows = json.loads(saved.read_text()) if a.keep and saved.is_file() else []
+    for n in (int(s) for s in a.sizes.split(",")):
+        for fmt in a.formats.split(","):
+            data = write_data(work / "data", n, fmt)
+            log.info("%d rows, %s: ingest stage", n, fmt)
+            st = run_stage(data, work / "out", tok)
+            log.info("%s", st)
+            base = None
+            if n <= a.baseline_max:
+                log.info("%d rows, %s: datasets baseline", n, fmt)
+                base = run_baseline(data, fmt, tok, work)
+                log.info("%s", base)
+            rows = [r for r in rows if (r["n"], r["fmt"]) != (n, fmt)]
+            rows.append({"n": n, "fmt": fmt, "stage": st, "base": base, "cpus": a.cpus})
+            saved.write_text(json.dumps(rows, indent=1))
+    lines = [
+        "# Ingest throughput: the ingest stage vs `datasets` map (CPU)", "",
+        f"Machine: {machine()}. Ray local with {a.cpus} CPUs (started before timing); the "
+        "baseline is one process. Tokenizer: the offline `tiny:nano` BPE; data.max_length=512, "
+        "template alpaca, format mathinstruct. Rows: MathInstruct-shaped (seeded random words, "
+        f"{SHARDS} files, {DUP_FRACTION:.1%} repeated rows). Peak RSS: sampled every 0.1 s "
+        "(stage) / ru_maxrss (baseline, its own process).", "",
+        "| rows | format | stage s | stage rows/s | stage rows/s/core | stage tokens/s | "
+        "driver peak MB | worker peak MB | datasets s | datasets rows/s | datasets peak MB | "
+        "per-core ratio |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(rows, key=lambda r: (r["n"], r["fmt"])):
+        s, b, cpus = r["stage"], r["base"], r["cpus"]
+        base = (f"{b['seconds']:.1f} | {b['rows_per_s']:,.0f} | {b['peak_mb']:,.0f} | "
+                f"{s['rows_per_s'] / cpus / b['rows_per_s']:.2f}x") if b else "- | - | - | -"
+        lines.append(
+            f"| {r['n']:,} | {r['fmt']} | {s['seconds']:.1f} | {s['rows_per_s']:,.0f} | "
+            f"{s['rows_per_s'] / cpus:,.0f} | {s['tokens_per_s']:,.0f} | "
+            f"{s['driver_peak_mb']:,.0f} | {s['worker_peak_mb']:,.0f} | {base} |")
+    lines += ["", "per-core ratio = (stage rows/s / CPUs) / (datasets rows/s, one process). "
+              "The stage also deduplicates ids, keeps rejects with reasons and writes Parquet; "
+              "the baseline does the same parsing, templating and tokenization only.", ""]
+    text = "\n".join(lines)
+    print(text)
+    Path(a.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
