@@ -174,7 +174,8 @@ class TrajectoryScorer:
     """Ray Data callable class: all T checkpoints on one device; scores whole groups per call."""
 
     def __init__(self, paths: list[str], batch_tokens: int, dtype: str, use_gpu: bool,
-                 cpus: float, stats: Any, trust_remote_code: bool = False) -> None:
+                 cpus: float, stats: Any, trust_remote_code: bool = False,
+                 scorer: str = "padded", compile_mode: str = "off") -> None:
         import torch
 
         from s2l_ray.core.losses import autocast_dtype
@@ -185,6 +186,8 @@ class TrajectoryScorer:
         self.amp = autocast_dtype(dtype, use_gpu)
         self.models = [load_checkpoint(p, trust_remote_code).to(self.device) for p in paths]
         self.batch_tokens, self.stats = batch_tokens, stats
+        self.scorer = make_scorer(scorer, self.models, self.device, batch_tokens, self.amp,
+                                  compile_mode)
 
     def __call__(self, block: Any) -> Any:
         import numpy as np
@@ -193,12 +196,25 @@ class TrajectoryScorer:
 
         from s2l_ray.core.losses import score_block
 
-        out, stats = score_block(self.models, block, self.batch_tokens, self.device, self.amp)
+        out, stats = score_block(self.models, block, self.batch_tokens, self.device, self.amp,
+                                 self.scorer)
         bad = int((~np.isfinite(pc.list_flatten(out["losses"]).to_numpy())).sum())
         ray.get(self.stats.add.remote("output", {**id_digest(out["id"].to_pylist()),
                                                  "nonfinite": bad, "pid": os.getpid(),
                                                  "stats": dataclasses.asdict(stats)}))
         return out
+
+
+def make_scorer(kind: str, models: list[Any], device: Any, batch_tokens: int, amp: Any,
+                compile_mode: str = "off") -> Any:
+    """None (score_block's padded default) or the packed scorer's `score_sorted`."""
+    if kind == "padded":
+        return None
+    from s2l_ray.core.packed_loss import PackedScorer, auto_attention
+
+    return PackedScorer(models, device, batch_tokens, attention=auto_attention(device),
+                        amp_dtype=amp, compile_mode=None if compile_mode == "off" else
+                        compile_mode).score_sorted
 
 
 class _StatsSink:
@@ -285,7 +301,8 @@ def _score(cfg: S2LConfig, examples: Path, tmp: Path, paths: list[str], groups: 
         # that would set them are deprecated. tests/test_fault_tolerance.py guards this.
         fn_constructor_kwargs={"paths": paths, "batch_tokens": t.batch_tokens, "dtype": t.dtype,
                                "use_gpu": use_gpu, "cpus": t.cpus_per_actor, "stats": sink,
-                               "trust_remote_code": trust})
+                               "trust_remote_code": trust, "scorer": t.scorer,
+                               "compile_mode": t.compile})
     ds.write_parquet(str(tmp))
     wall = time.time() - started
     return ray.get(sink.get.remote()), wall
