@@ -1,13 +1,15 @@
 """Reference-training throughput: tokens/s per worker of the train-ref step, and its MFU.
 
-Measures, in one run and on the same batches, the step the train-ref workers run (DeepSpeed
-engine with the project's `deepspeed_config`, response-only loss from `pad_batch`) against a
-plain PyTorch AdamW loop (the baseline), for Pythia-shaped models. Prints the ratio and the
-model-FLOPs utilisation: 6 x params x tokens / time against a bf16 matmul peak (given, or
-measured here in the same run).
+Measures, in one run and on the same batches, the step the train-ref workers run
+(`training.worker.train_micro_step`: DeepSpeed engine with the project's `deepspeed_config` and
+default ZeRO stage, response-only loss from `pad_batch`, no host sync per step) against a plain
+PyTorch AdamW loop (the baseline: autocast to the same precision, one host sync at the end), for
+Pythia-shaped models. Prints the ratio and the model-FLOPs utilisation: 6 x params x tokens /
+time against the matmul peak (bf16 on GPU) measured here in the same run (or given).
 
     python benchmarks/train_throughput.py --device cpu --models nano micro --steps 20
     python benchmarks/train_throughput.py --device cuda --models pythia-70m pythia-160m
+      -> benchmarks/results/train_throughput_gpu.md (the card's name in its title)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ SHAPES = {  # hidden, layers, heads, vocab
 def matmul_peak(device: str, dtype) -> float:
     import torch
 
-    n = 4096 if device == "cuda" else 1024
+    n = 8192 if device == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
@@ -60,7 +62,8 @@ def run(name: str, device: str, steps: int, batch: int, max_len: int) -> dict:
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from s2l_ray.training.worker import deepspeed_config, resolve_precision
+    from s2l_ray.config import S2LConfig
+    from s2l_ray.training.worker import deepspeed_config, resolve_precision, train_micro_step
 
     h, layers, heads, vocab = SHAPES[name]
     cfg = GPTNeoXConfig(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
@@ -69,7 +72,8 @@ def run(name: str, device: str, steps: int, batch: int, max_len: int) -> dict:
     tokens = sum(int(m.sum()) for _, m, _ in data[2:])
     on_gpu = device == "cuda"
     precision = resolve_precision("auto", on_gpu)
-    res = {"model": name, "precision": precision}
+    zero = S2LConfig().reference.zero_stage
+    res = {"model": name, "precision": precision, "zero_stage": zero}
     for mode in ("plain", "deepspeed"):
         torch.manual_seed(0)
         model = GPTNeoXForCausalLM(cfg).to(device)
@@ -85,20 +89,21 @@ def run(name: str, device: str, steps: int, batch: int, max_len: int) -> dict:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         else:
-            ds = deepspeed_config(1, batch, 1, 1, 1e-4, 0.0, precision, on_gpu)
+            ds = deepspeed_config(zero, batch, 1, 1, 1e-4, 0.0, precision, on_gpu)
             engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                               config=ds)
 
             def step(ids, mask, labels, engine=engine):
-                loss = engine(input_ids=ids, attention_mask=mask, labels=labels).loss
-                engine.backward(loss)
-                engine.step()
+                return train_micro_step(engine, ids, mask, labels, device)
         for i, (ids, mask, labels) in enumerate(data):
             if i == 2:  # two warm-up steps, then time
                 if on_gpu:
                     torch.cuda.synchronize()
                 t = time.perf_counter()
-            step(ids.to(device), mask.to(device), labels.to(device))
+            if mode == "plain":
+                step(ids.to(device), mask.to(device), labels.to(device))
+            else:
+                step(ids, mask, labels)
         if on_gpu:
             torch.cuda.synchronize()
         res[f"{mode}_tok_s"] = tokens / (time.perf_counter() - t)
@@ -106,7 +111,7 @@ def run(name: str, device: str, steps: int, batch: int, max_len: int) -> dict:
     return res
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -117,7 +122,9 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--peak", type=float, default=None,
                    help="matmul peak FLOP/s for MFU (default: measured in this run)")
-    args = p.parse_args()
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"),
+                   help="folder for train_throughput_<cpu|gpu>.md")
+    args = p.parse_args(argv)
     import torch
     import torch.distributed as dist
 
@@ -130,22 +137,27 @@ def main() -> None:
     rows = [run(m, args.device, args.steps, args.batch, args.max_len) for m in args.models]
     dev = (torch.cuda.get_device_name() if args.device == "cuda"
            else f"cpu x{torch.get_num_threads()}")
-    lines = [f"# Reference-training throughput ({dev})", "",
+    lines = [f"# Reference-training throughput ({dev}, torch {torch.__version__})", "",
              f"batch {args.batch}, lengths log-normal <= {args.max_len}, {args.steps} timed "
-             f"steps, 1 worker; matmul peak {peak:.3g} FLOP/s "
-             f"({'given' if args.peak else 'measured in this run'}).", "",
+             f"steps, 1 worker, DeepSpeed ZeRO-{rows[0]['zero_stage']}; "
+             f"{'bf16' if args.device == 'cuda' else 'fp32'} matmul peak {peak:.3g} FLOP/s "
+             f"({'given' if args.peak else 'measured in this run'}). MFU = 6 x params x "
+             "tokens/s / peak (attention FLOPs not counted).", "",
              "| model | params | precision | plain torch tok/s | train-ref step tok/s | ratio "
              "| MFU |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         mfu = 6 * r["params"] * r["deepspeed_tok_s"] / peak
+        mfu_plain = 6 * r["params"] * r["plain_tok_s"] / peak
         lines.append(f"| {r['model']} | {r['params']:,} | {r['precision']} | "
                      f"{r['plain_tok_s']:,.0f} | {r['deepspeed_tok_s']:,.0f} | "
-                     f"{r['deepspeed_tok_s'] / r['plain_tok_s']:.2f}x | {100 * mfu:.1f}% |")
+                     f"{r['deepspeed_tok_s'] / r['plain_tok_s']:.2f}x | {100 * mfu:.1f}% "
+                     f"(plain {100 * mfu_plain:.1f}%) |")
     table = "\n".join(lines) + "\n"
     print(table)
-    out = Path(__file__).parent / "results" / f"train_throughput_{args.device}.md"
-    out.parent.mkdir(exist_ok=True)
+    out = Path(args.out) / f"train_throughput_{'gpu' if args.device == 'cuda' else 'cpu'}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
