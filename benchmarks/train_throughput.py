@@ -57,7 +57,8 @@ def batches(vocab: int, n: int, batch: int, max_len: int, seed: int = 0) -> list
     return out
 
 
-def run(name: str, device: str, steps: int, batch: int, max_len: int) -> dict:
+def run(name: str, device: str, steps: int, batch: int, max_len: int,
+        zero_stages: list[int] | None = None) -> dict:
     import deepspeed
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -72,9 +73,10 @@ def run(name: str, device: str, steps: int, batch: int, max_len: int) -> dict:
     tokens = sum(int(m.sum()) for _, m, _ in data[2:])
     on_gpu = device == "cuda"
     precision = resolve_precision("auto", on_gpu)
-    zero = S2LConfig().reference.zero_stage
-    res = {"model": name, "precision": precision, "zero_stage": zero}
-    for mode in ("plain", "deepspeed"):
+    default_zero = S2LConfig().reference.zero_stage
+    res: dict = {"model": name, "precision": precision, "zero_stages": []}
+    modes = ["plain"] + [f"zero{z}" for z in (zero_stages or [default_zero])]
+    for mode in modes:
         torch.manual_seed(0)
         model = GPTNeoXForCausalLM(cfg).to(device)
         n_params = sum(p.numel() for p in model.parameters())
@@ -89,25 +91,41 @@ def run(name: str, device: str, steps: int, batch: int, max_len: int) -> dict:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         else:
+            zero = int(mode[4:])
             ds = deepspeed_config(zero, batch, 1, 1, 1e-4, 0.0, precision, on_gpu)
-            engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                              config=ds)
+            try:
+                engine, *_ = deepspeed.initialize(model=model,
+                                                  model_parameters=model.parameters(), config=ds)
+            except Exception as e:  # e.g. a ZeRO stage this DeepSpeed refuses in bf16
+                res[f"{mode}_tok_s"] = float("nan")
+                res[f"{mode}_error"] = f"{type(e).__name__}: {str(e)[:100]}"
+                res["zero_stages"].append(zero)
+                continue
 
             def step(ids, mask, labels, engine=engine):
                 return train_micro_step(engine, ids, mask, labels, device)
-        for i, (ids, mask, labels) in enumerate(data):
-            if i == 2:  # two warm-up steps, then time
-                if on_gpu:
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-            if mode == "plain":
-                step(ids.to(device), mask.to(device), labels.to(device))
-            else:
-                step(ids, mask, labels)
-        if on_gpu:
-            torch.cuda.synchronize()
-        res[f"{mode}_tok_s"] = tokens / (time.perf_counter() - t)
+        try:
+            for i, (ids, mask, labels) in enumerate(data):
+                if i == 2:  # two warm-up steps, then time
+                    if on_gpu:
+                        torch.cuda.synchronize()
+                    t = time.perf_counter()
+                if mode == "plain":
+                    step(ids.to(device), mask.to(device), labels.to(device))
+                else:
+                    step(ids, mask, labels)
+            if on_gpu:
+                torch.cuda.synchronize()
+            res[f"{mode}_tok_s"] = tokens / (time.perf_counter() - t)
+        except Exception as e:  # a variant DeepSpeed refuses is reported, the others go on
+            res[f"{mode}_tok_s"] = float("nan")
+            res[f"{mode}_error"] = f"{type(e).__name__}: {str(e)[:100]}"
+        if mode != "plain":
+            res["zero_stages"].append(zero)
         res["params"] = n_params
+        del step, model
+        if on_gpu:
+            torch.cuda.empty_cache()
     return res
 
 
@@ -122,11 +140,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--peak", type=float, default=None,
                    help="matmul peak FLOP/s for MFU (default: measured in this run)")
+    p.add_argument("--zero-stages", type=int, nargs="+", default=None,
+                   help="DeepSpeed ZeRO stages to time (default: reference.zero_stage's)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"),
                    help="folder for train_throughput_<cpu|gpu>.md")
     args = p.parse_args(argv)
     import torch
     import torch.distributed as dist
+
+    from s2l_ray.config import S2LConfig
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
@@ -134,24 +156,29 @@ def main(argv: list[str] | None = None) -> None:
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     peak_dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     peak = args.peak or matmul_peak(args.device, peak_dtype)
-    rows = [run(m, args.device, args.steps, args.batch, args.max_len) for m in args.models]
+    rows = [run(m, args.device, args.steps, args.batch, args.max_len, args.zero_stages)
+            for m in args.models]
     dev = (torch.cuda.get_device_name() if args.device == "cuda"
            else f"cpu x{torch.get_num_threads()}")
     lines = [f"# Reference-training throughput ({dev}, torch {torch.__version__})", "",
              f"batch {args.batch}, lengths log-normal <= {args.max_len}, {args.steps} timed "
-             f"steps, 1 worker, DeepSpeed ZeRO-{rows[0]['zero_stage']}; "
+             f"steps, 1 worker; train-ref step = `training.worker.train_micro_step` under "
+             f"DeepSpeed ZeRO-n (the config's default is {S2LConfig().reference.zero_stage}); "
              f"{'bf16' if args.device == 'cuda' else 'fp32'} matmul peak {peak:.3g} FLOP/s "
              f"({'given' if args.peak else 'measured in this run'}). MFU = 6 x params x "
              "tokens/s / peak (attention FLOPs not counted).", "",
-             "| model | params | precision | plain torch tok/s | train-ref step tok/s | ratio "
-             "| MFU |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| model | params | precision | step | tok/s | vs plain | MFU |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        mfu = 6 * r["params"] * r["deepspeed_tok_s"] / peak
-        mfu_plain = 6 * r["params"] * r["plain_tok_s"] / peak
-        lines.append(f"| {r['model']} | {r['params']:,} | {r['precision']} | "
-                     f"{r['plain_tok_s']:,.0f} | {r['deepspeed_tok_s']:,.0f} | "
-                     f"{r['deepspeed_tok_s'] / r['plain_tok_s']:.2f}x | {100 * mfu:.1f}% "
-                     f"(plain {100 * mfu_plain:.1f}%) |")
+        plain = r["plain_tok_s"]
+        for mode in ["plain"] + [f"zero{z}" for z in r["zero_stages"]]:
+            rate = r[f"{mode}_tok_s"]
+            name = "plain PyTorch AdamW" if mode == "plain" else f"train-ref, ZeRO-{mode[4:]}"
+            err = r.get(f"{mode}_error")
+            lines.append(f"| {r['model']} | {r['params']:,} | {r['precision']} | {name} | "
+                         + (f"failed: {err} | | |" if err else
+                            f"{rate:,.0f} | {rate / plain:.2f}x | "
+                            f"{100 * 6 * r['params'] * rate / peak:.1f}% |"))
     table = "\n".join(lines) + "\n"
     print(table)
     out = Path(args.out) / f"train_throughput_{'gpu' if args.device == 'cuda' else 'cpu'}.md"

@@ -75,7 +75,7 @@ if [[ $DRY == 1 ]]; then
     --models tiny --examples 24 --examples-a 8 --max-length 128 --mean-length 60 \
     --checkpoints 2 --batch-tokens 1024 --compile default --out "$OUT/results"
   step train_throughput 300 $PY benchmarks/train_throughput.py --device cpu --models nano \
-    --steps 3 --batch 4 --max-len 64 --out "$OUT/results"
+    --steps 3 --batch 4 --max-len 64 --zero-stages 2 0 --out "$OUT/results"
   step ray_overhead 300 $PY benchmarks/ray_overhead.py --device cpu --examples 64 --model tiny \
     --checkpoints 2 --max-length 128 --out "$OUT/results"
   # the e2e demo costs minutes on 2 CPU cores: tests/test_gpu_check.py checks its config
@@ -86,8 +86,9 @@ else
   step trajectory_throughput 150 $PY benchmarks/trajectory_throughput.py --device cuda \
     --examples 2048 --examples-a 256 --max-length 512 --mean-length 200 --checkpoints 4 \
     --compile default --out "$OUT/results"
-  step train_throughput 70 $PY benchmarks/train_throughput.py --device cuda \
-    --models pythia-70m pythia-160m --steps 20 --batch 16 --max-len 512 --out "$OUT/results"
+  step train_throughput 90 $PY benchmarks/train_throughput.py --device cuda \
+    --models pythia-70m pythia-160m --steps 20 --batch 16 --max-len 512 --zero-stages 2 0 \
+    --out "$OUT/results"
   step ray_overhead 80 $PY benchmarks/ray_overhead.py --device cuda --examples 20000 \
     --model pythia-70m --checkpoints 4 --out "$OUT/results"
   step pytest_gpu_e2e 300 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \

@@ -155,7 +155,8 @@ def _torch_varlen() -> Any:
 
 
 def varlen_kernel_available(device: Any) -> bool:
-    """True where the fused varlen kernel will run (CUDA and a torch that has varlen_attn)."""
+    """True where the fused varlen kernel can run (CUDA and a torch that has varlen_attn; it
+    also needs bf16/fp16 activations, else the per-sequence path runs)."""
     import torch
 
     return torch.device(device).type == "cuda" and _torch_varlen() is not None
@@ -182,18 +183,19 @@ def _per_sequence_sdpa(q: Any, k: Any, v: Any, cu_seqlens: Any, scale: float) ->
     return torch.cat(outs, dim=1)  # (H, N, D)
 
 
-def _varlen_call(fn: Any, q: Any, k: Any, v: Any, cu: Any, max_len: int, scale: float) -> Any:
-    """varlen_attn across torch versions: causal by `is_causal` or by window (-1, 0); split-KV
-    off (num_splits=1) where offered, which the docs name as what makes it batch-invariant."""
+_VARLEN_EXTRA: dict[str, Any] = {}  # filled by register_varlen, outside any compiled graph
+
+
+def _varlen_extra(fn: Any) -> dict[str, Any]:
+    """varlen_attn's keywords across torch versions: causal by `is_causal` or by the window
+    (-1, 0); split-KV off (num_splits=1) where offered, which its docs name as what makes it
+    batch-invariant."""
     params = inspect.signature(fn).parameters
-    extra: dict[str, Any] = {"scale": scale}
-    if "is_causal" in params:
-        extra["is_causal"] = True
-    else:
-        extra["window_size"] = (-1, 0)
+    extra: dict[str, Any] = {"is_causal": True} if "is_causal" in params else {
+        "window_size": (-1, 0)}
     if "num_splits" in params:
         extra["num_splits"] = 1
-    return fn(q, k, v, cu, cu, max_len, max_len, **extra)
+    return extra
 
 
 def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
@@ -221,9 +223,10 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     else:
         max_len = int(kwargs[_MAX_KEY])
     fn = _torch_varlen() if query.device.type == "cuda" else None
-    if fn is not None:
+    if fn is not None and query.dtype in (torch.bfloat16, torch.float16):  # flash: half only
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (N, H, D)
-        out = _varlen_call(fn, q, k, v, cu, max_len, scale)  # (N, H, D)
+        extra = _VARLEN_EXTRA or _varlen_extra(fn)
+        out = fn(q, k, v, cu, cu, max_len, max_len, scale=scale, **extra)  # (N, H, D)
         return out.unsqueeze(0), None
     # Python control flow over the boundaries: kept out of compiled graphs
     out = torch.compiler.disable(_per_sequence_sdpa)(query[0], key[0], value[0], cu, scale)
@@ -235,6 +238,9 @@ def register_varlen() -> str:
     from transformers import AttentionInterface
 
     AttentionInterface.register(VARLEN_NAME, varlen_attention)
+    fn = _torch_varlen()
+    if fn is not None and not _VARLEN_EXTRA:
+        _VARLEN_EXTRA.update(_varlen_extra(fn))
     return VARLEN_NAME
 
 
