@@ -69,8 +69,9 @@ def write_inputs(folder: Path, n: int, model: str, max_len: int, seed: int) -> t
 
 
 def bare(examples: Path, paths: list[str], groups: int, batch_tokens: int, use_gpu: bool,
-         scorer_kind: str, compile_mode: str) -> tuple[float, int]:
-    """Seconds to score every group in this process (models loaded before the clock)."""
+         scorer_kind: str, compile_mode: str, threads: int) -> tuple[float, int]:
+    """Seconds to score every group in this process (models loaded before the clock); on CPU
+    with the actor's thread count (trajectories.cpus_per_actor)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
     import torch
@@ -84,6 +85,8 @@ def bare(examples: Path, paths: list[str], groups: int, batch_tokens: int, use_g
     )
 
     device = torch.device("cuda" if use_gpu else "cpu")
+    if not use_gpu:
+        torch.set_num_threads(threads)
     amp = autocast_dtype("auto", use_gpu)
     models = [load_checkpoint(p).to(device) for p in paths]
     scorer = make_scorer(scorer_kind, models, device, batch_tokens, amp, compile_mode)
@@ -176,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(num_cpus=None if gpu else 2)
         quiet_ray_data()
         s_wall, s_warm, s_rows = stage(examples, work / "out", paths, groups, cfg, gpu)
-        b_wall, b_rows = bare(examples, paths, groups, batch_tokens, gpu, t.scorer, t.compile)
+        b_wall, b_rows = bare(examples, paths, groups, batch_tokens, gpu, t.scorer, t.compile,
+                              max(1, int(t.cpus_per_actor)))
         if not s_rows == b_rows == n:
             raise RuntimeError(f"rows: stage {s_rows}, bare {b_rows}, expected {n}")
     finally:
