@@ -6,6 +6,8 @@
 #   bash scripts/gpu_check.sh             # on a GPU machine; writes to $OUT or ./gpu_check_out
 #   bash scripts/gpu_check.sh --dry-run   # on CPU: the same steps at tiny size (gpu tests' code
 #                                         # included), so the GPU call cannot fail on typos
+#   ONLY="ray_overhead train_throughput" bash scripts/gpu_check.sh   # rerun some steps only
+#   (steps: pytest_gpu trajectory_throughput pytest_gpu_e2e train_throughput ray_overhead)
 #
 # Where Ray/DeepSpeed/faiss/datasets are not installed (the lent GPU machine), it installs
 # .device-bundle/ first (made by `bash ../shared/device/make-bundle.sh` from the project root).
@@ -28,6 +30,7 @@ FAILED=0
 step() {  # step NAME LIMIT_S CMD...: CMD under min(LIMIT_S, what is left), log in $OUT/NAME.log
   local name=$1 limit=$2
   shift 2
+  [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]] && return
   local t0=$(date +%s)
   local left=$(( BUDGET - (t0 - START) ))
   (( limit > left )) && limit=$left
@@ -64,7 +67,7 @@ print('varlen_attn', __import__('s2l_ray.core.packed_loss', fromlist=['x'])._tor
 import faiss; print('faiss', faiss.__version__, 'gpu build', hasattr(faiss, 'StandardGpuResources'))"
 } > "$OUT/environment.txt" 2>&1
 
-QUICK="not demo and not finetune and not end_to_end"  # the e2e demo run goes last
+QUICK="not demo and not finetune and not end_to_end"  # the e2e demo run: its own step
 if [[ $DRY == 1 ]]; then
   export S2L_GPU_TESTS_ON_CPU=1 CUDA_VISIBLE_DEVICES=
   DEV=cpu
@@ -86,13 +89,13 @@ else
   step trajectory_throughput 150 $PY benchmarks/trajectory_throughput.py --device cuda \
     --examples 2048 --examples-a 256 --max-length 512 --mean-length 200 --checkpoints 4 \
     --compile default --out "$OUT/results"
+  step pytest_gpu_e2e 240 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
+    -k "not ($QUICK)" --junitxml="$OUT/pytest_gpu_e2e.xml"
   step train_throughput 90 $PY benchmarks/train_throughput.py --device cuda \
     --models pythia-70m pythia-160m --steps 20 --batch 16 --max-len 512 --zero-stages 2 0 \
     --out "$OUT/results"
   step ray_overhead 80 $PY benchmarks/ray_overhead.py --device cuda --examples 20000 \
     --model pythia-70m --checkpoints 4 --out "$OUT/results"
-  step pytest_gpu_e2e 300 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
-    -k "not ($QUICK)" --junitxml="$OUT/pytest_gpu_e2e.xml"
 fi
 { echo; echo "device $DEV, total $(( $(date +%s) - START ))s, $FAILED step(s) failed"; } \
   >> "$OUT/summary.md"
