@@ -1,24 +1,28 @@
-"""Benchmark: loss-trajectory throughput, three ways, on the same data in the same run.
+"""Benchmark: loss-trajectory throughput, several ways, on the same data in the same run.
 
   (a) the original S2L way: one example at a time, one checkpoint at a time, HF's
       `model(ids, labels=labels).loss` (a host sync per example);
   (b) a plain batched HF loop: padded batches in data order (no length bucketing), one checkpoint
       at a time, full (B, L, V) logits in float32, per-row mean response loss;
-  (c) this stage's compute path: `s2l_ray.core.losses.score_block`, the very function the trajectory
-      actor calls per Ray Data block (hash groups, length sorting, token-budget batches, every
-      checkpoint per batch, response-only chunked output head, one pinned copy per batch).
+  (c) `padded`: `core.losses.score_block` with its default scorer (hash groups, length-sorted
+      windows, token-budget padded batches, every checkpoint per batch, response-only chunked
+      output head, one pinned copy per batch);
+  (d) `packed`: the same `score_block` with `core.packed_loss.PackedScorer` (no padding,
+      per-sequence attention: "varlen" = one packed row + varlen attention, "mask" = rows with
+      HF's block-diagonal mask), optionally compiled (`--compile`).
+The stage's scorer is whichever `trajectories.scorer` names (default shown in the table).
 
 Models are GPT-NeoX shaped like Pythia (random weights from a config, nothing downloaded):
 pythia-70m = hidden 512 / 6 layers / 8 heads, pythia-160m = 768 / 12 / 12, vocabulary 50304;
-T checkpoints are T copies. Lengths follow a log-normal mix clipped to [min, max] tokens (skewed
-short, as instruction data is), 20-60% of each example being prompt.
+T checkpoints are T copies. Lengths are log-normal (sigma 0.7) with the given mean, clipped to
+[min, max], 20-60% of each example being prompt.
 
-It prints examples/s and tokens/s per method, the ratios (c)/(a) and (c)/(b), and (c) against
-the FLOP floor 2 x (non-embedding params + vocab x hidden) x tokens x T / peak. The peak is
---peak-flops (default 786e12, H100 dense bf16) on GPU; on CPU it is a float32 matmul peak measured
-in the same run. The markdown table goes to benchmarks/results/trajectory_throughput_<device>.md.
+It prints examples/s and tokens/s per method, ratios against (a) and (b), and the share of the
+FLOP floor: 2 x (non-embedding params + vocab x hidden) x tokens x T / peak, the peak being a
+large matmul in the compute dtype (bf16 on GPU) measured in the same run (or --peak-flops).
+The table goes to benchmarks/results/trajectory_throughput_<cpu|gpu>.md (the card in its title).
 
-    python benchmarks/trajectory_throughput.py                     # GPU: 2048 examples, 64-1024
+    python benchmarks/trajectory_throughput.py --device cuda           # 2048 examples, <= 512
     python benchmarks/trajectory_throughput.py --device cpu --examples 64 --max-length 256
 """
 
@@ -28,7 +32,6 @@ import argparse
 import copy
 import logging
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -39,7 +42,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 log = logging.getLogger("trajectory_throughput")
-SHAPES = {"pythia-70m": (512, 6, 8), "pythia-160m": (768, 12, 12)}
+SHAPES = {"pythia-70m": (512, 6, 8), "pythia-160m": (768, 12, 12),
+          "tiny": (64, 2, 4)}  # tiny: dry runs of the script only
 VOCAB = 50304
 
 
@@ -50,15 +54,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="examples scored by (b) and (c) (default: 2048 on GPU, 64 on CPU)")
     p.add_argument("--examples-a", type=int, default=None,
                    help="examples for the slow one-at-a-time (a); its rate is per example, so "
-                        "a subset is fair (default: same as --examples, at most 512)")
+                        "a subset is fair (default: same as --examples, at most 256)")
+    p.add_argument("--methods", default="a,b,padded,packed-varlen,packed-mask",
+                   help="comma-separated: a, b, padded, packed-varlen, packed-mask, and with "
+                        "--compile packed-varlen-compiled")
+    p.add_argument("--compile", default=None,
+                   help="also run packed-varlen under torch.compile with this mode (default, "
+                        "reduce-overhead)")
+    p.add_argument("--mean-length", type=float, default=200.0,
+                   help="target mean of the log-normal lengths before clipping, tokens")
+    p.add_argument("--row-tokens", type=int, default=512, help="packed-mask: tokens per row")
     p.add_argument("--models", default="pythia-70m,pythia-160m",
                    help=f"comma-separated shapes from {', '.join(SHAPES)}")
     p.add_argument("--checkpoints", type=int, default=4, help="T, checkpoints per example")
-    p.add_argument("--min-length", type=int, default=64, help="shortest example, tokens")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="longest example, tokens (default: 1024 on GPU, 256 on CPU)")
+    p.add_argument("--min-length", type=int, default=16, help="shortest example, tokens")
+    p.add_argument("--max-length", type=int, default=512, help="longest example, tokens")
     p.add_argument("--batch-tokens", type=int, default=None,
-                   help="(c): padded tokens per batch, as trajectories.batch_tokens "
+                   help="(c), (d): tokens per batch, as trajectories.batch_tokens "
                         "(default: 65536 on GPU, 4096 on CPU)")
     p.add_argument("--batch-rows", type=int, default=None,
                    help="(b): rows per padded batch (default: batch-tokens // max-length, the "
@@ -68,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto: bf16 autocast on GPU, fp32 on CPU (the stage's policy); all "
                         "three methods use it")
     p.add_argument("--peak-flops", type=float, default=None,
-                   help="peak FLOP/s for the floor (default: 786e12 on GPU; measured on CPU)")
+                   help="peak FLOP/s for the floor (default: a matmul measured in this run)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
@@ -76,12 +88,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_data(n: int, lo: int, hi: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """n examples: log-normal lengths clipped to [lo, hi], skewed short (median lo x
-    (hi/lo)^0.35: 168 tokens for 64-1024), random token ids."""
+def make_data(n: int, lo: int, hi: int, seed: int, mean: float = 200.0
+              ) -> tuple[list[np.ndarray], np.ndarray]:
+    """n examples: log-normal lengths (sigma 0.7, mean `mean` before clipping to [lo, hi]),
+    skewed short as instruction data is; random token ids."""
     rng = np.random.default_rng(seed)
-    median = lo * (hi / lo) ** 0.35
-    lengths = np.clip(np.exp(rng.normal(np.log(median), 0.7, n)), lo, hi).astype(int)
+    mu = np.log(mean) - 0.7**2 / 2  # E[exp(N(mu, s^2))] = exp(mu + s^2 / 2)
+    lengths = np.clip(np.exp(rng.normal(mu, 0.7, n)), lo, hi).astype(int)
     rows = [rng.integers(2, VOCAB, size=k, dtype=np.int64) for k in lengths]
     n_prompt = np.array([int(k * rng.uniform(0.2, 0.6)) for k in lengths])
     return rows, np.maximum(n_prompt, 1)
@@ -159,8 +172,10 @@ def method_b(models, rows, n_prompt, device, amp_dtype, batch_rows: int) -> np.n
     return out
 
 
-def method_c(models, rows, n_prompt, device, amp_dtype, batch_tokens: int) -> np.ndarray:
-    """The actor's own function on one block: hash groups, sorted windows, all checkpoints."""
+def method_c(models, rows, n_prompt, device, amp_dtype, batch_tokens: int,
+             scorer: Any = None) -> np.ndarray:
+    """The actor's own function on one block: hash groups, sorted windows, all checkpoints;
+    `scorer` None is the padded default, else e.g. PackedScorer(...).score_sorted."""
     import pyarrow as pa
 
     from s2l_ray.core.losses import score_block
@@ -174,7 +189,7 @@ def method_c(models, rows, n_prompt, device, amp_dtype, batch_tokens: int) -> np
         "n_prompt_tokens": pa.array(n_prompt, pa.int32()),
         "n_tokens": pa.array([len(r) for r in rows], pa.int32())}),
         n_groups(len(rows), tokens, batch_tokens))
-    out, _ = score_block(models, block, batch_tokens, device, amp_dtype)
+    out, _ = score_block(models, block, batch_tokens, device, amp_dtype, scorer)
     order = {name: i for i, name in enumerate(out["id"].to_pylist())}
     losses = np.array(out["losses"].to_pylist(), np.float32)
     return losses[[order[n] for n in names]]
@@ -184,7 +199,7 @@ def matmul_peak(device: Any, amp_dtype: Any) -> float:
     """Best FLOP/s of a large square matmul in the compute dtype (bf16 or fp32)."""
     import torch
 
-    n = 4096 if device.type == "cuda" else 1536
+    n = 8192 if device.type == "cuda" else 1536
     dtype = amp_dtype or torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -208,18 +223,41 @@ def timed(fn, device, *args) -> tuple[np.ndarray, float]:
 
 
 def device_name(device: Any) -> str:
+    """The card's full name on CUDA ('NVIDIA H100 80GB HBM3'), else 'cpu'."""
     import torch
 
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        m = re.search(r"([AHBL]\d{2,3}|RTX ?\d{4})", name)
-        return (m.group(1) if m else name).replace(" ", "").lower()
-    return "cpu"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def make_runner(method: str, models, device, amp_dtype, args, batch_tokens: int,
+                batch_rows: int):
+    """method name -> fn(models, rows, n_prompt) -> losses (N, T)."""
+    from s2l_ray.core.packed_loss import PackedScorer
+
+    if method == "a":
+        return lambda ms, r, p: method_a(ms, r, p, device, amp_dtype)
+    if method == "b":
+        return lambda ms, r, p: method_b(ms, r, p, device, amp_dtype, batch_rows)
+    if method == "padded":
+        return lambda ms, r, p: method_c(ms, r, p, device, amp_dtype, batch_tokens)
+    attention = "mask" if method.startswith("packed-mask") else "varlen"
+    mode = args.compile if method.endswith("-compiled") else None
+    cache: dict[int, Any] = {}  # one scorer (and compiled graph) per model list
+
+    def run(ms, r, p):
+        key = id(ms[0]) * 100 + len(ms)
+        if key not in cache:
+            cache[key] = PackedScorer(ms, device, batch_tokens, attention=attention,
+                                      row_tokens=args.row_tokens, amp_dtype=amp_dtype,
+                                      compile_mode=mode).score_sorted
+        return method_c(ms, r, p, device, amp_dtype, batch_tokens, cache[key])
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
     import torch
 
+    from s2l_ray.config import S2LConfig
     from s2l_ray.core.losses import autocast_dtype
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -231,18 +269,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     n = args.examples or (2048 if gpu else 64)
-    n_a = min(args.examples_a or min(n, 512), n)
-    hi = args.max_length or (1024 if gpu else 256)
+    n_a = min(args.examples_a or min(n, 256), n)
+    hi = args.max_length
     batch_tokens = args.batch_tokens or (65536 if gpu else 4096)
     batch_rows = args.batch_rows or max(1, batch_tokens // hi)
     amp_dtype = autocast_dtype(args.dtype, gpu)
     dtype_name = "bf16" if amp_dtype is not None else "fp32"
-    peak = args.peak_flops
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.compile and "packed-varlen-compiled" not in methods:
+        methods.append("packed-varlen-compiled")
+    stage_scorer = S2LConfig().trajectories.scorer
     measured = matmul_peak(device, amp_dtype)
-    if peak is None:
-        peak = 786e12 if gpu else measured
-    source = "given" if args.peak_flops else ("H100 bf16 default" if gpu else "measured")
-    rows, n_prompt = make_data(n, args.min_length, hi, args.seed)
+    peak = args.peak_flops or measured
+    rows, n_prompt = make_data(n, args.min_length, hi, args.seed, args.mean_length)
     tokens = int(sum(len(r) for r in rows))
     tokens_a = int(sum(len(r) for r in rows[:n_a]))
     log.info("%s, %s: %d examples (%d for (a)), %d tokens (mean %.0f), T=%d, peak %.3g FLOP/s "
@@ -253,41 +292,51 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads)", "",
         f"{n} examples ({n_a} for (a)), lengths {args.min_length}-{hi} log-normal (mean "
         f"{tokens / n:.0f} tokens), T={args.checkpoints} checkpoints, {dtype_name}; (b) "
-        f"{batch_rows} rows per batch, (c) {batch_tokens} tokens per batch. Peak for the floor "
-        f"{peak:.3g} FLOP/s ({source}; measured {dtype_name} matmul {measured:.3g}). The floor "
-        "counts the output head on every token; (c) runs it on response tokens only, so it "
-        "can pass 100%.", "",
-        "| model | method | examples/s | tokens/s | s | (c)/(a) | (c)/(b) | % of FLOP floor | "
+        f"{batch_rows} rows per batch, the scorers {batch_tokens} tokens per batch, "
+        f"packed-mask rows of {args.row_tokens}. Peak for the floor {peak:.3g} FLOP/s "
+        f"({'given' if args.peak_flops else 'measured'}; measured {dtype_name} matmul "
+        f"{measured:.3g}). The floor counts the output head on every token; the scorers run it "
+        f"on response tokens only, so they can pass 100%. The stage's scorer "
+        f"(trajectories.scorer default) is `{stage_scorer}`"
+        f"{' (packed-varlen on this device)' if stage_scorer == 'packed' else ''}.", "",
+        "| model | method | examples/s | tokens/s | s | vs (a) | vs (b) | % of FLOP floor | "
         "max abs diff vs (a) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for shape in args.models.split(","):
         models, params = build_models(shape.strip(), args.checkpoints, device)
         per_token = 2 * (params["non_embedding"] + VOCAB * params["hidden"])
-        # warm-up: first calls pay for allocator, kernels, MKL/cuBLAS setup
-        warm = rows[:4]
-        method_a(models[:1], warm, n_prompt[:4], device, amp_dtype)
-        method_b(models[:1], warm, n_prompt[:4], device, amp_dtype, batch_rows)
-        method_c(models[:1], warm, n_prompt[:4], device, amp_dtype, batch_tokens)
-        la, sa = timed(method_a, device, models, rows[:n_a], n_prompt[:n_a], device, amp_dtype)
-        lb, sb = timed(method_b, device, models, rows, n_prompt, device, amp_dtype, batch_rows)
-        lc, sc = timed(method_c, device, models, rows, n_prompt, device, amp_dtype, batch_tokens)
-        rate = {"a": n_a / sa, "b": n / sb, "c": n / sc}
-        toks = {"a": tokens_a / sa, "b": tokens / sb, "c": tokens / sc}
-        floor = per_token * tokens * args.checkpoints / peak  # seconds at peak for (c)'s work
-        diff = {k: float(np.abs(v[:n_a] - la).max()) for k, v in (("b", lb), ("c", lc))}
-        log.info("%s: (a) %.1f ex/s, (b) %.1f ex/s, (c) %.1f ex/s; (c)/(a) %.1fx, (c)/(b) "
-                 "%.2fx, (c) at %.1f%% of the floor", shape, rate["a"], rate["b"], rate["c"],
-                 rate["c"] / rate["a"], rate["c"] / rate["b"], 100 * floor / sc)
-        names = {"a": "(a) one at a time", "b": "(b) batched HF", "c": "(c) this stage"}
-        secs = {"a": sa, "b": sb, "c": sc}
-        for k in "abc":
-            ratio_a = f"{rate['c'] / rate['a']:.1f}x" if k == "c" else ""
-            ratio_b = f"{rate['c'] / rate['b']:.2f}x" if k == "c" else ""
-            work = per_token * (tokens_a if k == "a" else tokens) * args.checkpoints / peak
-            lines.append(
-                f"| {shape} | {names[k]} | {rate[k]:.2f} | {toks[k]:.0f} | {secs[k]:.1f} | "
-                f"{ratio_a} | {ratio_b} | {100 * work / secs[k]:.1f}% | "
-                f"{diff.get(k, 0.0):.2e} |")
+        res: dict[str, tuple[float, float, float, str]] = {}  # rate, tok/s, s, diff or error
+        ref = None
+        for method in methods:
+            n_m = n_a if method == "a" else n
+            try:
+                run = make_runner(method, models, device, amp_dtype, args, batch_tokens,
+                                  batch_rows)
+                # warm-up: allocator, kernels, cuBLAS/MKL setup, compilation
+                run(models[:1] if method in ("a", "b") else models, rows[:8], n_prompt[:8])
+                if method.endswith("-compiled"):  # compile the window sizes used below too
+                    run(models, rows[:n], n_prompt[:n])
+                out, sec = timed(run, device, models, rows[:n_m], n_prompt[:n_m])
+            except Exception as e:  # report it in the table, go on with the other methods
+                log.exception("%s %s failed", shape, method)
+                res[method] = (float("nan"), float("nan"), float("nan"),
+                               f"failed: {type(e).__name__}: {str(e)[:120]}")
+                continue
+            if method == "a":
+                ref = out
+            diff = "" if ref is None else f"{float(np.abs(out[:n_a] - ref).max()):.2e}"
+            tok = tokens_a if method == "a" else tokens
+            res[method] = (n_m / sec, tok / sec, sec, diff)
+            log.info("%s %s: %.1f ex/s, %.0f tok/s, %.1f%% of the floor", shape, method,
+                     n_m / sec, tok / sec, 100 * per_token * tok * args.checkpoints / peak / sec)
+        for method, (rate, toks, sec, diff) in res.items():
+            ra = res.get("a", (float("nan"),))[0]
+            rb = res.get("b", (float("nan"),))[0]
+            vs_a = f"{rate / ra:.1f}x" if method not in ("a",) and ra == ra else ""
+            vs_b = f"{rate / rb:.2f}x" if method not in ("a", "b") and rb == rb else ""
+            floor = 100 * per_token * toks * args.checkpoints / peak if toks == toks else 0.0
+            lines.append(f"| {shape} | {method} | {rate:.2f} | {toks:.0f} | {sec:.2f} | {vs_a} | "
+                         f"{vs_b} | {floor:.1f}% | {diff} |")
         del models
         if gpu:
             torch.cuda.empty_cache()
@@ -295,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write("\n" + table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"trajectory_throughput_{device_name(device)}.md"
+    path = out / f"trajectory_throughput_{'gpu' if gpu else 'cpu'}.md"
     path.write_text(table, encoding="utf-8")
     log.info("wrote %s", path)
     return 0

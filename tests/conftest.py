@@ -28,7 +28,9 @@ def _has_cuda() -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if _has_cuda():
+    # S2L_GPU_TESTS_ON_CPU=1 (scripts/gpu_check.sh --dry-run): run the gpu tests' code on CPU,
+    # to catch their silly mistakes before a GPU machine is spent on them
+    if _has_cuda() or os.environ.get("S2L_GPU_TESTS_ON_CPU") == "1":
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

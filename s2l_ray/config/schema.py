@@ -327,8 +327,16 @@ class TrajectoryConfig:
     (the ingested ids) and `losses` (a list of T floats per example, in checkpoint order).
     Every ingested id must be there once and no other; the reference is then not trained
     (null: score with the reference checkpoints)."""
+    scorer: Literal["padded", "packed"] = "packed"
+    """'packed': sequences end to end, per-sequence (varlen) attention, no padding; 'padded':
+    length-bucketed right-padded batches. Same losses; benchmarks/trajectory_throughput.py."""
+    compile: Literal["off", "default", "reduce-overhead"] = "off"
+    """torch.compile mode for the packed scorer's model ('reduce-overhead' adds CUDA graphs)."""
 
     def __post_init__(self) -> None:
+        if self.compile != "off" and self.scorer != "packed":
+            _fail("trajectories.compile", f"is {self.compile!r} with scorer {self.scorer!r}",
+                  "set trajectories.scorer=packed or trajectories.compile=off")
         if self.batch_tokens < 64:
             _fail("trajectories.batch_tokens", f"is {short(self.batch_tokens)}", "use 64 or more")
         if self.concurrency < 1:

@@ -99,22 +99,35 @@ def response_losses(model: Any, input_ids: Any, positions: Any, targets: Any, n_
     Runs under the caller's autocast; logits are upcast to float32 chunk by chunk.
     """
     import torch
-    import torch.nn.functional as F
 
     backbone, head = head_of(model)
     b, length = input_ids.shape
     with torch.inference_mode():
         hidden = backbone(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, L, H)
         picked = hidden.reshape(b * length, -1).index_select(0, positions)  # (K, H)
-        if chunk_rows is None:
-            chunk_rows = max(1, LOGIT_BYTES // (4 * head.weight.shape[0]))
         per_token = torch.zeros(b * length, dtype=torch.float32, device=hidden.device)
-        for s in range(0, picked.shape[0], chunk_rows):
-            logits = head(picked[s:s + chunk_rows]).float()  # (c, V)
-            ce = F.cross_entropy(logits, targets[s:s + chunk_rows], reduction="none")  # (c,)
-            # unique indices: index_copy_ is deterministic (an atomic index_add_ is not on GPU)
-            per_token.index_copy_(0, positions[s:s + chunk_rows], ce)
+        # unique indices: index_copy_ is deterministic (an atomic index_add_ is not on GPU)
+        per_token.index_copy_(0, positions, token_ce(head, picked, targets, chunk_rows))
         return per_token.view(b, length).sum(dim=1) / n_terms  # (B,)
+
+
+def token_ce(head: Any, picked: Any, targets: Any, chunk_rows: int | None = None) -> Any:
+    """Cross-entropy of head(picked) against targets, float32 (K,): the output head runs on
+    chunks of `chunk_rows` rows, so at most (chunk_rows, V) float32 logits exist at once.
+
+    picked (K, H) hidden states, targets (K,) long. Runs under the caller's autocast.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if chunk_rows is None:
+        chunk_rows = max(1, LOGIT_BYTES // (4 * head.weight.shape[0]))
+    parts = [F.cross_entropy(head(picked[s:s + chunk_rows]).float(),  # (c, V) -> (c,)
+                             targets[s:s + chunk_rows], reduction="none")
+             for s in range(0, picked.shape[0], chunk_rows)]
+    if not parts:
+        return torch.zeros(0, dtype=torch.float32, device=picked.device)
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def head_path_check(model: Any, length: int = 24, n_prompt: int = 8) -> tuple[float, float]:
@@ -233,9 +246,11 @@ def output_schema(n_checkpoints: int) -> Any:
 
 
 def score_block(models: list[Any], block: Any, batch_tokens: int, device: Any,
-                amp: Any = None) -> tuple[Any, ScoreStats]:
+                amp: Any = None, scorer: Any = None) -> tuple[Any, ScoreStats]:
     """The actor's work on one block (pyarrow, with `group`): each group sorted by (n_tokens,
-    id) is one window for `score_sorted`. Returns (output table, ScoreStats)."""
+    id) is one window for `score_sorted`, or for `scorer(values, lengths, n_prompt)` when given
+    (e.g. `core.packed_loss.PackedScorer.score_sorted`, same contract). Returns (output table,
+    ScoreStats)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -245,10 +260,11 @@ def score_block(models: list[Any], block: Any, batch_tokens: int, device: Any,
     for g in sorted(pc.unique(block["group"]).to_pylist()):
         rows = block.filter(pc.equal(block["group"], g)).sort_by(
             [("n_tokens", "ascending"), ("id", "ascending")])
-        losses, n_terms, stats = score_sorted(
-            models, pc.list_flatten(rows["input_ids"]).to_numpy(),
-            pc.list_value_length(rows["input_ids"]).to_numpy(),
-            rows["n_prompt_tokens"].to_numpy(), batch_tokens, device, amp)
+        window = (pc.list_flatten(rows["input_ids"]).to_numpy(),
+                  pc.list_value_length(rows["input_ids"]).to_numpy(),
+                  rows["n_prompt_tokens"].to_numpy())
+        losses, n_terms, stats = (scorer(*window) if scorer is not None else score_sorted(
+            models, *window, batch_tokens, device, amp))
         total.add(stats)
         parts.append(pa.table({
             "id": rows["id"], "source": rows["source"].cast(pa.string()),

@@ -272,7 +272,8 @@ class TrajectoryScorer:
 
     def __init__(self, paths: list[str], batch_tokens: int, dtype: str, use_gpu: bool,
                  cpus: float, out_dir: str, groups: int, key: str,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, scorer: str = "padded",
+                 compile_mode: str = "off") -> None:
         import torch
 
         from s2l_ray.core.losses import autocast_dtype
@@ -284,6 +285,8 @@ class TrajectoryScorer:
         self.models = [load_checkpoint(p, trust_remote_code).to(self.device) for p in paths]
         self.batch_tokens = batch_tokens
         self.out_dir, self.groups, self.key = Path(out_dir), groups, key
+        self.scorer = make_scorer(scorer, self.models, self.device, batch_tokens, self.amp,
+                                  compile_mode)
 
     def __call__(self, block: Any) -> Any:
         import pyarrow as pa
@@ -295,11 +298,24 @@ class TrajectoryScorer:
         for g in sorted(pc.unique(block["group"]).to_pylist()) if block.num_rows else []:
             # One group per score_block call: its own window, whatever else shares the block.
             out, stats = score_block(self.models, block.filter(pc.equal(block["group"], g)),
-                                     self.batch_tokens, self.device, self.amp)
+                                     self.batch_tokens, self.device, self.amp,
+                                     self.scorer)
             meta = write_group(self.out_dir, g, self.groups, out, self.key, stats)
             summaries.append(json.dumps({**meta, "pid": os.getpid(),
                                          "seconds_per_checkpoint": stats.seconds_per_checkpoint}))
         return pa.table({"summary": pa.array(summaries, pa.string())})
+
+
+def make_scorer(kind: str, models: list[Any], device: Any, batch_tokens: int, amp: Any,
+                compile_mode: str = "off") -> Any:
+    """None (score_block's padded default) or the packed scorer's `score_sorted`."""
+    if kind == "padded":
+        return None
+    from s2l_ray.core.packed_loss import PackedScorer, auto_attention
+
+    return PackedScorer(models, device, batch_tokens, attention=auto_attention(device),
+                        amp_dtype=amp, compile_mode=None if compile_mode == "off" else
+                        compile_mode).score_sorted
 
 
 class _StatsSink:
@@ -377,7 +393,8 @@ def _score(cfg: S2LConfig, examples: Path, tmp: Path, paths: list[str], groups: 
         # that would set them are deprecated. tests/e2e/test_fault_tolerance.py guards this.
         fn_constructor_kwargs={"paths": paths, "batch_tokens": t.batch_tokens, "dtype": t.dtype,
                                "use_gpu": use_gpu, "cpus": t.cpus_per_actor, "out_dir": str(tmp),
-                               "groups": groups, "key": key, "trust_remote_code": trust})
+                               "groups": groups, "key": key, "trust_remote_code": trust,
+                               "scorer": t.scorer, "compile_mode": t.compile})
     scored: list[dict[str, Any]] = []
     # Summaries stream back as groups finish: the progress count, at no extra cost.
     with stage_progress(cfg, "trajectories", total, rate_unit="ex/s") as progress:

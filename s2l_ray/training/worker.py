@@ -52,6 +52,17 @@ def resolve_precision(precision: str, on_gpu: bool) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def train_micro_step(engine: Any, ids: Any, mask: Any, labels: Any, device: Any) -> Any:
+    """One DeepSpeed micro-step (forward, backward, step); returns the loss as a detached device
+    tensor: no host synchronisation here, the caller reads losses only when it reports."""
+    out = engine(input_ids=ids.to(device, non_blocking=True),
+                 attention_mask=mask.to(device, non_blocking=True),
+                 labels=labels.to(device, non_blocking=True))
+    engine.backward(out.loss)
+    engine.step()
+    return out.loss.detach()
+
+
 def probe_loss(model: Any, probe: dict[str, list], device: Any) -> float:
     """Mean response-token loss on a fixed batch (all ranks call it: ZeRO-3 gathers params)."""
     import torch
@@ -131,7 +142,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     g, b = plan.grad_accum, plan.batch_size
     todo = plan.steps_per_epoch * g  # micro-batches trained per epoch
-    loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of micro losses, count) since report
+    # sum of micro-batch losses since the last report, on the device (no per-step sync)
+    loss_acc, n_acc = torch.zeros((), dtype=torch.float32, device=device), 0
     tokens, t0 = 0, time.time()
     sink, name = config.get("progress") or (None, "")
     pushed = 0.0
@@ -147,11 +159,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue
             ids, mask, labels = pad_batch([list(x) for x in batch["input_ids"]],
                                           [int(n) for n in batch["n_prompt_tokens"]], pad_id=0)
-            out = engine(input_ids=ids.to(device), attention_mask=mask.to(device),
-                         labels=labels.to(device))
-            engine.backward(out.loss)
-            engine.step()
-            loss_sum += torch.tensor([out.loss.item(), 1.0], dtype=torch.float64)
+            loss_acc += train_micro_step(engine, ids, mask, labels, device).float()
+            n_acc += 1
             tokens += int(mask.sum())
             if (i + 1) % g:
                 continue
@@ -165,12 +174,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # decision depends on the step count only, never on each worker's clock.
             if not is_ckpt and step % log_every and step < total:
                 continue
-            torch.distributed.all_reduce(loss_sum)  # mean over workers for the logged loss
+            # mean over workers for the logged loss; on the device, as NCCL wants
+            loss_sum = torch.stack([loss_acc.double(), torch.tensor(
+                float(n_acc), dtype=torch.float64, device=device)])
+            torch.distributed.all_reduce(loss_sum)
+            loss_sum = loss_sum.cpu()
             metrics = {"step": step, "epoch": epoch + (i + 1) / max(1, todo),
                        "train_loss": float(loss_sum[0] / loss_sum[1]),
                        "lr": scheduler.get_last_lr()[0],
                        "tokens_per_s_per_worker": tokens / max(now - t0, 1e-9)}
-            loss_sum.zero_()
+            loss_acc.zero_()
+            n_acc = 0
             if rank == 0:
                 eta = (now - t0) / max(1, step - start_step) * (total - step)
                 log.info("step %d/%d (%d%%) epoch %.2f/%d loss %.4f lr %.2e %.0f tok/s/worker "
