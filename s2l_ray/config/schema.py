@@ -292,8 +292,24 @@ class ClusterConfig:
     use_gpu: bool | None = None
     """One GPU per shard actor for the faiss index (needs faiss built with GPU support); null:
     yes when the cluster has GPUs and this faiss has GPU support."""
+    per_source: bool = False
+    """Fit k-means separately within each value of the source column (min(k, rows) clusters per
+    source; rows without a source form their own group), and let the select stage split the
+    budget over the sources first, smallest first, then over each source's clusters: the
+    official code's rule (schedules/s2l.py). False: one k-means over all rows (the paper's
+    Algorithm 1 as written)."""
+    train_sample_per_centroid: int | None = None
+    """Lloyd iterations on at most this many rows per centroid (per source with per_source),
+    picked by a hash of (run.seed, id); every row is then labelled. null: fit on all rows. The
+    official code (faiss.Kmeans defaults) uses 256."""
+    nan_losses: Literal["error", "zero"] = "error"
+    """A NaN loss (a prompt longer than the maximum leaves no response token): 'error' stops
+    with the ids; 'zero' sets it to 0, as the official code does."""
 
     def __post_init__(self) -> None:
+        if self.train_sample_per_centroid is not None and self.train_sample_per_centroid < 1:
+            _fail("cluster.train_sample_per_centroid", f"is {self.train_sample_per_centroid}",
+                  "use null (all rows) or a count such as the official 256")
         if self.k < 1:
             _fail("cluster.k", f"is {self.k}", "use 1 or more clusters (100 typical)")
         if self.max_iter < 1:
@@ -311,25 +327,45 @@ class ClusterConfig:
                   "use a positive number of CPUs, or null")
 
 
-SELECTION_METHODS = ("s2l", "random", "stratified", "least_confidence", "middle_perplexity",
-                     "high_learnability", "el2n")
+SELECTION_METHODS = ("s2l", "random", "stratified", "source_balanced", "least_confidence",
+                     "middle_perplexity", "high_learnability", "el2n")
 
 
 @dataclass
 class SelectConfig:
     """Spending the budget."""
 
-    method: Literal["s2l", "random", "stratified", "least_confidence", "middle_perplexity",
-                    "high_learnability", "el2n"] = "s2l"
-    """Selection method: S2L, or a baseline to compare with."""
+    method: Literal["s2l", "random", "stratified", "source_balanced", "least_confidence",
+                    "middle_perplexity", "high_learnability", "el2n"] = "s2l"
+    """Selection method: S2L, or a baseline to compare with. 'source_balanced' is S2L's
+    per-source budget split (evenly over sources, smallest first, a small source taken whole)
+    with uniform sampling inside each source: the control that shows what trajectories add."""
     budget: int | float = 0.1
     """Examples to select: an integer count, or a float fraction in (0, 1] of the valid data."""
     early_fraction: float = 0.2
     """el2n: an example's score is its mean loss over the first ceil(early_fraction x T)
     checkpoints."""
+    tiny_cluster_size: int = 0
+    """s2l: clusters of at most this many rows are held back (pooled per source) and drawn from
+    only for the budget the other clusters cannot take. The official code uses 2; 0 (default)
+    treats every cluster alike, as the paper's Algorithm 1."""
+    noise_cap: bool = False
+    """s2l: cap clusters whose loss does not fall (relative to the data, see
+    noise_drop_ratio) at their base-rate share floor(B x size / N), what uniform sampling would
+    give them; their unused share flows to the other clusters. Guards against S2L spending the
+    budget on small clusters of unlearnable (e.g. wrong-answer) rows."""
+    noise_drop_ratio: float = 0.5
+    """s2l with noise_cap: a cluster is noise when its mean loss ends above the data's and its
+    relative drop (1 - last/first checkpoint mean loss) is below this fraction of the data's."""
 
     def __post_init__(self) -> None:
         check_budget(self.budget, "select.budget")
+        if isinstance(self.tiny_cluster_size, bool) or self.tiny_cluster_size < 0:
+            _fail("select.tiny_cluster_size", f"is {self.tiny_cluster_size}",
+                  "use 0 (off) or the official code's 2")
+        if not 0 <= self.noise_drop_ratio <= 1:
+            _fail("select.noise_drop_ratio", f"is {self.noise_drop_ratio}",
+                  "use a fraction in [0, 1], e.g. 0.5")
         if not 0 < self.early_fraction <= 1:
             _fail("select.early_fraction", f"is {self.early_fraction}",
                   "use a fraction in (0, 1], e.g. 0.2")
