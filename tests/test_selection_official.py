@@ -186,3 +186,37 @@ def test_caps_with_per_source_and_tiny():
     _, q = s2l_plan(sizes, 30, cell_source=src, tiny=1, caps=caps)
     # sources (eff) 40 and 44: 15 each; source 1: cells 12 (cap 3) and 40: 3, 12; pool 0
     assert q.tolist() == [15, 12, 3, 0, 0, 0]
+
+
+def test_marks_tables_on_a_hand_built_table():
+    import json
+
+    from s2l_ray.stages.results import (
+        marks_from_raw,
+        mean_table,
+        per_kind_accuracy,
+        subset_composition,
+    )
+
+    raws = [json.dumps({"instruction": "q", "metadata": {"kind": k, "wrong": w}})
+            for k, w in [("add", False), ("add", True), ("mul", False), ("mul", False)]]
+    raws.append(json.dumps({"instruction": "no marks"}))
+    ids = ["a", "b", "c", "d", "e"]
+    marks = marks_from_raw(ids, raws)
+    assert marks == {"a": ("add", False), "b": ("add", True), "c": ("mul", False),
+                     "d": ("mul", False), "e": (None, None)}
+    comp = subset_composition(["b", "c", "e"], marks)
+    assert comp == {"rows": 3, "wrong": 1, "wrong_marked": 2, "wrong_share": 0.5,
+                    "kinds": {"(unmarked)": 1, "add": 1, "mul": 1}}
+    assert subset_composition(["e"], marks)["wrong_share"] is None
+    with pytest.raises(ValueError, match="no marks"):
+        subset_composition(["zz"], marks)
+    assert per_kind_accuracy(["a", "b", "c", "d", "e"], [True, False, True, True, True],
+                             marks) == {"add": 0.5, "mul": 1.0}
+    # top-level keys work too
+    assert marks_from_raw(["x"], ['{"kind": "k", "wrong": 1}'], "kind", "wrong") == {
+        "x": ("k", True)}
+    rows = [{"size": 2, "budget": "0.1", "method": "s2l", "kind_em/add": 0.5},
+            {"size": 2, "budget": "0.1", "method": "s2l", "kind_em/add": 1.0}]
+    assert "| 0.1 | s2l | 0.75 |" in mean_table(rows, "kind_em/", "t")
+    assert "no `wrong*` values" in mean_table(rows, "wrong", "t")

@@ -3,6 +3,7 @@ and the reference table the README shows."""
 
 from s2l_ray.config.schema import (
     SELECTION_METHODS,
+    SWEEP_VARIANTS,
     ClusterConfig,
     ConfigError,
     EvalConfig,
@@ -18,7 +19,7 @@ from s2l_ray.config.schema import (
 )
 
 __all__ = [
-    "SELECTION_METHODS", "ClusterConfig", "ConfigError", "EvalConfig", "S2LConfig",
-    "SelectConfig", "TrainConfig", "check_budget", "dump_config", "field_docs", "load_config",
-    "parse_override", "reference_table",
+    "SELECTION_METHODS", "SWEEP_VARIANTS", "ClusterConfig", "ConfigError", "EvalConfig",
+    "S2LConfig", "SelectConfig", "TrainConfig", "check_budget", "dump_config", "field_docs",
+    "load_config", "parse_override", "reference_table",
 ]

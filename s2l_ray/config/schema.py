@@ -329,6 +329,9 @@ class ClusterConfig:
 
 SELECTION_METHODS = ("s2l", "random", "stratified", "source_balanced", "least_confidence",
                      "middle_perplexity", "high_learnability", "el2n")
+# Sweep-only names: S2L with select.noise_cap forced on / off, to measure the cap in one sweep
+SWEEP_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "s2l_cap": ("s2l", {"noise_cap": True}), "s2l_nocap": ("s2l", {"noise_cap": False})}
 
 
 @dataclass
@@ -386,7 +389,8 @@ class SweepConfig:
     """Ray Tune grid over selection methods x budgets x seeds, fine-tuning the target each time."""
 
     methods: list[str] = field(default_factory=lambda: ["s2l", "random"])
-    """Selection methods to compare."""
+    """Selection methods to compare: any select.method, or 's2l_cap' / 's2l_nocap' (S2L with
+    select.noise_cap on / off, the rest of select.* as configured)."""
     budgets: list[int | float] = field(default_factory=lambda: [0.1, 0.3])
     """Budgets to compare (counts or fractions); 1.0 (or the data size) is the full data, run
     once per seed whatever the methods."""
@@ -402,9 +406,9 @@ class SweepConfig:
 
     def __post_init__(self) -> None:
         for m in self.methods:
-            if m not in SELECTION_METHODS:
+            if m not in SELECTION_METHODS and m not in SWEEP_VARIANTS:
                 _fail("sweep.methods", f"has unknown method '{m}'",
-                      f"choose from {', '.join(SELECTION_METHODS)}")
+                      f"choose from {', '.join((*SELECTION_METHODS, *SWEEP_VARIANTS))}")
         for b in self.budgets:
             check_budget(b, "sweep.budgets")
         if not self.methods or not self.budgets or not self.seeds:
