@@ -220,3 +220,12 @@ def test_marks_tables_on_a_hand_built_table():
             {"size": 2, "budget": "0.1", "method": "s2l", "kind_em/add": 1.0}]
     assert "| 0.1 | s2l | 0.75 |" in mean_table(rows, "kind_em/", "t")
     assert "no `wrong*` values" in mean_table(rows, "wrong", "t")
+
+
+def test_official_settings_load():
+    from s2l_ray.config import OFFICIAL_S2L, load_config
+
+    cfg = load_config(None, list(OFFICIAL_S2L))
+    assert cfg.cluster.per_source and cfg.cluster.train_sample_per_centroid == 256
+    assert cfg.cluster.nan_losses == "zero" and cfg.select.tiny_cluster_size == 2
+    assert (cfg.cluster.k, cfg.cluster.max_iter, cfg.cluster.tol) == (100, 20, 0)

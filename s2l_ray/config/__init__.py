@@ -2,6 +2,7 @@
 and the reference table the README shows."""
 
 from s2l_ray.config.schema import (
+    OFFICIAL_S2L,
     SELECTION_METHODS,
     SWEEP_VARIANTS,
     ClusterConfig,
@@ -19,7 +20,7 @@ from s2l_ray.config.schema import (
 )
 
 __all__ = [
-    "SELECTION_METHODS", "SWEEP_VARIANTS", "ClusterConfig", "ConfigError", "EvalConfig",
-    "S2LConfig", "SelectConfig", "TrainConfig", "check_budget", "dump_config", "field_docs",
-    "load_config", "parse_override", "reference_table",
+    "OFFICIAL_S2L", "SELECTION_METHODS", "SWEEP_VARIANTS", "ClusterConfig", "ConfigError",
+    "EvalConfig", "S2LConfig", "SelectConfig", "TrainConfig", "check_budget", "dump_config",
+    "field_docs", "load_config", "parse_override", "reference_table",
 ]

@@ -329,6 +329,14 @@ class ClusterConfig:
 
 SELECTION_METHODS = ("s2l", "random", "stratified", "source_balanced", "least_confidence",
                      "middle_perplexity", "high_learnability", "el2n")
+# The settings that reproduce the official code (BigML-CS-UCLA/S2L, schedules/s2l.py): faiss.Kmeans
+# (T, 100, niter=20) with faiss's defaults (random initial points, every iteration run, at most 256
+# training points per centroid) within each source, raw losses with NaN set to 0, clusters of <= 2
+# rows held back. The README's "Official rules" paragraph explains each.
+OFFICIAL_S2L = ("cluster.k=100", "cluster.per_source=true", "cluster.max_iter=20", "cluster.tol=0",
+                "cluster.init=random", "cluster.train_sample_per_centroid=256",
+                "cluster.normalize=none", "cluster.nan_losses=zero",
+                "select.tiny_cluster_size=2", "select.noise_cap=false")
 # Sweep-only names: S2L with select.noise_cap forced on / off, to measure the cap in one sweep
 SWEEP_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "s2l_cap": ("s2l", {"noise_cap": True}), "s2l_nocap": ("s2l", {"noise_cap": False})}
