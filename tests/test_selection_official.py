@@ -229,3 +229,17 @@ def test_official_settings_load():
     assert cfg.cluster.per_source and cfg.cluster.train_sample_per_centroid == 256
     assert cfg.cluster.nan_losses == "zero" and cfg.select.tiny_cluster_size == 2
     assert (cfg.cluster.k, cfg.cluster.max_iter, cfg.cluster.tol) == (100, 20, 0)
+
+
+def test_sweep_variants_force_the_noise_cap():
+    from s2l_ray.config import ConfigError, load_config
+    from s2l_ray.stages.sweep import trial_select
+
+    cfg = load_config(None, ["sweep.methods=[s2l_cap,s2l_nocap,source_balanced]",
+                             "select.tiny_cluster_size=2"])
+    on, off = trial_select(cfg, "s2l_cap", 0.1), trial_select(cfg, "s2l_nocap", 0.2)
+    assert (on.method, on.noise_cap, on.budget, on.tiny_cluster_size) == ("s2l", True, 0.1, 2)
+    assert (off.method, off.noise_cap, off.budget) == ("s2l", False, 0.2)
+    assert trial_select(cfg, "source_balanced", 5).method == "source_balanced"
+    with pytest.raises(ConfigError, match="s2l_cap"):
+        load_config(None, ["sweep.methods=[s2l_capped]"])
