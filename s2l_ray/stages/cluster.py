@@ -301,7 +301,7 @@ def fit_files(files: list[str], out_dir: str | Path, c: ClusterConfig, seed: int
         "final_inertia": inertia,
         "cluster_sizes": sizes.tolist(), "imbalance": float(sizes.max() / sizes.mean()),
         "empty_clusters": int((sizes == 0).sum()), "workers": len(plan),
-        "cpus_per_worker": cpus, "gpu": gpu, "shard_rows": results[0].shard_sizes,
+        "cpus_per_worker": cpus, "gpu": gpu, "shard_rows": [w["n"] for w in written],
         "init_seconds": sum(r.init_seconds for r in results),
         "seconds_per_iteration": float(np.mean(iter_s)),
         "actor_peak_rss_mb": [m["peak_rss_mb"] for m in memory],
