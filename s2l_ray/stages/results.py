@@ -177,7 +177,7 @@ def mean_table(rows: list[dict[str, Any]], prefix: str, title: str,
     cols = sorted({k[len(prefix):] for r in rows for k in r if k.startswith(prefix)})
     if not cols:
         return f"{title}: no `{prefix}*` values (the data carries no such marks).\n"
-    lines = [title, "", "| budget | method | " + " | ".join(cols) + " |",
+    lines = [title, "", "| budget | method | " + " | ".join(c or prefix for c in cols) + " |",
              "| --- | --- | " + " | ".join("---" for _ in cols) + " |"]
     keys = sorted({(r["size"], r["budget"], r["method"]) for r in rows})
     for size, budget, method in keys:
