@@ -27,7 +27,6 @@ CPU family or another faiss build may round differently.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import itertools
 import logging
@@ -35,11 +34,12 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from s2l_ray.config import ConfigError
+from s2l_ray.core.hashing import hash_ids
+from s2l_ray.errors import ParamError
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,7 @@ def features(losses: np.ndarray, normalize: Literal["none", "standardize"] = "no
     if nan == "zero":
         x = np.where(np.isnan(x), np.float32(0.0), x)
     elif nan != "error":
-        raise ConfigError(f"config key 'cluster.nan_losses': unknown '{nan}'. Fix: use 'error' "
-                          "or 'zero'")
+        raise ParamError("nan_losses", f"unknown '{nan}'", "use 'error' or 'zero'")
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
         where = np.flatnonzero(bad)[:3]
@@ -86,8 +85,7 @@ def features(losses: np.ndarray, normalize: Literal["none", "standardize"] = "no
     if normalize == "none":
         return x
     if normalize != "standardize":
-        raise ConfigError(f"config key 'cluster.normalize': unknown '{normalize}'. Fix: use "
-                          "'none' or 'standardize'")
+        raise ParamError("normalize", f"unknown '{normalize}'", "use 'none' or 'standardize'")
     out = np.empty_like(x)
     t = x.shape[1]
     for i in range(0, len(x), SEARCH_ROWS):  # row blocks bound the float64 temporaries
@@ -219,14 +217,6 @@ def _faiss_clustering() -> Any:
     return clustering
 
 
-def hash_ids(ids: Sequence[str], seed: int, salt: str) -> np.ndarray:
-    """64-bit keyed BLAKE2b of every id: (n,) uint64, the same on any machine and Python."""
-    key = f"{seed}:{salt}".encode()
-    b2 = hashlib.blake2b
-    return np.frombuffer(b"".join(b2(str(i).encode(), digest_size=8, key=key).digest()
-                                  for i in ids), dtype="<u8").astype(np.uint64)
-
-
 def smallest_by_hash(hashes: np.ndarray, ids: Sequence[str], m: int) -> np.ndarray:
     """Indices of the m rows with the smallest (hash, id), in that order.
 
@@ -284,8 +274,7 @@ def init_centroids(sample: np.ndarray, k: int, seed: int,
     if method == "random":
         rng = np.random.default_rng(seed)
         return np.asarray(sample, np.float64)[np.sort(rng.choice(len(sample), k, replace=False))]
-    raise ConfigError(f"config key 'cluster.init': unknown '{method}'. Fix: use 'kmeans++' or "
-                      "'random'")
+    raise ParamError("init", f"unknown '{method}'", "use 'kmeans++' or 'random'")
 
 
 def update_centroids(sums: np.ndarray, counts: np.ndarray, rs: np.random.RandomState,
@@ -365,36 +354,90 @@ def lloyd(assign: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, float]],
     return c, history, converged
 
 
-def fit_shards(call: Callable[..., list[Any]], k: int, *, seed: int, max_iter: int = 20,
+class Shards(Protocol):
+    """The shards `fit_shards` runs on, each answering for its own rows (faiss's
+    `contrib.clustering.DatasetAssign` plays this part there). Every method runs on every shard
+    and returns the answers in shard order. Two backends: `LocalShards` (in-process `Shard`s)
+    and `ActorShards` in s2l_ray.stages.cluster (Ray actors, each holding one `Shard`)."""
+
+    def info(self) -> list[dict[str, Any]]:
+        """Per shard: {"n": rows, "dim": T, "max_abs": largest |value|}."""
+        ...
+
+    def sample(self, seed: int, m: int, salt: str = INIT_SALT
+               ) -> list[tuple[np.ndarray, list[str], np.ndarray]]:
+        """Per shard: its m smallest (hash(seed, id), id) rows: (hashes, ids, rows (<=m, T))."""
+        ...
+
+    def focus(self, part: int | None) -> list[None]:
+        """Every shard restricts later calls to the rows of `part` (None: all rows)."""
+        ...
+
+    def keep_labels(self, centroids: np.ndarray, offset: int, grid: ExactGrid
+                    ) -> list[tuple[np.ndarray, float]]:
+        """Per shard: label its rows in focus, keep them; (counts (K,), inertia)."""
+        ...
+
+    def step(self, centroids: np.ndarray, grid: ExactGrid | None
+             ) -> list[tuple[np.ndarray, np.ndarray, float]]:
+        """Per shard: (sums (K, T), counts (K,), inertia) of its rows under `centroids`."""
+        ...
+
+
+class LocalShards:
+    """`Shards` held in this process (tests, `fit`, small data)."""
+
+    def __init__(self, shards: Sequence[Shard]) -> None:
+        self.shards = list(shards)
+
+    def info(self) -> list[dict[str, Any]]:
+        return [s.info() for s in self.shards]
+
+    def sample(self, seed: int, m: int, salt: str = INIT_SALT
+               ) -> list[tuple[np.ndarray, list[str], np.ndarray]]:
+        return [s.sample(seed, m, salt) for s in self.shards]
+
+    def focus(self, part: int | None) -> list[None]:
+        return [s.focus(part) for s in self.shards]
+
+    def keep_labels(self, centroids: np.ndarray, offset: int, grid: ExactGrid
+                    ) -> list[tuple[np.ndarray, float]]:
+        return [s.keep_labels(centroids, offset, grid) for s in self.shards]
+
+    def step(self, centroids: np.ndarray, grid: ExactGrid | None
+             ) -> list[tuple[np.ndarray, np.ndarray, float]]:
+        return [s.step(centroids, grid) for s in self.shards]
+
+
+def fit_shards(shards: Shards, k: int, *, seed: int, max_iter: int = 20,
                tol: float = 1e-4, init: Literal["kmeans++", "random"] = "kmeans++",
                sample_per_centroid: int = 64, train_sample_per_centroid: int | None = None,
                on_iter: Callable[[dict[str, Any]], None] | None = None) -> KMeansResult:
-    """k-means over shards. `call(method, *args)` runs `Shard.<method>(*args)` on every shard
-    and returns the results in shard order (a loop in-process, or Ray actors).
+    """k-means over `shards`: only centroids go out and per-cluster sums come back.
 
     train_sample_per_centroid: when the shards hold more than k x that many rows, the Lloyd
     iterations run in-process on the k x that rows with the smallest hash of (seed, id) (as
     faiss.Kmeans trains on a subsample of 256 per centroid); None fits on every row.
     """
     t0 = time.perf_counter()
-    infos = call("info")
+    infos = shards.info()
     n = sum(i["n"] for i in infos)
     dims = {i["dim"] for i in infos if i["n"]}
     if len(dims) > 1:
         raise ValueError(f"trajectories of different lengths across shards: {sorted(dims)}")
     if k > n:
-        raise ConfigError(f"config key 'cluster.k': {k} clusters for {n} examples. Fix: use at "
-                          f"most {n} clusters (about 100 for ~100k examples)")
+        raise ParamError("k", f"{k} clusters for {n} examples",
+                         f"use at most {n} clusters (about 100 for ~100k examples)")
     if train_sample_per_centroid is not None and n > k * train_sample_per_centroid:
         m = k * train_sample_per_centroid
-        parts = call("sample", seed, m, TRAIN_SALT)
+        parts = shards.sample(seed, m, TRAIN_SALT)
         hashes = np.concatenate([p[0] for p in parts])
         ids = [i for p in parts for i in p[1]]
         keep = smallest_by_hash(hashes, ids, m)
         local = Shard([ids[i] for i in keep], np.concatenate([p[2] for p in parts])[keep])
         log.info("k-means: training on %d of %d examples (%d per centroid)", m, n,
                  train_sample_per_centroid)
-        res = fit_shards(lambda method, *a: [getattr(local, method)(*a)], k, seed=seed,
+        res = fit_shards(LocalShards([local]), k, seed=seed,
                          max_iter=max_iter, tol=tol, init=init,
                          sample_per_centroid=sample_per_centroid, on_iter=on_iter)
         res.shard_sizes = [i["n"] for i in infos]
@@ -404,7 +447,7 @@ def fit_shards(call: Callable[..., list[Any]], k: int, *, seed: int, max_iter: i
         return res
     dim = dims.pop()
     m = min(n, k * sample_per_centroid)
-    parts = call("sample", seed, m)
+    parts = shards.sample(seed, m)
     hashes = np.concatenate([p[0] for p in parts])
     ids = [i for p in parts for i in p[1]]
     rows = np.concatenate([p[2] for p in parts])
@@ -416,7 +459,7 @@ def fit_shards(call: Callable[..., list[Any]], k: int, *, seed: int, max_iter: i
              n, dim, k, init, m, init_s, len(infos))
 
     def assign(c: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-        got = call("step", c, grid)
+        got = shards.step(c, grid)
         return (sum(g[0] for g in got), sum(g[1] for g in got),  # exact: on the grid
                 sum(g[2] for g in got))
 
@@ -510,7 +553,7 @@ class Shard:
         return [self.ids[int(i)] for i in idx]
 
 
-def fit_labels(call: Callable[..., list[Any]], k: int, n_parts: int | None, *, seed: int,
+def fit_labels(shards: Shards, k: int, n_parts: int | None, *, seed: int,
                on_part: Callable[[int, int, KMeansResult], None] | None = None,
                **kw: Any) -> tuple[np.ndarray, list[np.ndarray], float, list[KMeansResult]]:
     """Fit k-means over all rows (n_parts None) or separately within each part (min(k, rows of
@@ -522,13 +565,13 @@ def fit_labels(call: Callable[..., list[Any]], k: int, n_parts: int | None, *, s
     cents, counts, results, inertia, offset = [], [], [], 0.0, 0
     for p in [None] if n_parts is None else range(n_parts):
         if p is not None:
-            call("focus", p)
-        n = sum(i["n"] for i in call("info"))
+            shards.focus(p)
+        n = sum(i["n"] for i in shards.info())
         if n == 0:
             continue
         k_p = k if p is None else min(k, n)
-        res = fit_shards(call, k_p, seed=seed, **kw)
-        got = call("keep_labels", res.centroids, offset, res.grid)
+        res = fit_shards(shards, k_p, seed=seed, **kw)
+        got = shards.keep_labels(res.centroids, offset, res.grid)
         counts.append(sum(g[0] for g in got))
         inertia += sum(g[1] for g in got)  # exact on the grid, any order
         cents.append(res.centroids)
@@ -537,7 +580,7 @@ def fit_labels(call: Callable[..., list[Any]], k: int, n_parts: int | None, *, s
             on_part(-1 if p is None else p, offset, res)
         offset += k_p
     if n_parts is not None:
-        call("focus", None)
+        shards.focus(None)
     return np.concatenate(cents).astype(np.float32), counts, inertia, results
 
 
@@ -580,19 +623,15 @@ def fit(ids: Sequence[str], losses: np.ndarray, k: int, *, seed: int, max_iter: 
         raise ValueError(f"{len(ids)} ids for {len(x)} trajectories")
     pa_ = None if parts is None else np.asarray(parts, np.int64)
     bounds = np.linspace(0, len(x), n_shards + 1).astype(int)
-    shards = [Shard(list(ids[a:b]), x[a:b], parts=None if pa_ is None else pa_[a:b])
-              for a, b in itertools.pairwise(bounds)]
-
-    def call(method: str, *args: Any) -> list[Any]:
-        return [getattr(s, method)(*args) for s in shards]
-
+    shards = LocalShards([Shard(list(ids[a:b]), x[a:b], parts=None if pa_ is None else pa_[a:b])
+                          for a, b in itertools.pairwise(bounds)])
     n_parts = None if pa_ is None else int(pa_.max()) + 1 if len(pa_) else 0
     cents, _, _, results = fit_labels(
-        call, k, n_parts, seed=seed, max_iter=max_iter, tol=tol, init=init,
+        shards, k, n_parts, seed=seed, max_iter=max_iter, tol=tol, init=init,
         sample_per_centroid=sample_per_centroid,
         train_sample_per_centroid=train_sample_per_centroid)
-    label = np.concatenate([s.final_label for s in shards])
-    dist = np.concatenate([s.final_dist for s in shards])
+    label = np.concatenate([s.final_label for s in shards.shards])
+    dist = np.concatenate([s.final_dist for s in shards.shards])
     return KMeansFit(results[0], label, dist, cents)
 
 

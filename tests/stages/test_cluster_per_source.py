@@ -15,7 +15,7 @@ from s2l_ray.core import kmeans as km
 from s2l_ray.core import selection
 from s2l_ray.stages.cluster import fit_files
 from s2l_ray.stages.select import select_from
-from tests.test_cluster import labels_by_id, synthetic, write_examples, write_trajectories
+from tests.stages.test_cluster import labels_by_id, synthetic, write_examples, write_trajectories
 
 pytestmark = pytest.mark.ray
 
