@@ -102,7 +102,7 @@ def trial_marks(run: Path, rows: list[dict[str, Any]], kind_key: str, wrong_key:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from s2l_ray.stages.cluster import parquet_files
+    from s2l_ray.io.parquet import parquet_files
     from s2l_ray.stages.results import FULL, marks_from_raw, per_kind_accuracy, subset_composition
 
     ex = pa.concat_tables(pq.read_table(f, columns=["id", "raw"])
