@@ -4,7 +4,9 @@ loading (`loader`), and the reference table the README shows (`reference`)."""
 from s2l_ray.config.loader import dump_config, load_config, parse_override
 from s2l_ray.config.reference import field_docs, reference_table
 from s2l_ray.config.schema import (
+    OFFICIAL_S2L,
     SELECTION_METHODS,
+    SWEEP_VARIANTS,
     ClusterConfig,
     ConfigError,
     EvalConfig,
@@ -16,7 +18,7 @@ from s2l_ray.config.schema import (
 )
 
 __all__ = [
-    "SELECTION_METHODS", "ClusterConfig", "ConfigError", "EvalConfig", "ReferenceConfig",
-    "S2LConfig", "SelectConfig", "TrainConfig", "check_budget", "dump_config", "field_docs",
-    "load_config", "parse_override", "reference_table",
+    "OFFICIAL_S2L", "SELECTION_METHODS", "SWEEP_VARIANTS", "ClusterConfig", "ConfigError",
+    "EvalConfig", "ReferenceConfig", "S2LConfig", "SelectConfig", "TrainConfig", "check_budget",
+    "dump_config", "field_docs", "load_config", "parse_override", "reference_table",
 ]

@@ -373,8 +373,24 @@ class ClusterConfig:
     use_gpu: bool | None = None
     """One GPU per shard actor for the faiss index (needs faiss built with GPU support); null:
     yes when the cluster has GPUs and this faiss has GPU support."""
+    per_source: bool = False
+    """Fit k-means separately within each value of the source column (min(k, rows) clusters per
+    source; rows without a source form their own group), and let the select stage split the
+    budget over the sources first, smallest first, then over each source's clusters: the
+    official code's rule (schedules/s2l.py). False: one k-means over all rows (the paper's
+    Algorithm 1 as written)."""
+    train_sample_per_centroid: int | None = None
+    """Lloyd iterations on at most this many rows per centroid (per source with per_source),
+    picked by a hash of (run.seed, id); every row is then labelled. null: fit on all rows. The
+    official code (faiss.Kmeans defaults) uses 256."""
+    nan_losses: Literal["error", "zero"] = "error"
+    """A NaN loss (a prompt longer than the maximum leaves no response token): 'error' stops
+    with the ids; 'zero' sets it to 0, as the official code does."""
 
     def __post_init__(self) -> None:
+        if self.train_sample_per_centroid is not None and self.train_sample_per_centroid < 1:
+            _fail("cluster.train_sample_per_centroid", f"is {self.train_sample_per_centroid}",
+                  "use null (all rows) or a count such as the official 256")
         if self.k < 1:
             _fail("cluster.k", f"is {short(self.k)}", "use 1 or more clusters (100 typical)")
         if self.max_iter < 1:
@@ -392,6 +408,17 @@ class ClusterConfig:
                   "use a positive number of CPUs, or null")
 
 
+# The settings that reproduce the official code (BigML-CS-UCLA/S2L, schedules/s2l.py): faiss.Kmeans
+# (T, 100, niter=20) with faiss's defaults (random initial points, every iteration run, at most 256
+# training points per centroid) within each source, raw losses with NaN set to 0, clusters of <= 2
+# rows held back. The README's "Official rules" paragraph explains each.
+OFFICIAL_S2L = ("cluster.k=100", "cluster.per_source=true", "cluster.max_iter=20", "cluster.tol=0",
+                "cluster.init=random", "cluster.train_sample_per_centroid=256",
+                "cluster.normalize=none", "cluster.nan_losses=zero",
+                "select.tiny_cluster_size=2", "select.noise_cap=false")
+# Sweep-only names: S2L with select.noise_cap forced on / off, to measure the cap in one sweep
+SWEEP_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "s2l_cap": ("s2l", {"noise_cap": True}), "s2l_nocap": ("s2l", {"noise_cap": False})}
 
 
 @dataclass
@@ -399,15 +426,35 @@ class SelectConfig:
     """Spending the budget."""
 
     method: Method = "s2l"
-    """Selection method: S2L, or a baseline to compare with."""
+    """Selection method: S2L, or a baseline to compare with. 'source_balanced' is S2L's
+    per-source budget split (evenly over sources, smallest first, a small source taken whole)
+    with uniform sampling inside each source: the control that shows what trajectories add."""
     budget: int | float = 0.1
     """Examples to select: an integer count, or a float fraction in (0, 1] of the valid data."""
     early_fraction: float = 0.2
     """el2n: an example's score is its mean loss over the first ceil(early_fraction x T)
     checkpoints."""
+    tiny_cluster_size: int = 0
+    """s2l: clusters of at most this many rows are held back (pooled per source) and drawn from
+    only for the budget the other clusters cannot take. The official code uses 2; 0 (default)
+    treats every cluster alike, as the paper's Algorithm 1."""
+    noise_cap: bool = False
+    """s2l: cap clusters whose loss does not fall (relative to the data, see
+    noise_drop_ratio) at their base-rate share floor(B x size / N), what uniform sampling would
+    give them; their unused share flows to the other clusters. Guards against S2L spending the
+    budget on small clusters of unlearnable (e.g. wrong-answer) rows."""
+    noise_drop_ratio: float = 0.5
+    """s2l with noise_cap: a cluster is noise when its mean loss ends above the data's and its
+    relative drop (1 - last/first checkpoint mean loss) is below this fraction of the data's."""
 
     def __post_init__(self) -> None:
         check_budget(self.budget, "select.budget")
+        if isinstance(self.tiny_cluster_size, bool) or self.tiny_cluster_size < 0:
+            _fail("select.tiny_cluster_size", f"is {self.tiny_cluster_size}",
+                  "use 0 (off) or the official code's 2")
+        if not 0 <= self.noise_drop_ratio <= 1:
+            _fail("select.noise_drop_ratio", f"is {self.noise_drop_ratio}",
+                  "use a fraction in [0, 1], e.g. 0.5")
         if not 0 < self.early_fraction <= 1:
             _fail("select.early_fraction", f"is {short(self.early_fraction)}",
                   "use a fraction in (0, 1], e.g. 0.2")
@@ -424,7 +471,8 @@ class SweepConfig:
     """Ray Tune grid over selection methods x budgets x seeds, fine-tuning the target each time."""
 
     methods: list[str] = field(default_factory=lambda: ["s2l", "random"])
-    """Selection methods to compare."""
+    """Selection methods to compare: any select.method, or 's2l_cap' / 's2l_nocap' (S2L with
+    select.noise_cap on / off, the rest of select.* as configured)."""
     budgets: list[int | float] = field(default_factory=lambda: [0.1, 0.3])
     """Budgets to compare (counts or fractions); 1.0 (or the data size) is the full data, run
     once per seed whatever the methods."""
@@ -440,9 +488,9 @@ class SweepConfig:
 
     def __post_init__(self) -> None:
         for m in self.methods:
-            if m not in SELECTION_METHODS:
+            if m not in SELECTION_METHODS and m not in SWEEP_VARIANTS:
                 _fail("sweep.methods", f"has unknown method {short(m)}",
-                      f"choose from {', '.join(SELECTION_METHODS)}")
+                      f"choose from {', '.join((*SELECTION_METHODS, *SWEEP_VARIANTS))}")
         for b in self.budgets:
             check_budget(b, "sweep.budgets")
         if not self.methods or not self.budgets or not self.seeds:

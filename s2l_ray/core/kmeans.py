@@ -48,6 +48,7 @@ FUSED_MAX_DIM = 32  # up to this dim faiss's top-1 kernel gives a row the same b
 # the block (tested); above it the BLAS kernel's last bit depends on the row's place in its
 # 4096-row tile, so there we use the one-pair-at-a-time kernel (slower, exact per row)
 INIT_SALT = "kmeans-init"
+TRAIN_SALT = "kmeans-train"  # the training subsample (train_sample_per_centroid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,8 +56,12 @@ INIT_SALT = "kmeans-init"
 
 
 def features(losses: np.ndarray, normalize: Literal["none", "standardize"] = "none",
-             ids: Sequence[str] | None = None) -> np.ndarray:
+             ids: Sequence[str] | None = None,
+             nan: Literal["error", "zero"] = "error") -> np.ndarray:
     """Trajectories (n, T) -> float32 features (n, T): raw, or each row z-scored on its own.
+
+    nan='zero' sets NaN losses to 0 first (the official code's rule: a prompt longer than the
+    maximum leaves no response token, and its loss is NaN); 'error' refuses them.
 
     Standardising removes each example's loss level and scale, so clusters group the SHAPE of
     the trajectory (when it is learned), not how hard the example is. A flat row becomes zeros.
@@ -66,6 +71,10 @@ def features(losses: np.ndarray, normalize: Literal["none", "standardize"] = "no
     if x.ndim != 2 or x.shape[1] < 1:
         raise ValueError(f"trajectories must be a 2-D (n, T) array, got shape {x.shape}")
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if nan == "zero":
+        x = np.where(np.isnan(x), np.float32(0.0), x)
+    elif nan != "error":
+        raise ParamError("nan_losses", f"unknown '{nan}'", "use 'error' or 'zero'")
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
         where = np.flatnonzero(bad)[:3]
@@ -304,6 +313,7 @@ class KMeansResult:
     grid: ExactGrid
     init_seconds: float = 0.0
     shard_sizes: list[int] = field(default_factory=list)
+    trained_on: int | None = None  # rows the iterations used, when a training sample
 
 
 def lloyd(assign: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, float]],
@@ -354,8 +364,18 @@ class Shards(Protocol):
         """Per shard: {"n": rows, "dim": T, "max_abs": largest |value|}."""
         ...
 
-    def sample(self, seed: int, m: int) -> list[tuple[np.ndarray, list[str], np.ndarray]]:
+    def sample(self, seed: int, m: int, salt: str = INIT_SALT
+               ) -> list[tuple[np.ndarray, list[str], np.ndarray]]:
         """Per shard: its m smallest (hash(seed, id), id) rows: (hashes, ids, rows (<=m, T))."""
+        ...
+
+    def focus(self, part: int | None) -> list[None]:
+        """Every shard restricts later calls to the rows of `part` (None: all rows)."""
+        ...
+
+    def keep_labels(self, centroids: np.ndarray, offset: int, grid: ExactGrid
+                    ) -> list[tuple[np.ndarray, float]]:
+        """Per shard: label its rows in focus, keep them; (counts (K,), inertia)."""
         ...
 
     def step(self, centroids: np.ndarray, grid: ExactGrid | None
@@ -373,8 +393,16 @@ class LocalShards:
     def info(self) -> list[dict[str, Any]]:
         return [s.info() for s in self.shards]
 
-    def sample(self, seed: int, m: int) -> list[tuple[np.ndarray, list[str], np.ndarray]]:
-        return [s.sample(seed, m) for s in self.shards]
+    def sample(self, seed: int, m: int, salt: str = INIT_SALT
+               ) -> list[tuple[np.ndarray, list[str], np.ndarray]]:
+        return [s.sample(seed, m, salt) for s in self.shards]
+
+    def focus(self, part: int | None) -> list[None]:
+        return [s.focus(part) for s in self.shards]
+
+    def keep_labels(self, centroids: np.ndarray, offset: int, grid: ExactGrid
+                    ) -> list[tuple[np.ndarray, float]]:
+        return [s.keep_labels(centroids, offset, grid) for s in self.shards]
 
     def step(self, centroids: np.ndarray, grid: ExactGrid | None
              ) -> list[tuple[np.ndarray, np.ndarray, float]]:
@@ -383,9 +411,14 @@ class LocalShards:
 
 def fit_shards(shards: Shards, k: int, *, seed: int, max_iter: int = 20,
                tol: float = 1e-4, init: Literal["kmeans++", "random"] = "kmeans++",
-               sample_per_centroid: int = 64,
+               sample_per_centroid: int = 64, train_sample_per_centroid: int | None = None,
                on_iter: Callable[[dict[str, Any]], None] | None = None) -> KMeansResult:
-    """k-means over `shards`: only centroids go out and per-cluster sums come back."""
+    """k-means over `shards`: only centroids go out and per-cluster sums come back.
+
+    train_sample_per_centroid: when the shards hold more than k x that many rows, the Lloyd
+    iterations run in-process on the k x that rows with the smallest hash of (seed, id) (as
+    faiss.Kmeans trains on a subsample of 256 per centroid); None fits on every row.
+    """
     t0 = time.perf_counter()
     infos = shards.info()
     n = sum(i["n"] for i in infos)
@@ -395,6 +428,23 @@ def fit_shards(shards: Shards, k: int, *, seed: int, max_iter: int = 20,
     if k > n:
         raise ParamError("k", f"{k} clusters for {n} examples",
                          f"use at most {n} clusters (about 100 for ~100k examples)")
+    if train_sample_per_centroid is not None and n > k * train_sample_per_centroid:
+        m = k * train_sample_per_centroid
+        parts = shards.sample(seed, m, TRAIN_SALT)
+        hashes = np.concatenate([p[0] for p in parts])
+        ids = [i for p in parts for i in p[1]]
+        keep = smallest_by_hash(hashes, ids, m)
+        local = Shard([ids[i] for i in keep], np.concatenate([p[2] for p in parts])[keep])
+        log.info("k-means: training on %d of %d examples (%d per centroid)", m, n,
+                 train_sample_per_centroid)
+        res = fit_shards(LocalShards([local]), k, seed=seed,
+                         max_iter=max_iter, tol=tol, init=init,
+                         sample_per_centroid=sample_per_centroid, on_iter=on_iter)
+        res.shard_sizes = [i["n"] for i in infos]
+        res.trained_on, res.n = m, n
+        res.grid = exact_grid(n, max(i["max_abs"] for i in infos), res.dim)  # for all rows
+        res.init_seconds = time.perf_counter() - t0
+        return res
     dim = dims.pop()
     m = min(n, k * sample_per_centroid)
     parts = shards.sample(seed, m)
@@ -419,26 +469,55 @@ def fit_shards(shards: Shards, k: int, *, seed: int, max_iter: int = 20,
 
 
 class Shard:
-    """One worker's rows: ids (n,) and features (n, T) float32, which never leave it."""
+    """One worker's rows: ids (n,) and features (n, T) float32, which never leave it.
 
-    def __init__(self, ids: Sequence[str], feats: np.ndarray, *, gpu: bool | None = None):
-        self.ids = ids
-        self.x = feats
+    `parts` (n,) int64 (optional) assigns every row to a part (a source, for per-source
+    k-means); `focus(p)` makes every method see only part p's rows (None: all rows), and
+    `keep_labels` records the final labels of the rows in focus.
+    """
+
+    def __init__(self, ids: Sequence[str], feats: np.ndarray, *, gpu: bool | None = None,
+                 parts: np.ndarray | None = None):
+        self.all_ids, self.all_x = ids, feats
+        self.ids, self.x = ids, feats  # the rows in focus
+        self.parts = parts
+        self.rows: np.ndarray | None = None  # indices of the rows in focus (None: all)
         self.gpu = gpu
         self._index: Any = None
+        self.final_label = np.full(len(feats), -1, np.int64)
+        self.final_dist = np.zeros(len(feats), np.float32)
 
     def index(self) -> Any:
         if self._index is None:
             self._index = make_index(self.x.shape[1], self.gpu)
         return self._index
 
+    def focus(self, part: int | None) -> None:
+        """Restrict every later call to the rows of `part` (None: all rows)."""
+        if part is None:
+            self.ids, self.x, self.rows = self.all_ids, self.all_x, None
+            return
+        if self.parts is None:
+            raise ValueError("this shard has no parts")
+        self.rows = np.flatnonzero(self.parts == part)
+        self.x = self.all_x[self.rows]
+        self.ids = (self.all_ids.take(self.rows) if hasattr(self.all_ids, "take")
+                    else [self.all_ids[int(i)] for i in self.rows])
+
+    def part_counts(self) -> dict[int, int]:
+        if self.parts is None:
+            return {}
+        p, c = np.unique(self.parts, return_counts=True)
+        return dict(zip(p.tolist(), c.tolist()))
+
     def info(self) -> dict[str, Any]:
-        return {"n": len(self.x), "dim": int(self.x.shape[1]),
+        return {"n": len(self.x), "dim": int(self.all_x.shape[1]),
                 "max_abs": float(max(self.x.max(), -self.x.min())) if len(self.x) else 0.0}
 
-    def sample(self, seed: int, m: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+    def sample(self, seed: int, m: int, salt: str = INIT_SALT
+               ) -> tuple[np.ndarray, list[str], np.ndarray]:
         """This shard's m smallest (hash(seed, id), id): hashes, ids, rows (<= m, T)."""
-        h = np.concatenate([hash_ids(self._ids(i, i + SEARCH_ROWS), seed, INIT_SALT)
+        h = np.concatenate([hash_ids(self._ids(i, i + SEARCH_ROWS), seed, salt)
                             for i in range(0, len(self.x), SEARCH_ROWS)] or
                            [np.zeros(0, np.uint64)])
         keep = smallest_by_hash(h, IdView(self.ids), m)
@@ -452,6 +531,17 @@ class Shard:
         """(distance (n,) float32, label (n,) int64) under the final centroids."""
         return nearest(self.x, centroids, self.index())
 
+    def keep_labels(self, centroids: np.ndarray, offset: int, grid: ExactGrid
+                    ) -> tuple[np.ndarray, float]:
+        """Label the rows in focus (offset + nearest centroid) and keep the labels; returns
+        the counts per centroid (K,) and the inertia on the grid."""
+        dist, label = self.labels(centroids)
+        where = slice(None) if self.rows is None else self.rows
+        self.final_label[where] = label + offset
+        self.final_dist[where] = dist
+        return (np.bincount(label, minlength=len(centroids)).astype(np.int64),
+                float(on_grid(dist, grid.dist).sum()))
+
     # ids may be a Python list or a pyarrow StringArray (actors keep Arrow: far less memory)
     def _ids(self, i: int, j: int) -> list[str]:
         part = self.ids[i:j]
@@ -461,6 +551,37 @@ class Shard:
         if hasattr(self.ids, "take"):
             return self.ids.take(idx).to_pylist()
         return [self.ids[int(i)] for i in idx]
+
+
+def fit_labels(shards: Shards, k: int, n_parts: int | None, *, seed: int,
+               on_part: Callable[[int, int, KMeansResult], None] | None = None,
+               **kw: Any) -> tuple[np.ndarray, list[np.ndarray], float, list[KMeansResult]]:
+    """Fit k-means over all rows (n_parts None) or separately within each part (min(k, rows of
+    the part) clusters each, numbered part after part), and have every shard keep its labels.
+
+    Returns (centroids (K_total, T) float32, per-part counts, inertia, per-part results).
+    kw: as `fit_shards`. A part with no rows gets no cluster.
+    """
+    cents, counts, results, inertia, offset = [], [], [], 0.0, 0
+    for p in [None] if n_parts is None else range(n_parts):
+        if p is not None:
+            shards.focus(p)
+        n = sum(i["n"] for i in shards.info())
+        if n == 0:
+            continue
+        k_p = k if p is None else min(k, n)
+        res = fit_shards(shards, k_p, seed=seed, **kw)
+        got = shards.keep_labels(res.centroids, offset, res.grid)
+        counts.append(sum(g[0] for g in got))
+        inertia += sum(g[1] for g in got)  # exact on the grid, any order
+        cents.append(res.centroids)
+        results.append(res)
+        if on_part is not None:
+            on_part(-1 if p is None else p, offset, res)
+        offset += k_p
+    if n_parts is not None:
+        shards.focus(None)
+    return np.concatenate(cents).astype(np.float32), counts, inertia, results
 
 
 class IdView:
@@ -480,25 +601,38 @@ class IdView:
 
 @dataclass
 class KMeansFit:
-    result: KMeansResult
+    result: KMeansResult  # the first part's, with parts
     labels: np.ndarray  # (n,) int64, in the input row order
     distances: np.ndarray  # (n,) float32 squared L2 to the centroid
+    centroids: np.ndarray | None = None  # (K_total, T) all parts' centroids
 
 
 def fit(ids: Sequence[str], losses: np.ndarray, k: int, *, seed: int, max_iter: int = 20,
         tol: float = 1e-4, init: Literal["kmeans++", "random"] = "kmeans++",
         sample_per_centroid: int = 64, normalize: Literal["none", "standardize"] = "none",
-        n_shards: int = 1) -> KMeansFit:
-    """In-process k-means with the distributed engine's exact semantics (n_shards splits)."""
-    x = features(losses, normalize, ids)
+        n_shards: int = 1, parts: Sequence[int] | np.ndarray | None = None,
+        train_sample_per_centroid: int | None = None,
+        nan: Literal["error", "zero"] = "error") -> KMeansFit:
+    """In-process k-means with the distributed engine's exact semantics (n_shards splits).
+
+    parts (n,) ints >= 0: k-means within each part (per-source clustering), clusters numbered
+    part after part (part 0's first).
+    """
+    x = features(losses, normalize, ids, nan)
     if len(ids) != len(x):
         raise ValueError(f"{len(ids)} ids for {len(x)} trajectories")
+    pa_ = None if parts is None else np.asarray(parts, np.int64)
     bounds = np.linspace(0, len(x), n_shards + 1).astype(int)
-    shards = LocalShards([Shard(list(ids[a:b]), x[a:b]) for a, b in itertools.pairwise(bounds)])
-    res = fit_shards(shards, k, seed=seed, max_iter=max_iter, tol=tol, init=init,
-                     sample_per_centroid=sample_per_centroid)
-    dist, label = nearest(x, res.centroids)
-    return KMeansFit(res, label, dist)
+    shards = LocalShards([Shard(list(ids[a:b]), x[a:b], parts=None if pa_ is None else pa_[a:b])
+                          for a, b in itertools.pairwise(bounds)])
+    n_parts = None if pa_ is None else int(pa_.max()) + 1 if len(pa_) else 0
+    cents, _, _, results = fit_labels(
+        shards, k, n_parts, seed=seed, max_iter=max_iter, tol=tol, init=init,
+        sample_per_centroid=sample_per_centroid,
+        train_sample_per_centroid=train_sample_per_centroid)
+    label = np.concatenate([s.final_label for s in shards.shards])
+    dist = np.concatenate([s.final_dist for s in shards.shards])
+    return KMeansFit(results[0], label, dist, cents)
 
 
 def objective(x: np.ndarray, centroids: np.ndarray) -> float:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import typing
 from typing import Literal
 
-Method = Literal["s2l", "random", "stratified", "least_confidence", "middle_perplexity",
-                 "high_learnability", "el2n"]
+Method = Literal["s2l", "random", "stratified", "source_balanced", "least_confidence",
+                 "middle_perplexity", "high_learnability", "el2n"]
 SELECTION_METHODS: tuple[str, ...] = typing.get_args(Method)
 # Baselines that rank by a score of the loss trajectory (the others group: clusters, sources).
 LOSS_METHODS = ("least_confidence", "middle_perplexity", "high_learnability", "el2n")

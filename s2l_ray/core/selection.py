@@ -4,10 +4,16 @@ Every method is one operation: each example gets a group, a score and a tie-brea
 (seed, id); the first q_g examples of each group g, ordered by (score descending, hash, id), are
 selected, where the quotas q_g add up to the budget B.
 
-    s2l                groups = clusters, quotas from Algorithm 1 (`s2l_quotas`), no score: the
-                       hash order makes the pick uniformly random within each cluster
+    s2l                groups = clusters, quotas from Algorithm 1 (`s2l_plan`), no score: the
+                       hash order makes the pick uniformly random within each cluster. Options:
+                       per-source allocation (clusters fitted within each source; the budget
+                       split over sources smallest first, then over that source's clusters),
+                       tiny clusters held back into a pool, and the noise cap (`noisy_clusters`)
     random             one group, quota B, no score: a uniformly random B-subset
     stratified         groups = sources, quotas proportional to the source sizes
+    source_balanced    groups = sources, quotas by Algorithm 1 over the sources (the budget split
+                       evenly, smallest first, a small source taken whole): S2L's per-source
+                       split with no trajectories, the control that says what clusters add
     least_confidence   one group, score = final loss (highest first)
     middle_perplexity  one group, score = -|final loss - median final loss|
     high_learnability  one group, score = first loss - final loss (largest drop first)
@@ -72,20 +78,138 @@ def s2l_quotas(sizes: Sequence[int] | np.ndarray, budget: int) -> np.ndarray:
     what the remaining, larger clusters can hold).
     """
     s = np.asarray(sizes, dtype=np.int64)
-    if (s < 0).any():
-        raise ValueError("cluster sizes must be >= 0")
     if budget > int(s.sum()):
         raise ParamError("budget", f"budget {budget} is more than the {int(s.sum())} examples "
                          "available", "use a smaller budget")
-    quotas = np.zeros(len(s), np.int64)
+    quotas = _even_split(s, int(budget))
+    if int(quotas.sum()) != budget:  # pragma: no cover - impossible, see the docstring
+        raise RuntimeError(f"s2l_quotas left {budget - int(quotas.sum())} of the budget "
+                           "unassigned")
+    return quotas
+
+
+def _even_split(sizes: np.ndarray, budget: int) -> np.ndarray:
+    """Algorithm 1's loop: smallest first, each takes min(size, left // groups left).
+
+    Spends min(budget, sum(sizes)); sizes (K,) int64 >= 0, the order is stable (ties: lower
+    index first), as the official code's `n // (len - i)` loop over sizes sorted ascending.
+    """
+    if (sizes < 0).any():
+        raise ValueError("cluster sizes must be >= 0")
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    quotas = np.zeros(len(sizes), np.int64)
     left = int(budget)
-    for pos, c in enumerate(np.argsort(s, kind="stable")):
-        take = min(int(s[c]), left // (len(s) - pos))
+    for pos, c in enumerate(np.argsort(sizes, kind="stable")):
+        take = min(int(sizes[c]), left // (len(sizes) - pos))
         quotas[c] = take
         left -= take
-    if left:  # pragma: no cover - impossible when budget <= sum(sizes), see the docstring
-        raise RuntimeError(f"s2l_quotas left {left} of the budget unassigned")
     return quotas
+
+
+def s2l_plan(sizes: Sequence[int] | np.ndarray, budget: int, *,
+             cell_source: Sequence[int] | np.ndarray | None = None, tiny: int = 0,
+             caps: Sequence[int] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """S2L's allocation with the official code's options: (group of each cell (K,), quotas (G,)).
+
+    sizes: (K,) rows per cell. A cell is a cluster, or with per-source allocation a
+    (cluster, source) pair; `cell_source` (K,) gives each cell's source index (None: one source,
+    the paper's global Algorithm 1). Steps:
+      1. per source (smallest first, ties: lower index): share = budget left // sources left; a
+         source no larger than its share is taken whole and the rest passes on (Algorithm 1 over
+         the sources, as `schedules/s2l.py` does);
+      2. inside a source, its share is spread by Algorithm 1 over its cells larger than `tiny`;
+         cells of <= `tiny` rows (the official code: 2) are held back in one pool per source,
+         which gets only what the other cells could not take (drawn uniformly over its rows);
+      3. `caps` (K,) bounds what a cell may get (the noise cap): a capped cell counts as
+         min(size, cap) rows in steps 1-2, so its unused share flows on like a small cluster's.
+         Only if the capped cells leave the budget unspent (most of the data capped) is the
+         rest spread over what they hold beyond their caps (Algorithm 1 again).
+    Cell k's rows belong to group k, except held-back cells: their rows belong to the pool of
+    their source, group K + source. quotas (K + S,) sum to exactly `budget`.
+    Raises ValueError for a budget above sum(sizes), negative sizes or mismatched lengths.
+    """
+    s = np.asarray(sizes, dtype=np.int64)
+    k = len(s)
+    if s.ndim != 1:
+        raise ValueError(f"sizes must be 1-D, got shape {s.shape}")
+    if (s < 0).any():
+        raise ValueError("cluster sizes must be >= 0")
+    b = int(budget)
+    if b < 0 or b > int(s.sum()):
+        raise ValueError(f"budget {b} is outside [0, {int(s.sum())}] (the rows available)")
+    if tiny < 0:
+        raise ValueError(f"tiny must be >= 0, got {tiny}")
+    src = np.zeros(k, np.int64) if cell_source is None else np.asarray(cell_source, np.int64)
+    if src.shape != (k,) or (k and src.min() < 0):
+        raise ValueError(f"cell_source must be {k} source indices >= 0")
+    n_src = int(src.max()) + 1 if k else 1
+    cap = s.copy()
+    if caps is not None:
+        c = np.asarray(caps, dtype=np.int64)
+        if c.shape != (k,) or (c < 0).any():
+            raise ValueError(f"caps must be {k} counts >= 0")
+        cap = np.minimum(s, c)
+    held = (s <= tiny) if tiny > 0 else np.zeros(k, bool)
+    eff = np.where(held, s, cap)  # what each cell may give in steps 1-2
+    quotas = np.zeros(k + n_src, np.int64)
+    share = _even_split(np.bincount(src, weights=eff, minlength=n_src).astype(np.int64), b)
+    for j in range(n_src):
+        mine = np.flatnonzero((src == j) & ~held)
+        q = _even_split(eff[mine], int(share[j]))
+        quotas[mine] = q
+        quotas[k + j] = int(share[j]) - int(q.sum())  # <= the pool: share <= eff of source j
+    rest = b - int(quotas.sum())
+    if rest:  # capped cells could not spend it all: spread over what lies beyond the caps
+        spare = np.where(held, 0, s - quotas[:k])
+        quotas[:k] += _even_split(spare, rest)
+    if int(quotas.sum()) != b:  # pragma: no cover - impossible: budget <= sum(sizes)
+        raise RuntimeError(f"s2l_plan assigned {int(quotas.sum())} of {b}")
+    group = np.where(held, k + src, np.arange(k))
+    return group, quotas
+
+
+def noisy_clusters(first: Sequence[float] | np.ndarray, last: Sequence[float] | np.ndarray,
+                   sizes: Sequence[int] | np.ndarray, drop_ratio: float) -> np.ndarray:
+    """Clusters whose loss does not fall, relative to the data: (K,) bool.
+
+    first, last: (K,) each cluster's mean loss at the first and at the last reference
+    checkpoint; sizes (K,). The data's relative drop is D = 1 - L/F (F, L: the size-weighted
+    means over all rows); cluster c is noise when it ends harder than the data (last_c > L) and
+    its own relative drop 1 - last_c / first_c is below drop_ratio x D. Rows the reference
+    cannot learn (a wrong answer is unpredictable) keep a high loss; rare but learnable kinds
+    start high and fall, and already-easy rows end below L, so neither is flagged. When the data
+    does not learn at all (D <= 0) nothing is flagged: there is no yardstick.
+    """
+    f = np.asarray(first, dtype=np.float64)
+    la = np.asarray(last, dtype=np.float64)
+    n = np.asarray(sizes, dtype=np.float64)
+    if not f.shape == la.shape == n.shape or f.ndim != 1:
+        raise ValueError(f"first, last and sizes must be (K,) alike, got {f.shape}, "
+                         f"{la.shape}, {n.shape}")
+    if not 0 <= drop_ratio <= 1:
+        raise ValueError(f"drop_ratio must lie in [0, 1], got {drop_ratio}")
+    ok = (n > 0) & np.isfinite(f) & np.isfinite(la)
+    if not ok.any():
+        return np.zeros(len(f), bool)
+    w = n[ok] / n[ok].sum()
+    big_f, big_l = float(w @ f[ok]), float(w @ la[ok])
+    data_drop = 1.0 - big_l / big_f if big_f > 0 else 0.0
+    if not data_drop > 0:
+        return np.zeros(len(f), bool)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        drop = np.where(f > 0, 1.0 - la / np.where(f > 0, f, 1.0), 0.0)
+    return ok & (la > big_l) & (drop < drop_ratio * data_drop)
+
+
+def base_rate_caps(sizes: Sequence[int] | np.ndarray, flagged: np.ndarray, budget: int,
+                   total: int) -> np.ndarray:
+    """Caps (K,) for `s2l_plan`: floor(B x size / N) for flagged cells (their share under
+    uniform sampling, the data's base rate), the cell's size otherwise (no cap)."""
+    s = np.asarray(sizes, dtype=np.int64)
+    if total < 1:
+        raise ValueError("total must be >= 1")
+    return np.where(np.asarray(flagged, bool), s * int(budget) // int(total), s)
 
 
 def stratified_quotas(sizes: Sequence[int] | np.ndarray, budget: int) -> np.ndarray:
@@ -168,13 +292,61 @@ def top_per_group(groups: np.ndarray, scores: np.ndarray | None, hashes: np.ndar
     return order[pos < q[gs]]
 
 
+def s2l_groups(labels: np.ndarray, budget: int, *, sources: Sequence[str | None] | None = None,
+               per_source: bool = False, tiny: int = 0, losses: np.ndarray | None = None,
+               noise_drop_ratio: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """S2L's groups and quotas for rows in memory: (group of each row (n,), quotas (G,)).
+
+    labels (n,) cluster ids >= 0. per_source: cells are (cluster, source) pairs and the budget is
+    split over the sources first (`s2l_plan`; rows without a source form their own source).
+    tiny: cells of <= tiny rows are pooled per source. noise_drop_ratio (needs `losses` (n, T)):
+    clusters `noisy_clusters` flags are capped at their base-rate share (`base_rate_caps`).
+    """
+    lab = np.asarray(labels, dtype=np.int64)
+    n = len(lab)
+    if n and lab.min() < 0:
+        raise ValueError("cluster labels must be >= 0")
+    k = int(lab.max()) + 1 if n else 0
+    if per_source:
+        names, sidx = source_groups(_need(sources, "sources", "s2l per_source", n))
+        cells, row_cell = np.unique(lab * len(names) + sidx, return_inverse=True)
+        cell_cluster, cell_source = cells // len(names), cells % len(names)
+    else:
+        row_cell, cell_cluster, cell_source = lab, np.arange(k), None
+    sizes = np.bincount(row_cell, minlength=len(cell_cluster))
+    caps = None
+    if noise_drop_ratio is not None:
+        first, last = cluster_loss_means(lab, _need(losses, "losses", "s2l noise cap", n), k)
+        flagged = noisy_clusters(first, last, np.bincount(lab, minlength=k), noise_drop_ratio)
+        caps = base_rate_caps(sizes, flagged[cell_cluster], budget, n)
+    group_of_cell, quotas = s2l_plan(sizes, budget, cell_source=cell_source, tiny=tiny,
+                                     caps=caps)
+    return group_of_cell[row_cell], quotas
+
+
+def cluster_loss_means(labels: np.ndarray, losses: np.ndarray, k: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Each cluster's mean loss at the first and the last checkpoint: two (k,) float64 (NaN
+    for an empty cluster). NaN losses count as 0, as the trajectories are clustered."""
+    x = np.nan_to_num(np.asarray(losses, dtype=np.float64), nan=0.0)
+    if x.ndim != 2 or len(x) != len(labels):
+        raise ValueError(f"losses must be (n, T) for n={len(labels)} labels, got {x.shape}")
+    counts = np.bincount(labels, minlength=k).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (np.bincount(labels, weights=x[:, 0], minlength=k) / counts,
+                np.bincount(labels, weights=x[:, -1], minlength=k) / counts)
+
+
 def select(method: str, ids: Sequence[str], budget: int | float, seed: int, *,
            labels: Sequence[int] | np.ndarray | None = None,
            sources: Sequence[str | None] | None = None,
-           losses: np.ndarray | None = None, early_fraction: float = 0.2) -> list[str]:
+           losses: np.ndarray | None = None, early_fraction: float = 0.2,
+           per_source: bool = False, tiny: int = 0,
+           noise_drop_ratio: float | None = None) -> list[str]:
     """Exactly B distinct ids chosen by `method`, in (group, rank) order.
 
-    s2l needs `labels` (cluster of each example), stratified `sources`, the loss baselines
+    s2l needs `labels` (cluster of each example) and, with its options (see `s2l_groups`),
+    `sources` / `losses`; stratified and source_balanced need `sources`, the loss baselines
     `losses` (n, T). Everything is in memory; the select stage runs the same steps per file.
     """
     n = len(ids)
@@ -186,12 +358,12 @@ def select(method: str, ids: Sequence[str], budget: int | float, seed: int, *,
     scores: np.ndarray | None = None
     quotas = np.array([b])
     if method == "s2l":
-        lab = _need(labels, "labels", method, n)
-        groups = np.asarray(lab, dtype=np.int64)
-        quotas = s2l_quotas(np.bincount(groups, minlength=int(groups.max()) + 1), b)
-    elif method == "stratified":
+        groups, quotas = s2l_groups(np.asarray(_need(labels, "labels", method, n)), b,
+                                    sources=sources, per_source=per_source, tiny=tiny,
+                                    losses=losses, noise_drop_ratio=noise_drop_ratio)
+    elif method in ("stratified", "source_balanced"):
         _, groups = source_groups(_need(sources, "sources", method, n))
-        quotas = stratified_quotas(np.bincount(groups), b)
+        quotas = source_quotas(method, np.bincount(groups), b)
     elif method in LOSS_METHODS:
         scores = loss_scores(_need(losses, "losses", method, n), method,
                              early_fraction=early_fraction)
@@ -199,6 +371,16 @@ def select(method: str, ids: Sequence[str], budget: int | float, seed: int, *,
         raise ParamError("method", f"unknown '{method}'",
                          f"use one of {', '.join(SELECTION_METHODS)}")
     return [ids[i] for i in top_per_group(groups, scores, hashes, ids, quotas)]
+
+
+def source_quotas(method: str, sizes: Sequence[int] | np.ndarray, budget: int) -> np.ndarray:
+    """Per-source quotas: proportional (stratified) or Algorithm 1 over the sources, smallest
+    first (source_balanced, the official code's source split with no trajectories)."""
+    if method == "stratified":
+        return stratified_quotas(sizes, budget)
+    if method == "source_balanced":
+        return s2l_quotas(sizes, budget)
+    raise ValueError(f"'{method}' has no per-source quotas")
 
 
 def _need(value: Any, name: str, method: str, n: int) -> Any:

@@ -12,10 +12,14 @@
     cluster/centroids.npy               (K, T) float32, in feature space (see cluster.normalize)
     cluster/iterations.json             per iteration: inertia, relative improvement, imbalance
                                         (largest / mean cluster size), empty clusters, splits
+    cluster/clusters.json               per cluster: size, source (per_source), mean raw loss at
+                                        the first and the last checkpoint (the noise cap's input)
     cluster/report.json                 sizes, final inertia, timings, memory per actor
 
 No process ever holds all N x T losses: the driver holds K x T centroids and the init sample.
 The labels are the same whatever cluster.num_workers and the Parquet layout (core.kmeans).
+With cluster.per_source, the same loop runs once per source (actors focus on that source's
+rows); clusters are numbered source after source (sorted, rows without a source first).
 """
 
 from __future__ import annotations
@@ -30,13 +34,15 @@ from typing import Any
 import numpy as np
 
 from s2l_ray.config import ClusterConfig, ConfigError, S2LConfig
-from s2l_ray.core.kmeans import ExactGrid, IdView, Shard
+from s2l_ray.core.kmeans import INIT_SALT, ExactGrid, IdView, Shard
 from s2l_ray.core.progress import DEFAULT_EVERY
 from s2l_ray.errors import config_keys
 from s2l_ray.io.parquet import losses_matrix, parquet_files
 
 log = logging.getLogger(__name__)
 READ_BATCH = 65536  # rows per Parquet read batch: bounds what an actor holds beyond its shard
+LOSS_GRID = 2.0 ** -20  # per-cluster loss sums are sums of integers on this grid: exact in any
+# order (|loss| < 2^20 and n < 2^23 keep them inside int64)
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,7 @@ class ShardActor(Shard):
     """A Ray actor (see `fit_files`) holding one shard of the trajectories."""
 
     def __init__(self, index: int, pieces: list[Piece], normalize: str, gpu: bool | None,
-                 threads: int):
+                 threads: int, nan: str = "error"):
         import faiss
         import pyarrow as pa
 
@@ -120,11 +126,14 @@ class ShardActor(Shard):
         self.error: Exception | None = None
         n = sum(p.stop - p.start for p in pieces)
         feats = np.zeros((0, 1), np.float32)
+        ends = np.zeros((n, 2), np.float32)  # raw loss at the first and last checkpoint
         ids, sources, pos = [], [], 0
         try:  # batch by batch into one preallocated (n, T) array: no second copy of the shard
             for t in iter_pieces(pieces, ["id", "source", "losses"]):
                 where = f"trajectories {Path(pieces[0].path).name}.. (shard {index})"
-                x = features(losses_matrix(t["losses"], where), normalize, IdView(t["id"]))
+                raw = features(losses_matrix(t["losses"], where), "none", IdView(t["id"]), nan)
+                x = raw if normalize == "none" else features(raw, normalize)
+                ends[pos:pos + len(x)] = raw[:, [0, -1]]
                 if pos == 0:
                     feats = np.empty((n, x.shape[1]), np.float32)
                 elif x.shape[1] != feats.shape[1]:
@@ -137,6 +146,7 @@ class ShardActor(Shard):
         except ValueError as e:  # reported by info(), where the driver sees it
             self.error = e
         self.sources = pa.chunked_array(sources, pa.string())
+        self.ends = ends[:pos]
         pa.default_memory_pool().release_unused()  # give the read buffers back to the OS
         super().__init__(pa.chunked_array(ids, pa.string()), feats[:pos], gpu=gpu)
 
@@ -145,19 +155,32 @@ class ShardActor(Shard):
             raise self.error
         return {**super().info(), **memory_mb()}
 
-    def write(self, centroids: np.ndarray, grid: ExactGrid, folder: str) -> dict[str, Any]:
-        """Label every row with the final centroids and write this shard's Parquet file."""
+    def source_names(self) -> list[str | None]:
+        return list(set(self.sources.to_pylist()))
+
+    def set_parts(self, names: list[str | None]) -> None:
+        """Number every row by its source's place in `names` (the driver's sorted list)."""
+        where = {v: i for i, v in enumerate(names)}
+        self.parts = np.fromiter((where[v] for v in self.sources.to_pylist()), np.int64,
+                                 count=len(self.sources))
+
+    def write(self, folder: str, k: int) -> dict[str, Any]:
+        """Write this shard's labels (kept by keep_labels) as one Parquet file; return counts
+        and the per-cluster loss sums (on LOSS_GRID, as int64) at the first/last checkpoint."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from s2l_ray.core.kmeans import on_grid
-
-        dist, label = self.labels(centroids)
-        table = pa.table({"id": self.ids, "cluster": pa.array(label.astype(np.int32)),
-                          "distance": pa.array(dist), "source": self.sources})
+        label = self.final_label
+        if len(label) and label.min() < 0:
+            raise RuntimeError("cluster: a row was never labelled (a part was skipped)")
+        table = pa.table({"id": self.all_ids, "cluster": pa.array(label.astype(np.int32)),
+                          "distance": pa.array(self.final_dist), "source": self.sources})
         pq.write_table(table, str(Path(folder) / f"part-{self.number:05d}.parquet"))
-        return {"n": len(label), "counts": np.bincount(label, minlength=len(centroids)),
-                "inertia": float(on_grid(dist, grid.dist).sum()), **memory_mb()}
+        q = np.rint(self.ends.astype(np.float64) / LOSS_GRID).astype(np.int64)
+        sums = np.zeros((k, 2), np.int64)
+        np.add.at(sums, label, q)
+        return {"n": len(label), "counts": np.bincount(label, minlength=k),
+                "loss_sums": sums, **memory_mb()}
 
 
 class ActorShards:
@@ -176,8 +199,16 @@ class ActorShards:
     def info(self) -> list[dict[str, Any]]:
         return self.call("info")
 
-    def sample(self, seed: int, m: int) -> list[tuple[np.ndarray, list[str], np.ndarray]]:
-        return self.call("sample", seed, m)
+    def sample(self, seed: int, m: int, salt: str = INIT_SALT
+               ) -> list[tuple[np.ndarray, list[str], np.ndarray]]:
+        return self.call("sample", seed, m, salt)
+
+    def focus(self, part: int | None) -> list[None]:
+        return self.call("focus", part)
+
+    def keep_labels(self, centroids: np.ndarray, offset: int, grid: ExactGrid
+                    ) -> list[tuple[np.ndarray, float]]:
+        return self.call("keep_labels", centroids, offset, grid)
 
     def step(self, centroids: np.ndarray, grid: ExactGrid | None
              ) -> list[tuple[np.ndarray, np.ndarray, float]]:
@@ -214,7 +245,7 @@ def fit_files(files: list[str], out_dir: str | Path, c: ClusterConfig, seed: int
     """
     import ray
 
-    from s2l_ray.core.kmeans import fit_shards
+    from s2l_ray.core.kmeans import fit_labels
     from s2l_ray.core.progress import Progress
 
     out = Path(out_dir)
@@ -222,12 +253,12 @@ def fit_files(files: list[str], out_dir: str | Path, c: ClusterConfig, seed: int
     plan = plan_shards(files, c.num_workers)
     cpus, gpu = _worker_resources(c, len(plan))
     Actor = ray.remote(ShardActor).options(num_cpus=cpus, num_gpus=1 if gpu else 0)
-    shards = ActorShards([Actor.remote(i, p, c.normalize, gpu or None, max(1, int(cpus)))
-                          for i, p in enumerate(plan)])
+    shards = ActorShards([Actor.remote(i, p, c.normalize, gpu or None, max(1, int(cpus)),
+                                       c.nan_losses) for i, p in enumerate(plan)])
     call, actors = shards.call, shards.actors
 
     def on_iter(r: dict[str, Any]) -> None:
-        progress.set(r["iteration"])
+        progress.add(1)
         log.info("cluster: iteration %d inertia %.6g imbalance %.2f splits %d (%.2f s)",
                  r["iteration"], r["inertia"], r["imbalance"], r["splits"], r["seconds"])
 
@@ -235,37 +266,82 @@ def fit_files(files: list[str], out_dir: str | Path, c: ClusterConfig, seed: int
     progress = Progress("cluster", c.max_iter, "iterations", rate_unit="it/s", every=every,
                         logger=log).start()
     try:
-        with config_keys("cluster"):  # k, init: named by their cluster.* key
-            res = fit_shards(shards, c.k, seed=seed, max_iter=c.max_iter, tol=c.tol, init=c.init,
-                             sample_per_centroid=c.init_sample_per_centroid, on_iter=on_iter)
-            written = call("write", res.centroids, res.grid, str(out / "assignments"))
-            memory = call("info")
+        call("info")  # raises a shard's read error here
+        names = source_names(call) if c.per_source else None
+        if names is not None:
+            call("set_parts", names)
+        if names is not None and progress.total is not None:
+            progress.total = c.max_iter * len(names)  # an upper bound: parts may converge early
+        history: list[dict[str, Any]] = []
+
+        def on_part(p: int, offset: int, r: Any) -> None:
+            history.extend({"part": p, "source": None if names is None else names[p],
+                            "first_cluster": offset, **h} for h in r.history)
+
+        with config_keys("cluster"):  # k, init, nan_losses: named by their cluster.* key
+            cents, _, inertia, results = fit_labels(
+                shards, c.k, None if names is None else len(names), seed=seed,
+                max_iter=c.max_iter, tol=c.tol, init=c.init,
+                sample_per_centroid=c.init_sample_per_centroid,
+                train_sample_per_centroid=c.train_sample_per_centroid, on_part=on_part,
+                on_iter=on_iter)
+        written = call("write", str(out / "assignments"), len(cents))
+        memory = call("info")
     finally:
         speed = progress.stop()
         for a in actors:
             ray.kill(a)
     sizes = sum(w["counts"] for w in written)
-    np.save(out / "centroids.npy", res.centroids)
-    (out / "iterations.json").write_text(json.dumps(res.history, indent=1) + "\n")
-    iter_s = [h["seconds"] for h in res.history]
+    loss_sums = sum(w["loss_sums"] for w in written) * LOSS_GRID  # exact, then scaled
+    np.save(out / "centroids.npy", cents)
+    (out / "iterations.json").write_text(json.dumps(history, indent=1) + "\n")
+    cluster_source = (None if names is None else
+                      [names[p] for p, r in enumerate(results) for _ in range(len(r.centroids))])
+    write_cluster_stats(out, sizes, loss_sums, c.per_source, cluster_source)
+    iter_s = [h["seconds"] for h in history]
+    n = sum(w["n"] for w in written)
     report = {
-        "examples": res.n, "dim": res.dim, "k": c.k, "normalize": c.normalize,
-        "init": c.init, "fit_on": "all examples (init from a sample)",
-        "iterations": len(res.history), "converged": res.converged,
-        "final_inertia": sum(w["inertia"] for w in written),
+        "examples": n, "dim": results[0].dim, "k": c.k, "clusters": len(cents),
+        "per_source": c.per_source, "sources": names, "normalize": c.normalize,
+        "init": c.init, "nan_losses": c.nan_losses,
+        "fit_on": ("all examples (init from a sample)" if c.train_sample_per_centroid is None
+                   else f"at most {c.train_sample_per_centroid} sampled examples per centroid"),
+        "iterations": len(history), "converged": all(r.converged for r in results),
+        "final_inertia": inertia,
         "cluster_sizes": sizes.tolist(), "imbalance": float(sizes.max() / sizes.mean()),
         "empty_clusters": int((sizes == 0).sum()), "workers": len(plan),
-        "cpus_per_worker": cpus, "gpu": gpu, "shard_rows": res.shard_sizes,
-        "init_seconds": res.init_seconds, "seconds_per_iteration": float(np.mean(iter_s)),
-        "seconds": speed["seconds"], "examples_per_s": res.n / speed["seconds"],
+        "cpus_per_worker": cpus, "gpu": gpu, "shard_rows": [w["n"] for w in written],
+        "init_seconds": sum(r.init_seconds for r in results),
+        "seconds_per_iteration": float(np.mean(iter_s)),
+        "seconds": speed["seconds"], "examples_per_s": n / speed["seconds"],
         "actor_peak_rss_mb": [m["peak_rss_mb"] for m in memory],
         "driver_peak_rss_mb": memory_mb()["peak_rss_mb"],
     }
     log.info("cluster: %d examples -> %d clusters in %d iterations (%s), inertia %.6g, "
-             "sizes %d..%d", res.n, c.k, len(res.history),
-             "converged" if res.converged else "max_iter reached", report["final_inertia"],
-             sizes.min(), sizes.max())
+             "sizes %d..%d%s", n, len(cents), len(history),
+             "converged" if report["converged"] else "max_iter reached", inertia,
+             sizes.min(), sizes.max(), "" if names is None else f", {len(names)} sources")
     return report
+
+
+def source_names(call: Any) -> list[str | None]:
+    """Every actor's distinct sources, sorted as `selection.source_groups` does (None first)."""
+    from s2l_ray.core.selection import source_groups
+
+    names, _ = source_groups([v for part in call("source_names") for v in part])
+    return names
+
+
+def write_cluster_stats(out: Path, sizes: np.ndarray, loss_sums: np.ndarray, per_source: bool,
+                        cluster_source: list[str | None] | None) -> None:
+    """cluster/clusters.json: what the select stage needs besides the labels."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = loss_sums / sizes[:, None]  # (K, 2); NaN for an empty cluster
+    stats = {"per_source": per_source, "sizes": sizes.tolist(),
+             "source": cluster_source,
+             "first_loss": [None if not np.isfinite(v) else float(v) for v in means[:, 0]],
+             "last_loss": [None if not np.isfinite(v) else float(v) for v in means[:, 1]]}
+    (out / "clusters.json").write_text(json.dumps(stats) + "\n")
 
 
 def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:

@@ -91,7 +91,8 @@ def eval_source_of(cfg: S2LConfig, ingest_dir: Path) -> tuple[str, str]:
 def prepare_eval_set(cfg: S2LConfig, ingest_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Read, validate and tokenize the held-out data exactly as the training data is.
 
-    Writes out_dir/examples.parquet (and rejects.parquet); returns the counts. Ray must be up.
+    Writes out_dir/examples.parquet (with each row's original JSON, `raw`, for per-kind reports)
+    and rejects.parquet; returns the counts. Ray must be up.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -129,7 +130,7 @@ def prepare_eval_set(cfg: S2LConfig, ingest_dir: Path, out_dir: Path) -> dict[st
     refs = [answer_of(r) for r in good["response"].to_pylist()]
     out_dir.mkdir(parents=True, exist_ok=True)
     pq.write_table(good.select(["id", "source", "prompt", "response", "input_ids",
-                                "n_prompt_tokens"]).append_column(
+                                "n_prompt_tokens", "raw"]).append_column(
         "reference", pa.array(refs, pa.string())), out_dir / "examples.parquet")
     if rejects.num_rows:
         pq.write_table(rejects.select(["origin_file", "origin_row", "reject_reason",

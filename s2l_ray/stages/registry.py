@@ -80,7 +80,7 @@ STAGES = (
     StageSpec("select", "select", ("select",), ("cluster",), "s2l_ray.stages.select:run",
               "spend the budget evenly across clusters (or a baseline)",
               "select/selected.jsonl", "select", extra=_seed),
-    StageSpec("sweep", "sweep", ("sweep", "target", "eval"), ("cluster",),
+    StageSpec("sweep", "sweep", ("sweep", "target", "eval", "select"), ("cluster",),
               "s2l_ray.stages.sweep:run",
               "Ray Tune: methods x budgets x seeds, fine-tune + evaluate the target",
               "sweep/results.csv, summary.md, trials/*/model", "sweep",

@@ -109,3 +109,84 @@ def markdown_summary(summary: list[dict[str, Any]], metrics: tuple[str, ...] = M
             line += f" {cell} | {gap} |"
         lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# the data generator's marks: what kind of problem each row is, and whether its answer is wrong
+#
+# Contract: a marks table maps id -> (kind, wrong), kind a string (None: unmarked), wrong a bool
+# (None: unmarked). `marks_from_raw` reads it from the rows' original JSON (ingest's `raw`);
+# the tables below use only that mapping.
+
+def _dotted(row: dict[str, Any], key: str) -> Any:
+    """row['a']['b'] for key 'a.b'; None when any step is missing."""
+    v: Any = row
+    for part in key.split("."):
+        if not isinstance(v, dict) or part not in v:
+            return None
+        v = v[part]
+    return v
+
+
+def marks_from_raw(ids: list[str], raws: list[str], kind_key: str = "metadata.kind",
+                   wrong_key: str = "metadata.wrong") -> dict[str, tuple[str | None, bool | None]]:
+    """id -> (kind, wrong) from each row's original JSON; dotted keys reach nested fields."""
+    import json
+
+    if len(ids) != len(raws):
+        raise ValueError(f"{len(ids)} ids for {len(raws)} raw rows")
+    out: dict[str, tuple[str | None, bool | None]] = {}
+    for i, raw in zip(ids, raws):
+        row = json.loads(raw) if raw else {}
+        kind, wrong = _dotted(row, kind_key), _dotted(row, wrong_key)
+        out[i] = (None if kind is None else str(kind), None if wrong is None else bool(wrong))
+    return out
+
+
+def subset_composition(selected: list[str],
+                       marks: dict[str, tuple[str | None, bool | None]]) -> dict[str, Any]:
+    """What a subset holds by the marks: rows, wrong rows and their share among the rows whose
+    wrongness is marked (None when none is), and rows per kind ('(unmarked)' for None)."""
+    missing = [i for i in selected if i not in marks]
+    if missing:
+        raise ValueError(f"{len(missing)} selected ids have no marks (e.g. {missing[:3]})")
+    marked = [marks[i][1] for i in selected if marks[i][1] is not None]
+    kinds: dict[str, int] = {}
+    for i in selected:
+        k = marks[i][0] if marks[i][0] is not None else "(unmarked)"
+        kinds[k] = kinds.get(k, 0) + 1
+    return {"rows": len(selected), "wrong": int(sum(marked)), "wrong_marked": len(marked),
+            "wrong_share": (sum(marked) / len(marked)) if marked else None,
+            "kinds": dict(sorted(kinds.items()))}
+
+
+def per_kind_accuracy(ids: list[str], correct: list[bool],
+                      marks: dict[str, tuple[str | None, bool | None]]) -> dict[str, float]:
+    """Exact match per kind of held-out row: kind -> share correct (unmarked rows left out)."""
+    if len(ids) != len(correct):
+        raise ValueError(f"{len(ids)} ids for {len(correct)} results")
+    hit: dict[str, list[int]] = {}
+    for i, ok in zip(ids, correct):
+        kind = marks.get(i, (None, None))[0]
+        if kind is not None:
+            hit.setdefault(kind, []).append(int(bool(ok)))
+    return {k: sum(v) / len(v) for k, v in sorted(hit.items())}
+
+
+def mean_table(rows: list[dict[str, Any]], prefix: str, title: str,
+               fmt: str = "{:.2f}") -> str:
+    """Markdown: per (budget, method), the mean over seeds of every `<prefix><name>` column."""
+    cols = sorted({k[len(prefix):] for r in rows for k in r if k.startswith(prefix)})
+    if not cols:
+        return f"{title}: no `{prefix}*` values (the data carries no such marks).\n"
+    lines = [title, "", "| budget | method | " + " | ".join(c or prefix for c in cols) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in cols) + " |"]
+    keys = sorted({(r["size"], r["budget"], r["method"]) for r in rows})
+    for size, budget, method in keys:
+        rs = [r for r in rows if (r["size"], r["budget"], r["method"]) == (size, budget, method)]
+        cells = []
+        for c in cols:
+            vals = [r[prefix + c] for r in rs if _finite(r.get(prefix + c))]
+            cells.append(fmt.format(sum(vals) / len(vals)) if vals else "")
+        lines.append(f"| {budget} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -9,7 +9,8 @@
     select/selected.parquet   id, cluster, source; in selection order (cluster/group, rank)
     select/selected.jsonl     the selected rows in their ORIGINAL format (ingest's `raw`), same
                               order: ready for any SFT trainer
-    select/report.json        method, budget, per-cluster and per-source counts before/after
+    select/report.json        method, budget, per-cluster and per-source counts before/after;
+                              for s2l the quotas, the pooled (tiny) and the noise-capped clusters
 
 Each file contributes its own top candidates and the driver ranks their union, so the result is
 the one `selection.select` gives on all the data at once, whatever the files or workers.
@@ -17,6 +18,7 @@ the one `selection.select` gives on all the data at once, whatever the files or 
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,56 @@ from s2l_ray.io.parquet import map_files
 log = logging.getLogger(__name__)
 BATCH = 65536  # rows read at a time by a task
 NONE = "(none)"  # how a missing source is named in reports
+
+
+def source_order(by_source: dict[str, int]) -> list[str]:
+    """Source names as `selection.source_groups` orders them: no source (NONE) first, then
+    sorted; so group numbers, and the selection's order, match the in-memory `select`."""
+    return sorted(by_source, key=lambda v: (v != NONE, v))
+
+
+def s2l_stage_plan(cells: dict[tuple[int, str], int], sizes: np.ndarray,
+                   stats: dict[str, Any], names: list[str], budget: int, s: SelectConfig
+                   ) -> tuple[list[int], list[int], dict[str, Any]]:
+    """S2L's plan from the counts: (group of each cell, quotas, report entries).
+
+    Cells are clusters (global) or (cluster, source) pairs numbered cluster x S + source (with
+    clusters.json's per_source), as `selection.s2l_groups` numbers them.
+    """
+    from s2l_ray.core.selection import base_rate_caps, noisy_clusters, s2l_plan
+
+    k, n_src = len(sizes), len(names)
+    where = {v: i for i, v in enumerate(names)}
+    if stats.get("per_source"):
+        keys = sorted(c * n_src + where[src] for c, src in cells)
+        cell_rows = {c * n_src + where[src]: cnt for (c, src), cnt in cells.items()}
+        cell_sizes = np.array([cell_rows[x] for x in keys], np.int64)
+        cell_cluster = np.array(keys, np.int64) // n_src
+        cell_source: np.ndarray | None = np.array(keys, np.int64) % n_src
+        lut_size = k * n_src
+    else:
+        keys, cell_sizes, cell_cluster, cell_source = list(range(k)), sizes, np.arange(k), None
+        lut_size = k
+    extra: dict[str, Any] = {}
+    caps = None
+    if s.noise_cap:
+        if "first_loss" not in stats:
+            raise ValueError("select.noise_cap needs the cluster stage's clusters.json (per-"
+                             "cluster losses). Fix: rerun the cluster stage (run.overwrite=true)")
+        first = np.array([np.nan if v is None else v for v in stats["first_loss"]], float)
+        last = np.array([np.nan if v is None else v for v in stats["last_loss"]], float)
+        flagged = noisy_clusters(first, last, sizes, s.noise_drop_ratio)
+        caps = base_rate_caps(cell_sizes, flagged[cell_cluster], budget, int(sizes.sum()))
+        extra["noise_capped_clusters"] = np.flatnonzero(flagged).tolist()
+    group, quotas = s2l_plan(cell_sizes, budget, cell_source=cell_source,
+                             tiny=s.tiny_cluster_size, caps=caps)
+    lut = np.full(lut_size, -1, np.int64)
+    lut[np.asarray(keys, np.int64)] = group
+    pooled = group >= len(keys)
+    extra.update({"quotas": quotas[:len(keys)].tolist(), "per_source": bool(
+        stats.get("per_source")), "pooled_rows": int(cell_sizes[pooled].sum()),
+        "pool_quotas": quotas[len(keys):].tolist()})
+    return lut.tolist(), quotas.tolist(), extra
 
 
 def _batches(path: str, columns: list[str]) -> Any:
@@ -91,12 +143,15 @@ def candidates_file(path: str, spec: dict[str, Any]) -> Any:
                                 median=spec.get("median"), early_fraction=spec["early_fraction"])
         else:
             cluster = b.column("cluster").cast(pa.int32())
-            if method == "s2l":
-                group = cluster.to_numpy().astype(np.int64)
-            elif method == "stratified":
+            if method in ("stratified", "source_balanced") or spec.get("per_source"):
                 where = spec["source_index"]
                 group = np.fromiter((where[s if s is not None else NONE]
                                      for s in src.to_pylist()), np.int64, count=n)
+            if method == "s2l":  # cell = cluster, or (cluster, source) with per_source
+                cell = cluster.to_numpy().astype(np.int64)
+                if spec.get("per_source"):
+                    cell = cell * len(where) + group
+                group = np.asarray(spec["cell_group"], np.int64)[cell]
         t = pa.table({"id": pa.array(ids, pa.string()), "group": group, "score": score,
                       "hash": id_hashes(ids, spec["seed"]), "cluster": cluster,
                       "source": src.cast(pa.string())})
@@ -148,7 +203,7 @@ def _select_from(cluster_dir: str | Path, trajectories_dir: str | Path,
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from s2l_ray.core.selection import LOSS_METHODS, resolve_budget, s2l_quotas, stratified_quotas
+    from s2l_ray.core.selection import LOSS_METHODS, resolve_budget, source_quotas
     from s2l_ray.io.parquet import parquet_files
 
     out = Path(out_dir)
@@ -156,23 +211,29 @@ def _select_from(cluster_dir: str | Path, trajectories_dir: str | Path,
     label_files = parquet_files(Path(cluster_dir) / "assignments", "cluster")
     k = int(np.load(Path(cluster_dir) / "centroids.npy", mmap_mode="r").shape[0])
     sizes, by_source = np.zeros(k, np.int64), {}
+    cells: dict[tuple[int, str], int] = {}  # (cluster, source) -> rows
     for part in map_files(count_file, label_files):
         for c, src, cnt in part:
             sizes[c] += cnt
+            key = (c, src if src is not None else NONE)
+            cells[key] = cells.get(key, 0) + cnt
             by_source[src if src is not None else NONE] = by_source.get(
                 src if src is not None else NONE, 0) + cnt
     n = int(sizes.sum())
     b = resolve_budget(s.budget, n)
-    names = sorted(by_source)
+    names = source_order(by_source)
     spec: dict[str, Any] = {"method": s.method, "seed": seed, "quotas": [b],
-                            "early_fraction": s.early_fraction}
+                            "early_fraction": s.early_fraction,
+                            "source_index": {name: i for i, name in enumerate(names)}}
     extra: dict[str, Any] = {}
     if s.method == "s2l":
-        spec["quotas"] = s2l_quotas(sizes, b).tolist()
-        extra["quotas"] = spec["quotas"]
-    elif s.method == "stratified":
-        spec["source_index"] = {name: i for i, name in enumerate(names)}
-        spec["quotas"] = stratified_quotas([by_source[x] for x in names], b).tolist()
+        stats_file = Path(cluster_dir) / "clusters.json"
+        stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+        spec["per_source"] = bool(stats.get("per_source"))
+        spec["cell_group"], spec["quotas"], extra = s2l_stage_plan(cells, sizes, stats, names,
+                                                                   b, s)
+    elif s.method in ("stratified", "source_balanced"):
+        spec["quotas"] = source_quotas(s.method, [by_source[x] for x in names], b).tolist()
         extra["quotas"] = dict(zip(names, spec["quotas"]))
     files = label_files
     if s.method in LOSS_METHODS:

@@ -45,7 +45,7 @@ def materialize(cfg: S2LConfig, trial: Any, d: Path, dirs: dict[str, Path]) -> P
     subset = d / "subset.parquet"
     if subset.is_file():
         return subset
-    sel = replace(cfg.select, method=trial.method, budget=trial.budget)
+    sel = trial_select(cfg, trial.method, trial.budget)
     report = select_from(dirs["cluster"], dirs["trajectories"], dirs["examples"],
                          d / "selection", sel, trial.seed)
     write_json_atomic(d / "selection" / "report.json", report)
@@ -59,6 +59,15 @@ def materialize(cfg: S2LConfig, trial: Any, d: Path, dirs: dict[str, Path]) -> P
     pq.write_table(rows, d / "subset.tmp.parquet")
     os.replace(d / "subset.tmp.parquet", subset)
     return subset
+
+
+def trial_select(cfg: S2LConfig, method: str, budget: int | float) -> Any:
+    """The select section a trial runs: cfg.select with the trial's method and budget (a sweep
+    variant such as 's2l_cap' names the method and the options it forces)."""
+    from s2l_ray.config import SWEEP_VARIANTS
+
+    base, forced = SWEEP_VARIANTS.get(method, (method, {}))
+    return replace(cfg.select, method=base, budget=budget, **forced)
 
 
 def _evaluate_task(model_dir: str, eval_dir: str, ecfg: Any, trust: bool) -> Any:
