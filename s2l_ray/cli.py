@@ -197,4 +197,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         from s2l_ray.stages.report import make_report
 
         make_report(cfg.run.output_dir)
+        if args.command == "demo":
+            _print_result(Path(cfg.run.output_dir))
     return 0
+
+
+def _print_result(run_dir: Path) -> None:
+    """The demo's last words: its result table and the sentence that reads it (stdout)."""
+    summary = run_dir / "sweep" / "summary.md"
+    if summary.is_file():
+        head = summary.read_text().split("\n## All metrics", 1)[0]
+        sys.stdout.write("\n" + head.rstrip() + "\n\n"
+                         f"Plots and the full table: {run_dir / 'report' / 'index.md'}\n")

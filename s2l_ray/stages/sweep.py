@@ -105,7 +105,8 @@ def run_trial(config: dict[str, Any], cfg: S2LConfig, root: str) -> None:
     if not (model / "config.json").is_file():
         p = spec["plan"]
         plan = TrainPlan(**{**p, "checkpoint_steps": tuple(p["checkpoint_steps"])})
-        ckpts = fit(cfg, cfg.target, "target", Path(spec["subset"]), plan, d,
+        target = replace(cfg.target, model=spec.get("model_path", cfg.target.model))
+        ckpts = fit(cfg, target, "target", Path(spec["subset"]), plan, d,
                     spec["tokenizer"], seed=spec["seed"], callbacks=[TuneReportCallback()],
                     log_lines=4)
         shutil.rmtree(d / "model.tmp", ignore_errors=True)
@@ -167,6 +168,15 @@ def _tune(cfg: S2LConfig, work: Path, names: list[str]) -> None:
                            " trials are kept)")
 
 
+def prebuild_target(cfg: S2LConfig) -> str:
+    """The target's path for from_pretrained. An offline tiny target (a `tiny-pre:*` one takes
+    a short pre-training) is built here, once, with its progress in this log, rather than inside
+    the first trial; trials load this path (their processes need not see this one's cache)."""
+    from s2l_ray.models.specs import resolve_model
+
+    return resolve_model(cfg.target.model, cfg)
+
+
 def run_sweep(cfg: S2LConfig) -> Stage:
     """Run the grid (after the cluster stage, which runs first if needed); publish the table."""
     import pyarrow as pa
@@ -175,7 +185,14 @@ def run_sweep(cfg: S2LConfig) -> Stage:
     from s2l_ray.stages.cluster import run_cluster
     from s2l_ray.stages.evaluate import eval_source_of, prepare_eval_set
     from s2l_ray.stages.ingest import ingest_stage
-    from s2l_ray.stages.results import budget_label, markdown_summary, plan_trials, summarize
+    from s2l_ray.stages.results import (
+        budget_label,
+        headline,
+        markdown_summary,
+        plan_trials,
+        result_table,
+        summarize,
+    )
     from s2l_ray.stages.train_ref import plan_training
     from s2l_ray.stages.trajectories import trajectories_stage
 
@@ -189,6 +206,7 @@ def run_sweep(cfg: S2LConfig) -> Stage:
     trials = plan_trials(cfg.sweep.methods, cfg.sweep.budgets, cfg.sweep.seeds, n)
     plans = {t.name: plan_training(cfg.target, "target", t.size) for t in trials}  # fail early
     eval_source_of(cfg)
+    target_path = prebuild_target(cfg)
     work = stage.begin(keep_tmp=True)
     dirs = {"cluster": cluster.path, "trajectories": trajectories_stage(cfg).path,
             "examples": ingest.path / "examples"}
@@ -205,6 +223,7 @@ def run_sweep(cfg: S2LConfig) -> Stage:
         _write_json(d / "trial.json", {
             "trial": t.name, **t.as_dict(), "fraction": t.size / n, "subset": str(subset),
             "plan": plans[t.name].as_dict(), "tokenizer": rep["tokenizer"],
+            "model_path": target_path,
             "eval_dir": str(eval_dir)})
     _tune(cfg, work, [t.name for t in trials])
     rows = [json.loads((work / "trials" / t.name / "result.json").read_text()) for t in trials]
@@ -214,9 +233,11 @@ def run_sweep(cfg: S2LConfig) -> Stage:
     pq.write_table(table, work / "results.parquet")
     table.to_pandas().to_csv(work / "results.csv", index=False)
     summary = summarize(rows)
-    (work / "summary.md").write_text(markdown_summary(
-        summary, title=f"S2L sweep: target {cfg.target.model}, {n} examples"))
+    (work / "summary.md").write_text(
+        result_table(rows, title=f"Result: target {cfg.target.model}, {n} examples") + "\n"
+        + markdown_summary(summary, title="All metrics"))
     stage.publish({"trials": len(trials), "examples": n, "summary": summary,
+                   "headline": headline(rows),
                    "eval": json.loads((eval_dir / "report.json").read_text())})
     log.info("sweep: results in %s\n%s", stage.path / "results.csv",
              (stage.path / "summary.md").read_text())

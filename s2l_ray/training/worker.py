@@ -42,6 +42,23 @@ def deepspeed_config(zero_stage: int, batch_size: int, grad_accum: int, world: i
     }
 
 
+def skip_cpu_comm_ops() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU communication ops (shm, oneCCL) on CPU workers.
+
+    DeepSpeed's torch backend builds the `deepspeed_shm_comm` C++ op the first time a CPU process
+    initialises it: minutes of a silent compiler run on a laptop, for an all-reduce that gloo
+    does as well at tiny-model sizes. Marking the ops incompatible in DeepSpeed's own
+    compatibility table (`deepspeed.ops.__compatible_ops__`, kept once probed, which its comm
+    backend consults before building) makes it fall back to torch.distributed (gloo).
+    """
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__
+    for name in ("deepspeed_shm_comm", "deepspeed_ccl_comm"):
+        if compatible.get(name):
+            compatible[name] = False
+
+
 def resolve_precision(precision: str, on_gpu: bool) -> str:
     if precision != "auto":
         return precision
@@ -104,6 +121,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
     precision = resolve_precision(config["precision"], on_gpu)
     torch.manual_seed(config["seed"])
+    if not on_gpu:
+        skip_cpu_comm_ops()
 
     model = AutoModelForCausalLM.from_pretrained(
         config["model_path"], trust_remote_code=config["trust_remote_code"],
