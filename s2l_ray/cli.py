@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "tokenizer that loads with from_pretrained")
     p.add_argument("out_dir")
     p.add_argument("--preset", default="micro")
+    p.add_argument("--pretrained", action="store_true",
+                   help="pre-train it briefly on number facts (what 'tiny-pre:<preset>' is)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="INFO")
     return parser
@@ -172,12 +174,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         log.info("wrote %s", ", ".join(f"{k}: {v}" for k, v in paths.items()))
         return 0
     if args.command == "make-tiny-model":
-        from s2l_ray.models.tiny import PRESETS, build_tiny_model
+        from s2l_ray.models.tiny import PRESETS, build_pretrained_model, build_tiny_model
 
         if args.preset not in PRESETS:
             raise ConfigError(f"--preset '{args.preset}' is unknown. Fix: use one of "
                               f"{', '.join(PRESETS)}")
-        log.info("saved %s", build_tiny_model(args.out_dir, preset=args.preset, seed=args.seed))
+        build = build_pretrained_model if args.pretrained else build_tiny_model
+        log.info("saved %s", build(args.out_dir, preset=args.preset, seed=args.seed))
         return 0
     if args.command == "report":
         from s2l_ray.stages.report import make_report

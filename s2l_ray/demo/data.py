@@ -126,7 +126,36 @@ def _half(rng: random.Random, s: int) -> Problem:
     return f"What is half of {n}?", n // 2
 
 
+def _last_digit(rng: random.Random, s: int) -> Problem:
+    n = rng.randint(10, 9999 * s)
+    return f"What is the last digit of {n}?", n % 10
+
+
+def _first_digit(rng: random.Random, s: int) -> Problem:
+    n = rng.randint(10, 9999 * s)
+    return f"What is the first digit of {n}?", int(str(n)[0])
+
+
+def _reverse(rng: random.Random, s: int) -> Problem:
+    n = rng.randint(100, 999 * s)
+    while n % 10 == 0:
+        n = rng.randint(100, 999 * s)
+    return f"Reverse the digits of {n}.", int(str(n)[::-1])
+
+
+def _add_1digit(rng: random.Random, s: int) -> Problem:
+    a, b = rng.randint(0, 9 * s), rng.randint(0, 9 * s)
+    return f"What is {a} plus {b}?", a + b
+
+
+def _min3(rng: random.Random, s: int) -> Problem:
+    a, b, c = rng.sample(range(10, 100 * s), 3)
+    return f"What is the smallest of {a}, {b} and {c}?", min(a, b, c)
+
+
 _GENERATORS: dict[str, Callable[[random.Random, int], Problem]] = {
+    "last_digit": _last_digit, "first_digit": _first_digit, "reverse": _reverse,
+    "add_1digit": _add_1digit, "min3": _min3,
     "add_small": _add_small, "compare": _compare, "count_on": _count_on,
     "add_2digit": _add_2digit, "subtract": _subtract, "double": _double,
     "digit_sum": _digit_sum, "half": _half,
