@@ -180,7 +180,17 @@ def solve(kind: str, instruction: str) -> int:
         return nums[0] // 2
     if kind == "digit_sum":
         return sum(int(c) for c in str(nums[0]))
-    raise ValueError(f"unknown kind {kind!r}; one of {KINDS}")
+    if kind == "last_digit":
+        return nums[0] % 10
+    if kind == "first_digit":
+        return int(str(nums[0])[0])
+    if kind == "reverse":
+        return int(str(nums[0])[::-1])
+    if kind == "add_1digit":
+        return nums[0] + nums[1]
+    if kind == "min3":
+        return min(nums)
+    raise ValueError(f"unknown kind {kind!r}; one of {sorted(_GENERATORS)}")
 
 
 def render(answer: int) -> str:
