@@ -100,6 +100,52 @@ def _save_hf(engine: Any, out: Path, tokenizer_path: str, zero_stage: int, rank:
         AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(str(out))
 
 
+CACHE_MAX_ROWS = 100_000  # a shard this small is kept in the worker's memory after one pass
+FETCH_BATCHES = 32  # micro-batches fetched from Ray Data per call
+
+
+class ShardCache:
+    """Micro-batches of this worker's shard, epoch after epoch.
+
+    The first pass streams the shard from Ray Data, fetching FETCH_BATCHES micro-batches per
+    call (each call has a fixed cost that dwarfs a tiny model's step). A shard of at most
+    CACHE_MAX_ROWS rows is kept in memory after that pass, and later epochs shuffle it locally
+    with their own seed instead of re-running the Ray Data pipeline (seconds per epoch). Every
+    worker takes the same branch (a shard's size decides, and ranks' shards differ by at most
+    one row), so the workers of a streaming split stay in step.
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[str, Any] | None = None
+
+    def epoch(self, shard: Any, b: int, shuffle_buffer: int, seed: int) -> Any:
+        import numpy as np
+
+        if self.rows is not None:
+            n = len(self.rows["n_prompt_tokens"])
+            order = np.random.default_rng(seed).permutation(n)
+            for s in range(0, n, b):
+                yield {k: v[order[s:s + b]] for k, v in self.rows.items()}
+            return
+        kept: list[dict[str, Any]] = []
+        n_rows = 0
+        for big in shard.iter_batches(batch_size=b * FETCH_BATCHES, batch_format="numpy",
+                                      local_shuffle_buffer_size=max(shuffle_buffer,
+                                                                    b * FETCH_BATCHES),
+                                      local_shuffle_seed=seed):
+            n = len(big["n_prompt_tokens"])
+            n_rows += n
+            if n_rows <= CACHE_MAX_ROWS:
+                kept.append(big)
+            for s in range(0, n, b):
+                yield {k: v[s:s + b] for k, v in big.items()}
+        if n_rows <= CACHE_MAX_ROWS and kept:
+            try:
+                self.rows = {k: np.concatenate([c[k] for c in kept]) for k in kept[0]}
+            except ValueError:  # chunks of unequal shape (not ragged objects): keep streaming
+                self.rows = None
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
@@ -152,11 +198,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of micro losses, count) since report
     tokens, t0 = 0, time.time()
     log_every = max(1, total // config["log_lines"])
+    cache = ShardCache()
     for epoch in range(plan.epoch_of(step + 1) if step < total else plan.epochs, plan.epochs):
         done_in_epoch = (step - epoch * plan.steps_per_epoch) * g  # > 0 only when resuming
-        batches = shard.iter_batches(batch_size=b, batch_format="numpy",
-                                     local_shuffle_buffer_size=config["shuffle_buffer"],
-                                     local_shuffle_seed=config["seed"] * 1009 + epoch)
+        batches = cache.epoch(shard, b, config["shuffle_buffer"], config["seed"] * 1009 + epoch)
         for i, batch in enumerate(batches):
             # Read the whole shard every epoch (Ray's split expects it), train on `todo` only.
             if i < done_in_epoch or i >= todo or step >= total:
