@@ -81,7 +81,9 @@ def main() -> int:
         if proc.returncode:
             sys.stdout.write(proc.stdout)
             return proc.returncode
-    table = proc.stdout.strip().split("\nPlots and the full table")[0].strip()
+    # Ray echoes its workers' lines to stdout too: the demo's own last words start at its table.
+    out = proc.stdout
+    table = out[out.rfind("## Result"):].split("\nPlots and the full table")[0].strip()
     parts = "\n".join(f"| {label} | {sec} |" for label, sec in stage_times(proc.stderr))
     text = f"""# `s2l demo` on a CPU laptop, cold start
 

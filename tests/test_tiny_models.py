@@ -64,7 +64,7 @@ def test_tokenizer_is_deterministic(tmp_path: Path, nano_dir: str) -> None:
     build_tokenizer(tmp_path / "again", vocab_size=512, seed=0)
     again = (tmp_path / "again" / "tokenizer.json").read_bytes()
     assert again == (Path(nano_dir) / "tokenizer.json").read_bytes()
-    build_tokenizer(tmp_path / "other", vocab_size=400, seed=0)
+    build_tokenizer(tmp_path / "other", vocab_size=300, seed=0)  # the corpus yields ~370
     assert (tmp_path / "other" / "tokenizer.json").read_bytes() != again
 
 

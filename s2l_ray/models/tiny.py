@@ -7,14 +7,14 @@ a byte-level BPE tokenizer trained on the demo data. Random weights are enough f
 only needs the small model's loss trajectories to differ between kinds of example, which they do
 as soon as the model trains for a few steps.
 
-Parameter counts with the default tokenizer (512 tokens; embed_in and embed_out are separate,
-as in Pythia):
+Parameter counts with the default tokenizer (at most 512 tokens; the demo's small corpus yields
+370, padded to 376; embed_in and embed_out are separate, as in Pythia):
 
     preset  hidden/layers/heads  total      non-embedding
-    nano    32/2/2                  58,240         25,472
-    micro   64/2/4                 165,632        100,096
-    small   128/4/4                924,416        793,344
-    base    256/6/8              5,001,216      4,739,072
+    nano    32/2/2                  49,536         25,472
+    micro   64/2/4                 148,224        100,096
+    small   128/4/4                889,600        793,344
+    base    256/6/8              4,931,584      4,739,072
 
 (For scale: pythia-70m is 70M total, 19M non-embedding; "base" is about 1/14 of it.)
 
