@@ -9,6 +9,7 @@ from pathlib import Path
 
 from s2l_ray import __version__
 from s2l_ray.config import ConfigError, S2LConfig, dump_config, load_config, reference_table
+from s2l_ray.errors import S2LError
 
 log = logging.getLogger("s2l_ray.cli")
 PACKAGED = Path(__file__).parent / "configs"
@@ -25,12 +26,11 @@ that subset. Every stage runs on Ray (a local one, or your cluster) and writes i
 
 
 def _epilog() -> str:
-    from s2l_ray.stages.registry import PIPELINE, available
+    from s2l_ray.stages.registry import STAGES
 
     lines = ["the pipeline, in order:"]
-    for s in PIPELINE:
-        mark = "" if available(s) else "  (not in this version yet)"
-        lines.append(f"  {s.name:<13} {s.summary}{mark}\n  {'':<13} -> {s.output}")
+    for s in STAGES:
+        lines.append(f"  {s.name:<13} {s.summary}\n  {'':<13} -> {s.output}")
     lines += [
         "",
         "configuration: a YAML file (see s2l_ray/configs/) plus key=value overrides; unknown keys",
@@ -64,15 +64,14 @@ def config_path(name: str) -> Path:
                       f"YAML path, or one of: {names}")
 
 
-# The section a stage's bare `key=value` overrides belong to: `s2l select CFG budget=0.2`.
-STAGE_SECTION = {"ingest": "data", "train-ref": "reference", "trajectories": "trajectories",
-                 "cluster": "cluster", "select": "select", "sweep": "sweep"}
-
-
 def _scoped(command: str, overrides: list[str]) -> list[str]:
-    section = STAGE_SECTION.get(command)
-    if section is None:
+    """A stage command's bare `key=value` overrides belong to its own section (StageSpec.bare):
+    `s2l select CFG budget=0.2` is select.budget=0.2."""
+    from s2l_ray.stages.registry import BY_NAME
+
+    if command not in BY_NAME:
         return list(overrides)
+    section = BY_NAME[command].bare
     return [o if "." in o.partition("=")[0] else f"{section}.{o}" for o in overrides]
 
 
@@ -91,7 +90,7 @@ def _add_config_args(p: argparse.ArgumentParser, *, config: bool = True) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from s2l_ray.stages.registry import PIPELINE
+    from s2l_ray.stages.registry import STAGES
 
     parser = argparse.ArgumentParser(
         prog="s2l", description=DESCRIPTION, epilog=_epilog(),
@@ -105,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, config=False)
     p = sub.add_parser("run", help="run every stage of a pipeline config, skipping done ones")
     _add_config_args(p)
-    for s in PIPELINE:
+    for s in STAGES:
         p = sub.add_parser(s.name, help=s.summary, description=f"{s.summary}. Output: {s.output}")
         _add_config_args(p)
     p = sub.add_parser("report", help="plot a run: accuracy vs budget, clusters, trajectories, "
@@ -147,12 +146,18 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         return _dispatch(args)
-    except ConfigError as e:
-        log.error("%s", e)
+    except S2LError as e:  # user-caused: one message that says what to do, no traceback
+        log.error("%s", user_message(e))
         return 2
     except KeyboardInterrupt:
         log.error("interrupted; rerun the same command to resume from the last finished stage")
         return 130
+
+
+def user_message(e: S2LError) -> str:
+    """The error's own message, also when Ray wrapped it (raised in a task or an actor)."""
+    cause = getattr(e, "cause", None)
+    return str(cause if isinstance(cause, S2LError) else e)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -109,6 +109,27 @@ def quiet_ray_data() -> None:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+def check_cpu_headroom(count: int, cpus_each: float, cpus_key: str, count_key: str,
+                       what: str, leave: float = 1.0) -> float:
+    """`count` workers or actors of `cpus_each` CPUs must leave `leave` of the Ray cluster's
+    CPUs free (Ray Data reads and shuffles with them), or they would wait forever for CPUs
+    that never free up. Returns the cluster's CPU count; raises a ConfigError naming the keys."""
+    import ray
+
+    from s2l_ray.config import ConfigError
+
+    total = ray.cluster_resources().get("CPU", 0)
+    need = count * cpus_each
+    if total - need < leave - 1e-9:
+        short = (f"leave less than {leave:g} of the cluster's {total:g} CPUs for reading the "
+                 "data" if leave else f"exceed the cluster's {total:g} CPUs")
+        raise ConfigError(
+            f"config key '{cpus_key}': {count} {what} x {cpus_each:g} CPU {short}, and the "
+            f"stage would wait forever", fix=f"lower {cpus_key} (e.g. 0.5) or {count_key}, "
+            "or add CPUs")
+    return total
+
+
 def cluster_has_gpus() -> bool:
     import ray
 

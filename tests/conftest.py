@@ -1,8 +1,11 @@
-"""Shared fixtures: one local Ray per test session, offline tiny models, config builders."""
+"""Shared fixtures: one local Ray per test session, offline tiny models, the one config builder
+(`overrides`), and one small upstream run (ingest + train-ref + trajectories) published once per
+session (`upstream`) that tests copy (`copy_upstream`) and run the later stages on."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -67,6 +70,53 @@ def tiny_tokenizer(tiny_ref: str):
 
 
 def make_cfg(tmp_path: Path, model: str, *overrides: str) -> S2LConfig:
-    """A config writing under tmp_path, using a prebuilt tiny model for every model key."""
+    """A config writing under tmp_path/out, using a prebuilt tiny model for every model key
+    (and the defaults for everything else)."""
     return load_config(None, [f"run.output_dir={tmp_path / 'out'}", f"reference.model={model}",
                               f"target.model={model}", *overrides])
+
+
+# The small run: the demo data at 300 examples, 1 reference worker, 3 checkpoints, 4 clusters,
+# a target fine-tune of a few steps. Sized for a 2-CPU machine (Ray Data keeps 1 CPU).
+SMALL_RUN = (
+    "demo.n_train=300", "demo.n_test_per_source=3", "data.template=plain", "data.max_length=128",
+    "reference.num_workers=1", "reference.cpus_per_worker=0.5", "reference.batch_size=8",
+    "reference.grad_accum=1", "reference.epochs=1", "reference.lr=3e-3",
+    "reference.zero_stage=1", "reference.num_checkpoints=3", "trajectories.cpus_per_actor=0.5",
+    "cluster.k=4", "cluster.num_workers=1", "target.num_workers=1",
+    "target.cpus_per_worker=0.5", "target.batch_size=8", "target.grad_accum=1",
+    "target.epochs=1", "target.lr=3e-3", "target.zero_stage=1", "target.num_checkpoints=1",
+    "eval.max_new_tokens=12", "eval.cpus=1")
+
+
+def overrides(out: Path, model: str, *extra: str) -> list[str]:
+    """The one override builder: run.output_dir, every model key on `model` (a prebuilt tiny
+    model), the small run's sizes, then `extra` (later keys win)."""
+    return [f"run.output_dir={out}", f"reference.model={model}", f"target.model={model}",
+            *SMALL_RUN, *extra]
+
+
+def small_cfg(out: Path, model: str, *extra: str) -> S2LConfig:
+    return load_config(None, overrides(out, model, *extra))
+
+
+UPSTREAM = ("ingest", "train_ref", "trajectories")  # the folders `upstream` publishes
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory: pytest.TempPathFactory, ray_local, tiny_ref: str) -> Path:
+    """The small run's ingest + train-ref + trajectories, published once per test session.
+    Read-only: copy it (`copy_upstream`) before running anything on it."""
+    from s2l_ray.stages.registry import run_stage
+
+    out = tmp_path_factory.mktemp("upstream") / "out"
+    run_stage(small_cfg(out, tiny_ref), "trajectories")
+    return out
+
+
+def copy_upstream(upstream: Path, out: Path) -> Path:
+    """A private copy of the published upstream stages in `out` (a new run.output_dir): a
+    config with the small run's data, reference and trajectories sections finds them done."""
+    for name in UPSTREAM:
+        shutil.copytree(upstream / name, out / name)
+    return out

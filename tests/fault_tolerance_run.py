@@ -1,5 +1,5 @@
-"""Run by tests/test_fault_tolerance.py in a process of its own, because it needs a multi-node Ray
-(`ray.cluster_utils.Cluster`) and the test session already holds `ray_local`.
+"""Run by tests/e2e/test_fault_tolerance.py in a process of its own, because it needs a multi-node
+Ray (`ray.cluster_utils.Cluster`) and the test session already holds `ray_local`.
 
     python tests/fault_tolerance_run.py CONFIG.yaml RESULT.json
 
@@ -94,7 +94,7 @@ def main(cfg_path: str, result_path: str) -> int:
 
     from s2l_ray.config import load_config
     from s2l_ray.runtime import quiet_ray_data, setup_logging
-    from s2l_ray.stages.trajectories import run_trajectories
+    from s2l_ray.stages.registry import run_stage
 
     setup_logging()
     cfg = load_config(cfg_path, [])
@@ -112,7 +112,7 @@ def main(cfg_path: str, result_path: str) -> int:
                                   daemon=True)
         killer.start()
         try:
-            stage = run_trajectories(cfg)
+            stage = run_stage(cfg, "trajectories")
             info["report"] = stage.report()
         except Exception:
             info["error"] = traceback.format_exc()

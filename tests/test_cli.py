@@ -8,13 +8,13 @@ import sys
 import pytest
 
 from s2l_ray.cli import _scoped, main
-from s2l_ray.stages.registry import PIPELINE
+from s2l_ray.stages.registry import STAGES
 
 
 def test_help_lists_every_stage() -> None:
     out = subprocess.run([sys.executable, "-m", "s2l_ray", "--help"], capture_output=True,
                          text=True, check=True).stdout
-    for s in PIPELINE:
+    for s in STAGES:
         assert s.name in out
     assert "s2l demo" in out and "ray job submit" in out
 

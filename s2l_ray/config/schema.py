@@ -7,25 +7,20 @@ and wrong types fail before any work starts, with a message that names the key a
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import difflib
-import functools
 import hashlib
-import inspect
-import itertools
 import json
 import os
-import re
-import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
+from s2l_ray.core.methods import SELECTION_METHODS, Method, budget_problem
+from s2l_ray.errors import S2LError
 
-class ConfigError(ValueError):
-    """A configuration problem, found before any work starts. The message names key and fix."""
+
+class ConfigError(S2LError, ValueError):
+    """A configuration problem. The message names the key and the fix."""
 
 
 def _fail(key: str, problem: str, fix: str) -> typing.NoReturn:
@@ -313,16 +308,13 @@ class ClusterConfig:
                   "use a positive number of CPUs, or null")
 
 
-SELECTION_METHODS = ("s2l", "random", "stratified", "least_confidence", "middle_perplexity",
-                     "high_learnability", "el2n")
 
 
 @dataclass
 class SelectConfig:
     """Spending the budget."""
 
-    method: Literal["s2l", "random", "stratified", "least_confidence", "middle_perplexity",
-                    "high_learnability", "el2n"] = "s2l"
+    method: Method = "s2l"
     """Selection method: S2L, or a baseline to compare with."""
     budget: int | float = 0.1
     """Examples to select: an integer count, or a float fraction in (0, 1] of the valid data."""
@@ -338,13 +330,9 @@ class SelectConfig:
 
 
 def check_budget(budget: int | float, key: str) -> None:
-    if isinstance(budget, bool):
-        _fail(key, f"is {budget}", "give a count (e.g. 5000) or a fraction (e.g. 0.1)")
-    if isinstance(budget, float) and not 0 < budget <= 1:
-        _fail(key, f"fraction {budget} is outside (0, 1]",
-              "use a fraction in (0, 1] such as 0.1, or an integer count")
-    if isinstance(budget, int) and budget < 1:
-        _fail(key, f"count {budget} is below 1", "use a positive count or a fraction")
+    bad = budget_problem(budget)
+    if bad:
+        _fail(key, *bad)
 
 
 @dataclass
@@ -459,190 +447,3 @@ class S2LConfig:
         blob = json.dumps({s: dataclasses.asdict(getattr(self, s)) for s in sections},
                           sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------------------------
-# strict loading
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " / ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; ints widen to floats, nothing else converts."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-    elif origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        # int before float, so that 5000 stays a count in `int | float`
-        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is float):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-    elif origin is list:
-        if isinstance(value, list):
-            (item,) = typing.get_args(tp)
-            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
-            return float(value)  # PyYAML (YAML 1.1) reads '3e-3' as text; it means 0.003
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:  # pragma: no cover - a field type this loader does not know is a programming error
-        raise TypeError(f"unsupported config type {tp!r} at {key}")
-    _fail(key, f"expects {_type_name(tp)}, got {value!r} ({type(value).__name__})",
-          f"set it to a {_type_name(tp)}")
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        _fail(prefix or "<root>", f"expects a mapping of keys, got {type(data).__name__}",
-              "write it as `key: value` lines")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            close = difflib.get_close_matches(str(k), names, n=1)
-            hint = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else (
-                f"valid keys here: {', '.join(names)}")
-            _fail(key, "is not a known key", hint + " (see `s2l config --reference`)")
-        kwargs[k] = _coerce(v, hints[k], key)
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # pragma: no cover - all fields have defaults
-        raise ConfigError(f"{prefix}: {e}") from e
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'reference.lr=1e-4' -> (['reference', 'lr'], 0.0001); values are YAML scalars/lists."""
-    import yaml
-
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' is not key=value. Fix: write e.g. select.budget=0.2")
-    key, _, raw = text.partition("=")
-    key = key.strip()
-    if not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"override '{text}' has an empty key. Fix: write section.key=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config key '{key}': value {raw!r} is not valid YAML ({e})") from e
-    return key.split("."), value
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                base: dict[str, Any] | None = None) -> S2LConfig:
-    """Load a YAML config (or the defaults), apply `key=value` overrides, check everything."""
-    import yaml
-
-    data: dict[str, Any] = dict(base or {})
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist. Fix: pass a YAML path, "
-                              "or run `s2l config` to print the defaults")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from e
-        data = _deep_merge(data, loaded or {})
-    for text in overrides:
-        parts, value = parse_override(text)
-        node = data
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {} if child is None else child
-                node[part] = child
-            node = child
-        if not isinstance(node, dict):
-            raise ConfigError(f"config key '{'.'.join(parts)}': '{parts[0]}' is not a section. "
-                              "Fix: override a leaf key like select.budget=0.2")
-        node[parts[-1]] = value
-    return _build(S2LConfig, data, "")
-
-
-def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    if not isinstance(b, dict):
-        raise ConfigError("config root must be a mapping of sections. Fix: start with `run:`, "
-                          "`data:`, ... (see `s2l config`)")
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k),
-                                                                                dict) else v
-    return out
-
-
-def dump_config(cfg: S2LConfig, path: str | Path | None = None) -> str:
-    """The resolved config as YAML (written next to the outputs as the run's snapshot)."""
-    import yaml
-
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    if path is not None:
-        Path(path).write_text(text, encoding="utf-8")
-    return text
-
-
-@functools.cache
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each dataclass field, read from the source."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, nxt in itertools.pairwise(body):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def reference_table() -> str:
-    """Markdown table of every key, its type, default and docstring."""
-    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-    root = S2LConfig()
-    hints_root = typing.get_type_hints(S2LConfig)
-    for section in dataclasses.fields(S2LConfig):
-        cls = hints_root[section.name]
-        hints = typing.get_type_hints(cls)
-        docs = field_docs(cls)
-        for f in dataclasses.fields(cls):
-            default = getattr(getattr(root, section.name), f.name)
-            if isinstance(f.default, str) and default == os.path.abspath(f.default):
-                default = f.default  # as declared, not as resolved on this machine
-            lines.append(f"| `{section.name}.{f.name}` | {_type_name(hints[f.name])} | "
-                         f"`{json.dumps(default)}` | {docs.get(f.name, '')} |")
-    return "\n".join(lines)

@@ -27,7 +27,6 @@ CPU family or another faiss build may round differently.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import itertools
 import logging
@@ -35,11 +34,12 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from s2l_ray.config import ConfigError
+from s2l_ray.core.hashing import hash_ids
+from s2l_ray.errors import ParamError
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ def features(losses: np.ndarray, normalize: Literal["none", "standardize"] = "no
     if normalize == "none":
         return x
     if normalize != "standardize":
-        raise ConfigError(f"config key 'cluster.normalize': unknown '{normalize}'. Fix: use "
-                          "'none' or 'standardize'")
+        raise ParamError("normalize", f"unknown '{normalize}'", "use 'none' or 'standardize'")
     out = np.empty_like(x)
     t = x.shape[1]
     for i in range(0, len(x), SEARCH_ROWS):  # row blocks bound the float64 temporaries
@@ -209,14 +208,6 @@ def _faiss_clustering() -> Any:
     return clustering
 
 
-def hash_ids(ids: Sequence[str], seed: int, salt: str) -> np.ndarray:
-    """64-bit keyed BLAKE2b of every id: (n,) uint64, the same on any machine and Python."""
-    key = f"{seed}:{salt}".encode()
-    b2 = hashlib.blake2b
-    return np.frombuffer(b"".join(b2(str(i).encode(), digest_size=8, key=key).digest()
-                                  for i in ids), dtype="<u8").astype(np.uint64)
-
-
 def smallest_by_hash(hashes: np.ndarray, ids: Sequence[str], m: int) -> np.ndarray:
     """Indices of the m rows with the smallest (hash, id), in that order.
 
@@ -274,8 +265,7 @@ def init_centroids(sample: np.ndarray, k: int, seed: int,
     if method == "random":
         rng = np.random.default_rng(seed)
         return np.asarray(sample, np.float64)[np.sort(rng.choice(len(sample), k, replace=False))]
-    raise ConfigError(f"config key 'cluster.init': unknown '{method}'. Fix: use 'kmeans++' or "
-                      "'random'")
+    raise ParamError("init", f"unknown '{method}'", "use 'kmeans++' or 'random'")
 
 
 def update_centroids(sums: np.ndarray, counts: np.ndarray, rs: np.random.RandomState,
@@ -354,24 +344,60 @@ def lloyd(assign: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, float]],
     return c, history, converged
 
 
-def fit_shards(call: Callable[..., list[Any]], k: int, *, seed: int, max_iter: int = 20,
+class Shards(Protocol):
+    """The shards `fit_shards` runs on, each answering for its own rows (faiss's
+    `contrib.clustering.DatasetAssign` plays this part there). Every method runs on every shard
+    and returns the answers in shard order. Two backends: `LocalShards` (in-process `Shard`s)
+    and `ActorShards` in s2l_ray.stages.cluster (Ray actors, each holding one `Shard`)."""
+
+    def info(self) -> list[dict[str, Any]]:
+        """Per shard: {"n": rows, "dim": T, "max_abs": largest |value|}."""
+        ...
+
+    def sample(self, seed: int, m: int) -> list[tuple[np.ndarray, list[str], np.ndarray]]:
+        """Per shard: its m smallest (hash(seed, id), id) rows: (hashes, ids, rows (<=m, T))."""
+        ...
+
+    def step(self, centroids: np.ndarray, grid: ExactGrid | None
+             ) -> list[tuple[np.ndarray, np.ndarray, float]]:
+        """Per shard: (sums (K, T), counts (K,), inertia) of its rows under `centroids`."""
+        ...
+
+
+class LocalShards:
+    """`Shards` held in this process (tests, `fit`, small data)."""
+
+    def __init__(self, shards: Sequence[Shard]) -> None:
+        self.shards = list(shards)
+
+    def info(self) -> list[dict[str, Any]]:
+        return [s.info() for s in self.shards]
+
+    def sample(self, seed: int, m: int) -> list[tuple[np.ndarray, list[str], np.ndarray]]:
+        return [s.sample(seed, m) for s in self.shards]
+
+    def step(self, centroids: np.ndarray, grid: ExactGrid | None
+             ) -> list[tuple[np.ndarray, np.ndarray, float]]:
+        return [s.step(centroids, grid) for s in self.shards]
+
+
+def fit_shards(shards: Shards, k: int, *, seed: int, max_iter: int = 20,
                tol: float = 1e-4, init: Literal["kmeans++", "random"] = "kmeans++",
                sample_per_centroid: int = 64,
                on_iter: Callable[[dict[str, Any]], None] | None = None) -> KMeansResult:
-    """k-means over shards. `call(method, *args)` runs `Shard.<method>(*args)` on every shard
-    and returns the results in shard order (a loop in-process, or Ray actors)."""
+    """k-means over `shards`: only centroids go out and per-cluster sums come back."""
     t0 = time.perf_counter()
-    infos = call("info")
+    infos = shards.info()
     n = sum(i["n"] for i in infos)
     dims = {i["dim"] for i in infos if i["n"]}
     if len(dims) > 1:
         raise ValueError(f"trajectories of different lengths across shards: {sorted(dims)}")
     if k > n:
-        raise ConfigError(f"config key 'cluster.k': {k} clusters for {n} examples. Fix: use at "
-                          f"most {n} clusters (about 100 for ~100k examples)")
+        raise ParamError("k", f"{k} clusters for {n} examples",
+                         f"use at most {n} clusters (about 100 for ~100k examples)")
     dim = dims.pop()
     m = min(n, k * sample_per_centroid)
-    parts = call("sample", seed, m)
+    parts = shards.sample(seed, m)
     hashes = np.concatenate([p[0] for p in parts])
     ids = [i for p in parts for i in p[1]]
     rows = np.concatenate([p[2] for p in parts])
@@ -383,7 +409,7 @@ def fit_shards(call: Callable[..., list[Any]], k: int, *, seed: int, max_iter: i
              n, dim, k, init, m, init_s, len(infos))
 
     def assign(c: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-        got = call("step", c, grid)
+        got = shards.step(c, grid)
         return (sum(g[0] for g in got), sum(g[1] for g in got),  # exact: on the grid
                 sum(g[2] for g in got))
 
@@ -468,12 +494,8 @@ def fit(ids: Sequence[str], losses: np.ndarray, k: int, *, seed: int, max_iter: 
     if len(ids) != len(x):
         raise ValueError(f"{len(ids)} ids for {len(x)} trajectories")
     bounds = np.linspace(0, len(x), n_shards + 1).astype(int)
-    shards = [Shard(list(ids[a:b]), x[a:b]) for a, b in itertools.pairwise(bounds)]
-
-    def call(method: str, *args: Any) -> list[Any]:
-        return [getattr(s, method)(*args) for s in shards]
-
-    res = fit_shards(call, k, seed=seed, max_iter=max_iter, tol=tol, init=init,
+    shards = LocalShards([Shard(list(ids[a:b]), x[a:b]) for a, b in itertools.pairwise(bounds)])
+    res = fit_shards(shards, k, seed=seed, max_iter=max_iter, tol=tol, init=init,
                      sample_per_centroid=sample_per_centroid)
     dist, label = nearest(x, res.centroids)
     return KMeansFit(res, label, dist)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from s2l_ray.config import ConfigError
+from s2l_ray.errors import ParamError
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def even_checkpoints(total_steps: int, count: int) -> tuple[int, ...]:
 
 def make_plan(n_examples: int, world_size: int, batch_size: int, grad_accum: int, epochs: int,
               max_steps: int | None, num_checkpoints: int,
-              checkpoint_steps: list[int] | None, key: str = "reference",
+              checkpoint_steps: list[int] | None,
               train_steps: int | None = None) -> TrainPlan:
     """Check the training shape against the data and place the checkpoints, before any work.
 
@@ -52,11 +52,10 @@ def make_plan(n_examples: int, world_size: int, batch_size: int, grad_accum: int
     """
     per_worker = n_examples // world_size
     if per_worker < batch_size * grad_accum:
-        raise ConfigError(
-            f"config key '{key}.batch_size': {n_examples} examples over {world_size} workers "
-            f"give {per_worker} per worker, fewer than one step of batch_size x grad_accum = "
-            f"{batch_size * grad_accum}. Fix: lower {key}.batch_size, {key}.grad_accum or "
-            f"{key}.num_workers")
+        raise ParamError(
+            "batch_size", f"{n_examples} examples over {world_size} workers give {per_worker} "
+            f"per worker, fewer than one step of batch_size x grad_accum = "
+            f"{batch_size * grad_accum}", "lower `batch_size`, `grad_accum` or `num_workers`")
     micro = math.ceil(per_worker / batch_size)
     steps_per_epoch = micro // grad_accum
     if train_steps is not None:
@@ -67,16 +66,15 @@ def make_plan(n_examples: int, world_size: int, batch_size: int, grad_accum: int
         total = min(total, max_steps)
     if checkpoint_steps:
         if checkpoint_steps[-1] > total:
-            raise ConfigError(
-                f"config key '{key}.checkpoint_steps': step {checkpoint_steps[-1]} is beyond the "
-                f"last step {total}. Fix: list steps up to {total}")
+            raise ParamError("checkpoint_steps", f"step {checkpoint_steps[-1]} is beyond the "
+                             f"last step {total}", f"list steps up to {total}")
         steps = tuple(checkpoint_steps)
     else:
         if num_checkpoints > total:
-            raise ConfigError(
-                f"config key '{key}.num_checkpoints': {num_checkpoints} checkpoints need at "
-                f"least as many optimizer steps, but training has only {total}. Fix: set "
-                f"{key}.num_checkpoints<={total}, or train longer ({key}.epochs)")
+            raise ParamError(
+                "num_checkpoints", f"{num_checkpoints} checkpoints need at least as many "
+                f"optimizer steps, but training has only {total}",
+                f"set `num_checkpoints`<={total}, or train longer (`epochs`)")
         steps = even_checkpoints(total, num_checkpoints)
     return TrainPlan(n_examples, world_size, batch_size, grad_accum, epochs, steps_per_epoch,
                      total, steps)

@@ -27,34 +27,33 @@ from typing import Any
 
 import numpy as np
 
-from s2l_ray.config import SELECTION_METHODS, ConfigError, check_budget
-from s2l_ray.core.kmeans import hash_ids
+from s2l_ray.core.hashing import hash_ids
+from s2l_ray.core.methods import LOSS_METHODS, SELECTION_METHODS, budget_problem
+from s2l_ray.errors import ParamError
 
-LOSS_METHODS = ("least_confidence", "middle_perplexity", "high_learnability", "el2n")
 SELECT_SALT = "select"
 
 
-def resolve_budget(budget: int | float, n: int, key: str = "select.budget") -> int:
+def resolve_budget(budget: int | float, n: int) -> int:
     """A count (int) or a fraction (float in (0, 1]) of n -> the number of examples B.
 
-    Fractions round half up (0.15 x 10 -> 2), and at least 1; B > n is an error.
+    Fractions round half up (0.15 x 10 -> 2), and at least 1; B > n is an error (ParamError
+    on `budget`).
     """
     if isinstance(budget, np.integer):
         budget = int(budget)
     elif isinstance(budget, np.floating):
         budget = float(budget)
-    if not isinstance(budget, (int, float)):
-        raise ConfigError(f"config key '{key}': is {budget!r}. Fix: give a count (e.g. 5000) "
-                          "or a fraction (e.g. 0.1)")
-    check_budget(budget, key)
+    bad = budget_problem(budget)
+    if bad:
+        raise ParamError("budget", *bad)
     if n < 1:
-        raise ConfigError(f"config key '{key}': there are no examples to select from. Fix: "
-                          "check the reports of the upstream stages")
+        raise ParamError("budget", "there are no examples to select from",
+                         "check the reports of the upstream stages")
     b = max(1, math.floor(round(budget * n, 6) + 0.5)) if isinstance(budget, float) else budget
     if b > n:
-        raise ConfigError(f"config key '{key}': budget {b} is more than the {n} examples "
-                          f"available. Fix: use a count of at most {n}, or a fraction such as "
-                          "0.1")
+        raise ParamError("budget", f"budget {b} is more than the {n} examples available",
+                         f"use a count of at most {n}, or a fraction such as 0.1")
     return int(b)
 
 
@@ -76,8 +75,8 @@ def s2l_quotas(sizes: Sequence[int] | np.ndarray, budget: int) -> np.ndarray:
     if (s < 0).any():
         raise ValueError("cluster sizes must be >= 0")
     if budget > int(s.sum()):
-        raise ConfigError(f"config key 'select.budget': budget {budget} is more than the "
-                          f"{int(s.sum())} examples available. Fix: use a smaller budget")
+        raise ParamError("budget", f"budget {budget} is more than the {int(s.sum())} examples "
+                         "available", "use a smaller budget")
     quotas = np.zeros(len(s), np.int64)
     left = int(budget)
     for pos, c in enumerate(np.argsort(s, kind="stable")):
@@ -95,8 +94,8 @@ def stratified_quotas(sizes: Sequence[int] | np.ndarray, budget: int) -> np.ndar
     s = np.asarray(sizes, dtype=np.int64)
     total = int(s.sum())
     if budget > total:
-        raise ConfigError(f"config key 'select.budget': budget {budget} is more than the "
-                          f"{total} examples available. Fix: use a smaller budget")
+        raise ParamError("budget", f"budget {budget} is more than the {total} examples "
+                         "available", "use a smaller budget")
     base, rem = np.divmod(s * int(budget), max(total, 1))
     extra = int(budget) - int(base.sum())
     order = np.lexsort((np.arange(len(s)), -rem))
@@ -137,8 +136,8 @@ def loss_scores(losses: np.ndarray, method: str, *, median: float | None = None,
     if method == "el2n":
         e = early_checkpoints(x.shape[1], early_fraction)
         return sum(x[:, j] for j in range(e)) / e  # column by column: same bits for any n
-    raise ConfigError(f"config key 'select.method': '{method}' has no loss score. Fix: use "
-                      f"one of {', '.join(LOSS_METHODS)}")
+    raise ParamError("method", f"'{method}' has no loss score",
+                     f"use one of {', '.join(LOSS_METHODS)}")
 
 
 def top_per_group(groups: np.ndarray, scores: np.ndarray | None, hashes: np.ndarray,
@@ -197,15 +196,9 @@ def select(method: str, ids: Sequence[str], budget: int | float, seed: int, *,
         scores = loss_scores(_need(losses, "losses", method, n), method,
                              early_fraction=early_fraction)
     elif method != "random":
-        raise ConfigError(f"config key 'select.method': unknown '{method}'. Fix: use one of "
-                          f"{', '.join(SELECTION_METHODS)}")
+        raise ParamError("method", f"unknown '{method}'",
+                         f"use one of {', '.join(SELECTION_METHODS)}")
     return [ids[i] for i in top_per_group(groups, scores, hashes, ids, quotas)]
-
-
-def s2l_select(ids: Sequence[str], labels: Sequence[int] | np.ndarray, budget: int | float,
-               seed: int) -> list[str]:
-    """S2L: exactly B ids, spread over the clusters by Algorithm 1, random within each."""
-    return select("s2l", ids, budget, seed, labels=labels)
 
 
 def _need(value: Any, name: str, method: str, n: int) -> Any:

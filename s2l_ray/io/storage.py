@@ -20,7 +20,7 @@ import logging
 import shutil
 from typing import TYPE_CHECKING, Any
 
-from s2l_ray.config import ConfigError
+from s2l_ray.errors import S2LError
 
 if TYPE_CHECKING:
     from s2l_ray.stages.base import Stage
@@ -40,8 +40,12 @@ def _remote(stage: Stage) -> tuple[Any, str, str]:
     return filesystem, f"{root.rstrip('/')}/{stage.name}", f"{uri}/{stage.name}"
 
 
-def _fail(stage: Stage, action: str, uri: str, e: Exception) -> RuntimeError:
-    return RuntimeError(
+class StorageError(S2LError):
+    """run.storage_uri cannot be read or written."""
+
+
+def _fail(stage: Stage, action: str, uri: str, e: Exception) -> StorageError:
+    return StorageError(
         f"{stage.name}: {action} {uri} failed ({type(e).__name__}: {e}). Fix: check "
         "run.storage_uri and the credentials in the environment; the local result in "
         f"{stage.root} is kept, and a rerun retries the transfer")
@@ -61,20 +65,6 @@ def remote_marker(stage: Stage) -> dict[str, Any] | None:
             return json.loads(f.read().decode("utf-8"))
     except OSError as e:
         raise _fail(stage, "reading", f"{uri}/{MARKER}", e) from e
-
-
-def _matches(stage: Stage, marker: dict[str, Any], uri: str) -> bool:
-    """True for this config's result; False for another config's when run.overwrite is set
-    (ours replaces it); otherwise fails, as a stale local result does."""
-    if marker.get("fingerprint") == stage.fingerprint:
-        return True
-    if stage.cfg.run.overwrite:
-        log.warning("%s: %s came from another config; it will be replaced", stage.name, uri)
-        return False
-    raise ConfigError(
-        f"{uri} holds a '{stage.name}' result made with a different config (sections "
-        f"{', '.join(stage.sections)} or an upstream stage changed). Fix: use a new "
-        "run.storage_uri, or pass run.overwrite=true to recompute and replace it")
 
 
 def push(stage: Stage) -> None:
@@ -110,7 +100,7 @@ def push_if_missing(stage: Stage) -> None:
     failed): upload it now."""
     _, _, uri = _remote(stage)
     remote = remote_marker(stage)
-    if remote is not None and _matches(stage, remote, uri):
+    if remote is not None and stage.matches(remote, uri, "run.storage_uri"):
         return
     push(stage)
 
@@ -123,7 +113,7 @@ def fetch(stage: Stage) -> bool:
 
     remote = remote_marker(stage)
     filesystem, folder, uri = _remote(stage)
-    if remote is None or not _matches(stage, remote, uri):
+    if remote is None or not stage.matches(remote, uri, "run.storage_uri"):
         return False
     part = stage.root / f".{stage.name}.download"
     shutil.rmtree(part, ignore_errors=True)  # a download cut short earlier

@@ -279,7 +279,7 @@ def build_pretrained_model(out_dir: str | os.PathLike, preset: str = "small", se
         kwargs["safe_serialization"] = True
     model.save_pretrained(str(out), **kwargs)
     (out / "pretraining.json").write_text(json.dumps(
-        {"preset": preset, "seed": seed, "steps": len(losses), **PRETRAIN[preset],
+        {"preset": preset, "seed": seed, **PRETRAIN[preset], "steps": len(losses),
          "first_loss": losses[0] if losses else None,
          "last_loss": losses[-1] if losses else None}, indent=1) + "\n", encoding="utf-8")
     return str(out)

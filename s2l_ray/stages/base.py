@@ -6,6 +6,8 @@
         report.json                  the stage's own report (counts, rejects, speed)
         ...                          the stage's data (Parquet, checkpoints, ...)
     <output_dir>/.<stage>.tmp/       work in progress; a crash leaves it, a rerun replaces it
+    <output_dir>/.<stage>.trash/     what the work folder no longer needs once published
+                                     (deleted after the publish; see `trash_of`)
 
 A rerun skips a stage whose marker carries the same fingerprint (the hash of the config sections
 the stage reads plus its upstream stages' fingerprints). A different fingerprint means the stored
@@ -27,9 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from s2l_ray.config import ConfigError, S2LConfig, dump_config
+from s2l_ray.io.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 MARKER = "_SUCCESS.json"
+
+
+def trash_of(workdir: Path) -> Path:
+    """Where a stage moves what it must not publish (in one rename, so a kill cannot leave half
+    of it in the work folder); `Stage.publish` deletes it once the result is in place."""
+    return workdir.with_suffix(".trash")  # .<stage>.tmp -> .<stage>.trash
 
 
 @dataclass
@@ -55,6 +64,10 @@ class Stage:
         return self.root / f".{self.name}.tmp"
 
     @property
+    def trash(self) -> Path:
+        return trash_of(self.tmp)
+
+    @property
     def fingerprint(self) -> str:
         blob = "|".join((self.cfg.fingerprint(*self.sections), *self.upstream))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -68,17 +81,22 @@ class Stage:
     def is_done(self) -> bool:
         """True when a matching result is published; raises if a different one is."""
         m = self.marker()
-        if m is None:
-            return False
-        if m.get("fingerprint") == self.fingerprint:
+        return m is not None and self.matches(m, str(self.path), "run.output_dir")
+
+    def matches(self, marker: dict[str, Any], where: str, place_key: str) -> bool:
+        """The config-changed check, for the local folder and for run.storage_uri alike: True
+        when `marker` (found at `where`) came from this config; False when from another one and
+        run.overwrite is set (this run replaces it); otherwise raises, naming the fix."""
+        if marker.get("fingerprint") == self.fingerprint:
             return True
         if self.cfg.run.overwrite:
-            log.warning("%s: stored result came from another config; recomputing", self.name)
+            log.warning("%s: %s came from another config; it will be recomputed", self.name,
+                        where)
             return False
         raise ConfigError(
-            f"{self.path} holds a '{self.name}' result made with a different config "
-            f"(sections {', '.join(self.sections)} or an upstream stage changed). Fix: use a new "
-            f"run.output_dir, or pass run.overwrite=true to recompute it")
+            f"{where} holds a '{self.name}' result made with a different config (sections "
+            f"{', '.join(self.sections)} or an upstream stage changed)",
+            fix=f"use a new {place_key}, or pass run.overwrite=true to recompute and replace it")
 
     def needs_run(self) -> bool:
         """False (and logged) when a current result is published, or downloaded from
@@ -127,11 +145,11 @@ class Stage:
                                               encoding="utf-8")
         marker = {"stage": self.name, "fingerprint": self.fingerprint,
                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": elapsed}
-        part = self.tmp / f"{MARKER}.part"  # a kill mid-write must not leave half a marker
-        part.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        os.replace(part, self.tmp / MARKER)
+        # written last, and whole: a kill mid-write must not leave half a marker
+        write_text_atomic(self.tmp / MARKER, json.dumps(marker, indent=2) + "\n")
         (self.tmp / ".fingerprint").unlink(missing_ok=True)
         self.swap_in(self.tmp)
+        shutil.rmtree(self.trash, ignore_errors=True)
         log.info("%s: published %s", self.name, self.path)
         if self.cfg.run.storage_uri:
             from s2l_ray.io.storage import push
@@ -169,4 +187,9 @@ class Stage:
             self.swap_in(self.tmp)
 
     def report(self) -> dict[str, Any]:
-        return json.loads((self.path / "report.json").read_text(encoding="utf-8"))
+        return read_report(self.path)
+
+
+def read_report(folder: Path) -> dict[str, Any]:
+    """A published stage folder's report.json."""
+    return json.loads((Path(folder) / "report.json").read_text(encoding="utf-8"))

@@ -31,7 +31,8 @@ import numpy as np
 
 from s2l_ray.config import ClusterConfig, ConfigError, S2LConfig
 from s2l_ray.core.kmeans import ExactGrid, IdView, Shard
-from s2l_ray.stages.base import Stage
+from s2l_ray.errors import config_keys
+from s2l_ray.io.parquet import losses_matrix, parquet_files
 
 log = logging.getLogger(__name__)
 READ_BATCH = 65536  # rows per Parquet read batch: bounds what an actor holds beyond its shard
@@ -45,17 +46,6 @@ class Piece:
     row_group: int
     start: int
     stop: int
-
-
-def parquet_files(folder: str | Path, stage: str = "trajectories") -> list[str]:
-    """The Parquet files under a stage's folder (hidden and _-prefixed ones skipped), sorted."""
-    root = Path(folder)
-    files = sorted(str(p) for p in root.rglob("*.parquet")
-                   if not any(part.startswith((".", "_")) for part in p.relative_to(root).parts))
-    if not files:
-        raise FileNotFoundError(f"no Parquet files under {root}. Fix: run the {stage} stage "
-                                f"first (s2l {stage} CONFIG)")
-    return files
 
 
 def plan_shards(files: list[str], num_workers: int) -> list[list[Piece]]:
@@ -81,30 +71,6 @@ def plan_shards(files: list[str], num_workers: int) -> list[list[Piece]]:
                 shards[w].append(Piece(path, g, a - offset, b - offset))
         offset += rows
     return shards
-
-
-def losses_matrix(column: Any, where: str) -> np.ndarray:
-    """A `losses` column (fixed-size or variable list of floats) -> (n, T) float32."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    n = len(arr)
-    if arr.null_count:
-        raise ValueError(f"{where}: {arr.null_count} rows have no losses (null). Fix: rerun the "
-                         "trajectories stage")
-    if pa.types.is_fixed_size_list(arr.type):
-        t = arr.type.list_size
-    elif pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
-        lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
-        t = int(lengths[0]) if n else 0
-        if n and (lengths != t).any():
-            raise ValueError(f"{where}: trajectories of different lengths {sorted(set(lengths))}"
-                             "; every example needs the loss at every checkpoint")
-    else:
-        raise ValueError(f"{where}: 'losses' is {arr.type}, expected a list of floats")
-    values = arr.flatten().to_numpy(zero_copy_only=False)  # flatten honours slices
-    return np.asarray(values, dtype=np.float32).reshape(n, t)
 
 
 def iter_pieces(pieces: list[Piece], columns: list[str]) -> Any:
@@ -167,7 +133,7 @@ class ShardActor(Shard):
                 pos += len(x)
                 ids += t["id"].chunks
                 sources += t["source"].cast(pa.string()).chunks
-        except (ValueError, ConfigError) as e:  # reported by info(), where the driver sees it
+        except ValueError as e:  # reported by info(), where the driver sees it
             self.error = e
         self.sources = pa.chunked_array(sources, pa.string())
         pa.default_memory_pool().release_unused()  # give the read buffers back to the OS
@@ -193,6 +159,30 @@ class ShardActor(Shard):
                 "inertia": float(on_grid(dist, grid.dist).sum()), **memory_mb()}
 
 
+class ActorShards:
+    """`core.kmeans.Shards` held by Ray actors (`ShardActor`): each call runs on every actor
+    at once; arrays are put in the object store once for all of them."""
+
+    def __init__(self, actors: list[Any]) -> None:
+        self.actors = actors
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        import ray
+
+        refs = [ray.put(a) if isinstance(a, np.ndarray) else a for a in args]  # one copy each
+        return ray.get([getattr(a, method).remote(*refs) for a in self.actors])
+
+    def info(self) -> list[dict[str, Any]]:
+        return self.call("info")
+
+    def sample(self, seed: int, m: int) -> list[tuple[np.ndarray, list[str], np.ndarray]]:
+        return self.call("sample", seed, m)
+
+    def step(self, centroids: np.ndarray, grid: ExactGrid | None
+             ) -> list[tuple[np.ndarray, np.ndarray, float]]:
+        return self.call("step", centroids, grid)
+
+
 def _worker_resources(c: ClusterConfig, workers: int) -> tuple[float, bool]:
     import faiss
 
@@ -205,12 +195,12 @@ def _worker_resources(c: ClusterConfig, workers: int) -> tuple[float, bool]:
                           "Fix: set cluster.use_gpu=null (or false), or add GPU nodes")
     import ray
 
+    from s2l_ray.runtime import check_cpu_headroom
+
     total = ray.cluster_resources().get("CPU", 1.0)
     cpus = c.cpus_per_worker or min(1.0, total / workers)
-    if cpus * workers > total + 1e-9:
-        raise ConfigError(f"config key 'cluster.cpus_per_worker': {workers} actors x {cpus} CPUs "
-                          f"exceed the cluster's {total:g} CPUs, and they would wait forever. "
-                          "Fix: lower cluster.cpus_per_worker or cluster.num_workers, or null")
+    check_cpu_headroom(workers, cpus, "cluster.cpus_per_worker", "cluster.num_workers",
+                       "k-means actors", leave=0)  # they read their own shards
     return cpus, bool(use_gpu)
 
 
@@ -218,7 +208,7 @@ def fit_files(files: list[str], out_dir: str | Path, c: ClusterConfig, seed: int
               ) -> dict[str, Any]:
     """Cluster the trajectories in `files` with Ray actors; write the outputs into out_dir.
 
-    Returns the report (also what `run_cluster` publishes). Ray must be initialised.
+    Returns the report (also what the stage publishes). Ray must be initialised.
     """
     import ray
 
@@ -229,22 +219,19 @@ def fit_files(files: list[str], out_dir: str | Path, c: ClusterConfig, seed: int
     plan = plan_shards(files, c.num_workers)
     cpus, gpu = _worker_resources(c, len(plan))
     Actor = ray.remote(ShardActor).options(num_cpus=cpus, num_gpus=1 if gpu else 0)
-    actors = [Actor.remote(i, p, c.normalize, gpu or None, max(1, int(cpus)))
-              for i, p in enumerate(plan)]
-
-    def call(method: str, *args: Any) -> list[Any]:
-        refs = [ray.put(a) if isinstance(a, np.ndarray) else a for a in args]  # one copy each
-        return ray.get([getattr(a, method).remote(*refs) for a in actors])
-
+    shards = ActorShards([Actor.remote(i, p, c.normalize, gpu or None, max(1, int(cpus)))
+                          for i, p in enumerate(plan)])
+    call, actors = shards.call, shards.actors
     try:
-        res = fit_shards(call, c.k, seed=seed, max_iter=c.max_iter, tol=c.tol, init=c.init,
-                         sample_per_centroid=c.init_sample_per_centroid,
-                         on_iter=lambda r: log.info(
-                             "cluster: iteration %d inertia %.6g imbalance %.2f splits %d "
-                             "(%.2f s)", r["iteration"], r["inertia"], r["imbalance"],
-                             r["splits"], r["seconds"]))
-        written = call("write", res.centroids, res.grid, str(out / "assignments"))
-        memory = call("info")
+        with config_keys("cluster"):  # k, init: named by their cluster.* key
+            res = fit_shards(shards, c.k, seed=seed, max_iter=c.max_iter, tol=c.tol, init=c.init,
+                             sample_per_centroid=c.init_sample_per_centroid,
+                             on_iter=lambda r: log.info(
+                                 "cluster: iteration %d inertia %.6g imbalance %.2f splits %d "
+                                 "(%.2f s)", r["iteration"], r["inertia"], r["imbalance"],
+                                 r["splits"], r["seconds"]))
+            written = call("write", res.centroids, res.grid, str(out / "assignments"))
+            memory = call("info")
     finally:
         for a in actors:
             ray.kill(a)
@@ -271,23 +258,6 @@ def fit_files(files: list[str], out_dir: str | Path, c: ClusterConfig, seed: int
     return report
 
 
-def cluster_stage(cfg: S2LConfig) -> Stage:
-    from s2l_ray.stages.trajectories import trajectories_stage
-
-    return Stage(cfg, "cluster", ("cluster",),
-                 upstream=(trajectories_stage(cfg).fingerprint, f"seed={cfg.run.seed}"))
-
-
-def run_cluster(cfg: S2LConfig) -> Stage:
-    """k-means over the trajectories (after the trajectories stage, which runs first if
-    needed); publishes assignments, centroids, per-iteration stats and a report."""
-    from s2l_ray.stages.trajectories import run_trajectories
-
-    traj = run_trajectories(cfg)
-    stage = cluster_stage(cfg)
-    if not stage.needs_run():
-        return stage
-    tmp = stage.begin()
-    report = fit_files(parquet_files(traj.path), tmp, cfg.cluster, cfg.run.seed)
-    stage.publish(report)
-    return stage
+def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
+    """k-means over the trajectories; assignments, centroids, per-iteration stats into `tmp`."""
+    return fit_files(parquet_files(inputs["trajectories"]), tmp, cfg.cluster, cfg.run.seed)

@@ -76,20 +76,19 @@ def source_losses(sources: list[str | None], losses: np.ndarray,
     return {k: v[0] / v[1] for k, v in sorted(sums.items()) if v[1] > 0}
 
 
-def eval_source_of(cfg: S2LConfig) -> tuple[str, str]:
-    """(source, split) of the held-out data; the demo's test split when nothing is given."""
+def eval_source_of(cfg: S2LConfig, ingest_dir: Path) -> tuple[str, str]:
+    """(source, split) of the held-out data; the demo's test split (written by ingest into
+    `ingest_dir`) when nothing is given."""
     if cfg.data.eval_source:
         return cfg.data.eval_source, cfg.eval.split
     if cfg.data.source == "demo:mathmix":
-        from s2l_ray.stages.ingest import ingest_stage
-
-        return str(ingest_stage(cfg).path / "demo_data" / "test.jsonl"), cfg.eval.split
+        return str(Path(ingest_dir) / "demo_data" / "test.jsonl"), cfg.eval.split
     raise ConfigError("config key 'data.eval_source': is not set, and evaluating the target "
                       "needs held-out data. Fix: point data.eval_source at a held-out file or "
                       "folder (any ingestion format), or 'hf:NAME' with eval.split")
 
 
-def prepare_eval_set(cfg: S2LConfig, out_dir: Path) -> dict[str, Any]:
+def prepare_eval_set(cfg: S2LConfig, ingest_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Read, validate and tokenize the held-out data exactly as the training data is.
 
     Writes out_dir/examples.parquet (and rejects.parquet); returns the counts. Ray must be up.
@@ -99,10 +98,11 @@ def prepare_eval_set(cfg: S2LConfig, out_dir: Path) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from s2l_ray.io.readers import read_raw
-    from s2l_ray.stages.ingest import ingest_stage, normalize_batch
+    from s2l_ray.stages.base import read_report
+    from s2l_ray.stages.ingest import normalize_batch
 
-    source, split = eval_source_of(cfg)
-    tok_path = ingest_stage(cfg).report()["tokenizer"]
+    source, split = eval_source_of(cfg, ingest_dir)
+    tok_path = read_report(ingest_dir)["tokenizer"]
     rows = read_raw(source, split).map_batches(
         normalize_batch, batch_format="pyarrow", batch_size=1024,
         fn_kwargs={"tokenizer_path": tok_path, "data_cfg": vars(cfg.data),
@@ -183,20 +183,20 @@ def evaluate_model(model_path: str, eval_path: str, e: EvalConfig,
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoTokenizer
 
     from s2l_ray.core.losses import autocast_dtype, score_sorted
+    from s2l_ray.models.loading import load_causal_lm
 
-    hf_logging.disable_progress_bar()
     on_gpu = torch.cuda.is_available() and e.use_gpu is not False
     device = torch.device("cuda" if on_gpu else "cpu")
     if not on_gpu:
         torch.set_num_threads(max(1, int(e.cpus)))
     t0 = time.time()
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch.float32, trust_remote_code=trust_remote_code,
-        use_safetensors=True).to(device).eval()
+    model = load_causal_lm(model_path, trust_remote_code=trust_remote_code,
+                           fix="the fine-tuned target is damaged; delete its trial folder "
+                               "(sweep work folder, trials/<trial>) and rerun `s2l sweep`"
+                           ).to(device)
     tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     table = pq.read_table(Path(eval_path) / "examples.parquet")
     n = table.num_rows

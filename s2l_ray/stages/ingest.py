@@ -10,14 +10,15 @@ the first occurrence (by file and row number, whatever the parallelism); the res
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
+from pathlib import Path
 from typing import Any
 
-from s2l_ray.config import ConfigError, S2LConfig
-from s2l_ray.stages.base import Stage
+from s2l_ray.config import S2LConfig
+from s2l_ray.core.hashing import hash64
+from s2l_ray.errors import S2LError
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +28,8 @@ REJECT_COLUMNS = ["origin_file", "origin_row", "reject_reason", "reject_detail",
                   "raw"]
 
 
-class IngestError(ConfigError, RuntimeError):
-    """The input yields no usable example. A ConfigError too: the fix is in the data or the
-    data.* keys, so the CLI reports the message (exit 2) instead of a traceback."""
+class IngestError(S2LError):
+    """The input yields no usable example: the fix is in the data or the data.* keys."""
 
 
 def _schema() -> Any:
@@ -144,20 +144,16 @@ def _keep(batch: Any, valid: bool) -> Any:
     return batch.filter(mask if valid else pc.invert(mask))
 
 
-def _hash64(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-
-
 def _id_hashes(batch: Any) -> Any:
     import pyarrow as pa
 
     ids = _keep(batch, valid=True)["id"].to_pylist()
-    return pa.table({"h": pa.array([_hash64(i) for i in ids], pa.uint64())})
+    return pa.table({"h": pa.array([hash64(i) for i in ids], pa.uint64())})
 
 
 def _rows_with_hashes(batch: Any, hashes: frozenset[int]) -> Any:
     valid = _keep(batch, valid=True).select(["id", "origin_file", "origin_row"])
-    keep = [_hash64(i) in hashes for i in valid["id"].to_pylist()]
+    keep = [hash64(i) in hashes for i in valid["id"].to_pylist()]
     return valid.filter(keep)
 
 
@@ -209,21 +205,12 @@ def duplicate_losers(norm: Any, policy: str) -> dict[tuple[str, int], str]:
     return {o: f"{v[0][0]}:{v[0][1]}" for v in groups.values() for o in v[1:]}
 
 
-def ingest_stage(cfg: S2LConfig) -> Stage:
-    from s2l_ray.models.specs import tokenizer_spec
-
-    return Stage(cfg, "ingest", ("data", "demo"), upstream=(tokenizer_spec(cfg),))
-
-
-def run_ingest(cfg: S2LConfig) -> Stage:
-    """Read `data.source`, validate, tokenize, dedupe; publish examples/, rejects/, report."""
+def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
+    """Read `data.source`, validate, tokenize, dedupe into examples/ and rejects/ in `tmp`;
+    returns the report."""
     from s2l_ray.io.readers import read_raw
     from s2l_ray.models.specs import resolve_model, tokenizer_spec
 
-    stage = ingest_stage(cfg)
-    if not stage.needs_run():
-        return stage
-    tmp = stage.begin()
     source = cfg.data.source
     if source == "demo:mathmix":
         from s2l_ray.demo.data import write_mathmix
@@ -258,8 +245,7 @@ def run_ingest(cfg: S2LConfig) -> Stage:
                           ).select_columns(REJECT_COLUMNS).write_parquet(str(tmp / "rejects"))
     for reason, n in sorted(stats["rejects"].items()):
         log.warning("ingest: rejected %d rows: %s (see %s)", n, reason,
-                    stage.path / "rejects")
+                    Path(cfg.run.output_dir) / "ingest" / "rejects")
     log.info("ingest: %d valid examples, %d rejected, %d truncated, %d tokens",
              stats["valid"], stats["rejected"], stats["truncated"], stats["tokens"])
-    stage.publish({"source": cfg.data.source, "tokenizer": tok_path, **stats})
-    return stage
+    return {"source": cfg.data.source, "tokenizer": tok_path, **stats}

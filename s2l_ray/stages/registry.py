@@ -1,60 +1,123 @@
-"""The stages in order, and running them: each is skipped when its published result is current."""
+"""The stages, each declared once, and the one runner that orders and runs them.
+
+    ingest -> train-ref -> trajectories -> cluster -> select
+                                                  \\-> sweep
+
+A stage is a `StageSpec`: its name (the CLI command), its output folder, the config sections it
+reads, the stages it depends on (`needs`), and `run(cfg, inputs, workdir) -> report`. `inputs`
+maps the name of every stage upstream of it (direct or not) to that stage's published folder;
+`workdir` is the stage's work folder (`Stage.begin`). A stage never calls another stage: the
+runner (`run_stage`) takes the stages the asked one needs, in order, checks each one's marker
+once (downloading it from run.storage_uri when it is there), and runs only those not done.
+
+A stage's fingerprint is the hash of its sections, its direct upstream stages' fingerprints and
+its `extra` strings (the seed, the tokenizer), so it changes whenever anything it depends on does.
+"""
 
 from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from s2l_ray.config import ConfigError, S2LConfig
+from s2l_ray.stages.base import Stage
 
 log = logging.getLogger(__name__)
 
 
+def _seed(cfg: S2LConfig) -> tuple[str, ...]:
+    return (f"seed={cfg.run.seed}",)
+
+
+def _tokenizer(cfg: S2LConfig) -> tuple[str, ...]:
+    from s2l_ray.models.specs import tokenizer_spec
+
+    return (tokenizer_spec(cfg),)
+
+
 @dataclass(frozen=True)
-class StageInfo:
-    name: str  # CLI subcommand
-    entry: str  # "module:function" taking an S2LConfig
-    summary: str
-    output: str
+class StageSpec:
+    name: str  # CLI subcommand and key in `inputs`
+    folder: str  # <run.output_dir>/<folder>/
+    sections: tuple[str, ...]  # config sections it reads (fingerprinted)
+    needs: tuple[str, ...]  # stages whose results it reads, directly (fingerprinted)
+    run: str  # "module:function", run(cfg, inputs, workdir) -> report dict
+    summary: str  # one line for --help
+    output: str  # what the folder holds, for --help
+    bare: str  # section whose keys the stage's CLI command takes without a prefix
+    check: str | None = None  # "module:function", check(cfg, inputs): fails before any work
+    extra: Callable[[S2LConfig], tuple[str, ...]] | None = None  # more fingerprinted values
+    resumable: bool = False  # keep the work folder of an interrupted run of the same config
+
+    def function(self, which: str = "run") -> Callable[..., Any]:
+        module, func = getattr(self, which).split(":")
+        return getattr(importlib.import_module(module), func)
 
 
-# The whole S2L pipeline, in order. `entry` is empty for stages not built yet.
-PIPELINE = (
-    StageInfo("ingest", "s2l_ray.stages.ingest:run_ingest",
+# The whole S2L pipeline, in the order `s2l run` runs it.
+STAGES = (
+    StageSpec("ingest", "ingest", ("data", "demo"), (), "s2l_ray.stages.ingest:run",
               "read, validate, tokenize the instruction data; stable ids; rejects kept",
-              "ingest/examples/*.parquet, ingest/rejects/"),
-    StageInfo("train-ref", "s2l_ray.stages.train_ref:run_train_ref",
+              "ingest/examples/*.parquet, ingest/rejects/", "data", extra=_tokenizer),
+    StageSpec("train-ref", "train_ref", ("reference",), ("ingest",),
+              "s2l_ray.stages.train_ref:run",
               "fine-tune the small reference model (Ray Train + DeepSpeed), T checkpoints",
-              "train_ref/checkpoints/"),
-    StageInfo("trajectories", "s2l_ray.stages.trajectories:run_trajectories",
+              "train_ref/checkpoints/", "reference", check="s2l_ray.stages.train_ref:check",
+              extra=_seed, resumable=True),
+    StageSpec("trajectories", "trajectories", ("trajectories",), ("train-ref",),
+              "s2l_ray.stages.trajectories:run",
               "loss of every example under every checkpoint (Ray Data actors)",
-              "trajectories/*.parquet (id, losses[T])"),
-    StageInfo("cluster", "s2l_ray.stages.cluster:run_cluster",
+              "trajectories/*.parquet (id, losses[T])", "trajectories",
+              check="s2l_ray.stages.trajectories:check"),
+    StageSpec("cluster", "cluster", ("cluster",), ("trajectories",), "s2l_ray.stages.cluster:run",
               "distributed faiss k-means over the trajectories",
-              "cluster/assignments/, centroids"),
-    StageInfo("select", "s2l_ray.stages.select:run_select",
+              "cluster/assignments/, centroids", "cluster", extra=_seed),
+    StageSpec("select", "select", ("select",), ("cluster",), "s2l_ray.stages.select:run",
               "spend the budget evenly across clusters (or a baseline)",
-              "select/selected.jsonl"),
-    StageInfo("sweep", "s2l_ray.stages.sweep:run_sweep",
+              "select/selected.jsonl", "select", extra=_seed),
+    StageSpec("sweep", "sweep", ("sweep", "target", "eval"), ("cluster",),
+              "s2l_ray.stages.sweep:run",
               "Ray Tune: methods x budgets x seeds, fine-tune + evaluate the target",
-              "sweep/results.csv, summary.md, trials/*/model"),
+              "sweep/results.csv, summary.md, trials/*/model", "sweep",
+              check="s2l_ray.stages.sweep:check", resumable=True),
 )
-BY_NAME = {s.name: s for s in PIPELINE}
+BY_NAME = {s.name: s for s in STAGES}
 
 
-def available(info: StageInfo) -> bool:
-    return bool(info.entry)
+def spec_of(name: str) -> StageSpec:
+    if name not in BY_NAME:
+        raise ConfigError(f"unknown stage '{name}'. Fix: use one of {', '.join(BY_NAME)}")
+    return BY_NAME[name]
 
 
-def entry_of(info: StageInfo):
-    if not info.entry:
-        raise ConfigError(f"stage '{info.name}' is not available in this version of s2l_ray. "
-                          f"Fix: run the stages that are: "
-                          f"{', '.join(s.name for s in PIPELINE if available(s))}")
-    module, func = info.entry.split(":")
-    return getattr(importlib.import_module(module), func)
+def plan(*names: str) -> list[StageSpec]:
+    """The asked stages and every stage they need, directly or not, in pipeline order."""
+    for n in names:
+        spec_of(n)
+    wanted = set(names)
+    for s in reversed(STAGES):  # needs always come earlier in STAGES
+        if s.name in wanted:
+            wanted.update(s.needs)
+    return [s for s in STAGES if s.name in wanted]
+
+
+def stages(cfg: S2LConfig, *names: str) -> dict[str, Stage]:
+    """The folder objects (with fingerprints) of `names` and their upstream stages, in order.
+    Reads nothing: the fingerprints come from the config alone."""
+    out: dict[str, Stage] = {}
+    for s in plan(*names):
+        up = tuple(out[n].fingerprint for n in s.needs) + (s.extra(cfg) if s.extra else ())
+        out[s.name] = Stage(cfg, s.folder, s.sections, upstream=up)
+    return out
+
+
+def stage_for(cfg: S2LConfig, name: str) -> Stage:
+    """The folder object of one stage (where its result is or will be published)."""
+    return stages(cfg, name)[name]
 
 
 def preflight(cfg: S2LConfig) -> None:
@@ -118,26 +181,40 @@ def check_eval_source(cfg: S2LConfig) -> None:
             raise ConfigError(str(e).replace("'data.source'", "'data.eval_source'")) from None
 
 
-def run_stage(cfg: S2LConfig, name: str) -> None:
-    if name not in BY_NAME:
-        raise ConfigError(f"unknown stage '{name}'. Fix: use one of {', '.join(BY_NAME)}")
+def _run_one(cfg: S2LConfig, spec: StageSpec, st: Stage, inputs: dict[str, Path]) -> None:
+    """Run one stage whose result is missing: its checks, its work folder, its work, publish."""
+    if spec.check:
+        spec.function("check")(cfg, inputs)
+    workdir = st.begin(keep_tmp=spec.resumable)
+    report = spec.function()(cfg, inputs, workdir)
+    st.publish(report)
+
+
+def run(cfg: S2LConfig, *names: str) -> dict[str, Stage]:
+    """Run the stages `names` and those they need that are not done yet, in order; returns
+    every stage of the plan (published folders). The preflight checks (and the held-out data
+    check, when the sweep is in the plan) come before any of them."""
+    order = stages(cfg, *names)
     preflight(cfg)
-    if name == "sweep":
+    if "sweep" in order:
         check_eval_source(cfg)
-    entry_of(BY_NAME[name])(cfg)
+    published: dict[str, Path] = {}
+    for n, st in order.items():
+        spec = BY_NAME[n]
+        if st.needs_run():  # the one marker check (and storage fetch) of this stage
+            upstream = [s.name for s in plan(n) if s.name != n]
+            _run_one(cfg, spec, st, {u: published[u] for u in upstream})
+        published[n] = st.path
+    return order
+
+
+def run_stage(cfg: S2LConfig, name: str) -> Stage:
+    """Run `name` (and what it needs); returns its published folder."""
+    return run(cfg, name)[name]
 
 
 def run_pipeline(cfg: S2LConfig) -> list[str]:
-    """Run every available stage in order; returns the names of those that ran or were current."""
-    preflight(cfg)
-    check_eval_source(cfg)
-    done = []
-    for info in PIPELINE:
-        if not available(info):
-            log.info("stage %s: not available in this version; the pipeline stops here",
-                     info.name)
-            break
-        entry_of(info)(cfg)
-        done.append(info.name)
+    """Run every stage in order (each skipped when current); returns their names."""
+    done = list(run(cfg, *BY_NAME))
     log.info("pipeline finished: %s (outputs under %s)", ", ".join(done), cfg.run.output_dir)
     return done

@@ -104,7 +104,7 @@ def cluster_mean_trajectories(run: Path) -> tuple[np.ndarray, np.ndarray]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from s2l_ray.stages.cluster import losses_matrix, parquet_files
+    from s2l_ray.io.parquet import losses_matrix, parquet_files
 
     k = int(np.load(run / "cluster" / "centroids.npy", mmap_mode="r").shape[0])
     labels = pa.concat_tables(pq.read_table(f, columns=["id", "cluster"]) for f in

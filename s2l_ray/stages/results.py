@@ -35,11 +35,13 @@ def plan_trials(methods: list[str], budgets: list[int | float], seeds: list[int]
                 n: int) -> list[Trial]:
     """Every trial of the grid, in a stable order; full-data budgets collapse to `full`."""
     from s2l_ray.core.selection import resolve_budget
+    from s2l_ray.errors import config_keys
 
     trials: list[Trial] = []
     seen: set[tuple[str, int, int]] = set()
     for b in budgets:
-        size = resolve_budget(b, n, key="sweep.budgets")
+        with config_keys("sweep", {"budget": "sweep.budgets"}):
+            size = resolve_budget(b, n)
         for m in methods:
             method = FULL if size == n else m
             for s in seeds:

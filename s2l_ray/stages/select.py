@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from s2l_ray.config import S2LConfig, SelectConfig
-from s2l_ray.stages.base import Stage
+from s2l_ray.errors import S2LError
+from s2l_ray.io.parquet import map_files
 
 log = logging.getLogger(__name__)
 BATCH = 65536  # rows read at a time by a task
@@ -72,7 +73,7 @@ def candidates_file(path: str, spec: dict[str, Any]) -> Any:
     import pyarrow as pa
 
     from s2l_ray.core.selection import LOSS_METHODS, id_hashes, loss_scores
-    from s2l_ray.stages.cluster import losses_matrix
+    from s2l_ray.io.parquet import losses_matrix
 
     method, quotas = spec["method"], np.asarray(spec["quotas"])
     lossy = method in LOSS_METHODS
@@ -109,7 +110,7 @@ def candidates_file(path: str, spec: dict[str, Any]) -> Any:
 
 def final_losses_file(path: str) -> np.ndarray:
     """The last checkpoint's loss of every row of one trajectories file, (n,) float32."""
-    from s2l_ray.stages.cluster import losses_matrix
+    from s2l_ray.io.parquet import losses_matrix
 
     parts = [losses_matrix(b.column("losses"), path)[:, -1] for b, _ in
              _batches(path, ["losses"])]
@@ -126,16 +127,18 @@ def rows_with_ids(path: str, ids: list[str], columns: list[str]) -> Any:
         columns=columns, filter=pc.field("id").isin(pa.array(ids, pa.string())))
 
 
-def _map(fn: Any, files: list[str], *args: Any) -> list[Any]:
-    """fn(file, *args) for every file as Ray tasks; big arguments are shipped once."""
-    import ray
-
-    task = ray.remote(num_cpus=1)(fn)
-    refs = [ray.put(a) if isinstance(a, (list, dict, np.ndarray)) else a for a in args]
-    return ray.get([task.remote(f, *refs) for f in files])
-
-
 def select_from(cluster_dir: str | Path, trajectories_dir: str | Path,
+                examples_dir: str | Path, out_dir: str | Path, s: SelectConfig,
+                seed: int) -> dict[str, Any]:
+    """Select from a cluster stage's outputs; write selected.parquet/.jsonl; return the report.
+    A bad budget or method fails naming its select.* key. Ray must be initialised."""
+    from s2l_ray.errors import config_keys
+
+    with config_keys("select"):
+        return _select_from(cluster_dir, trajectories_dir, examples_dir, out_dir, s, seed)
+
+
+def _select_from(cluster_dir: str | Path, trajectories_dir: str | Path,
                 examples_dir: str | Path, out_dir: str | Path, s: SelectConfig,
                 seed: int) -> dict[str, Any]:
     """Select from a cluster stage's outputs; write selected.parquet/.jsonl; return the report.
@@ -146,14 +149,14 @@ def select_from(cluster_dir: str | Path, trajectories_dir: str | Path,
     import pyarrow.parquet as pq
 
     from s2l_ray.core.selection import LOSS_METHODS, resolve_budget, s2l_quotas, stratified_quotas
-    from s2l_ray.stages.cluster import parquet_files
+    from s2l_ray.io.parquet import parquet_files
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     label_files = parquet_files(Path(cluster_dir) / "assignments", "cluster")
     k = int(np.load(Path(cluster_dir) / "centroids.npy", mmap_mode="r").shape[0])
     sizes, by_source = np.zeros(k, np.int64), {}
-    for part in _map(count_file, label_files):
+    for part in map_files(count_file, label_files):
         for c, src, cnt in part:
             sizes[c] += cnt
             by_source[src if src is not None else NONE] = by_source.get(
@@ -175,9 +178,9 @@ def select_from(cluster_dir: str | Path, trajectories_dir: str | Path,
     if s.method in LOSS_METHODS:
         files = parquet_files(trajectories_dir, "trajectories")
         if s.method == "middle_perplexity":  # needs the median over all: n floats, not n x T
-            spec["median"] = float(np.median(np.concatenate(_map(final_losses_file, files))))
+            spec["median"] = float(np.median(np.concatenate(map_files(final_losses_file, files))))
             extra["median_final_loss"] = spec["median"]
-    cands = [c for c in _map(candidates_file, files, spec) if c is not None]
+    cands = [c for c in map_files(candidates_file, files, spec) if c is not None]
     chosen = _top(pa.concat_tables(cands), np.asarray(spec["quotas"]))
     ids = chosen["id"].to_pylist()
     if len(ids) != b or len(set(ids)) != b:
@@ -185,19 +188,19 @@ def select_from(cluster_dir: str | Path, trajectories_dir: str | Path,
                            f"{len(ids)} (do the trajectories and assignments match?)")
     clusters = chosen["cluster"].to_pylist()
     if s.method in LOSS_METHODS:  # candidates came from the trajectories: look the clusters up
-        found = pa.concat_tables(_map(rows_with_ids, label_files, ids, ["id", "cluster"]))
+        found = pa.concat_tables(map_files(rows_with_ids, label_files, ids, ["id", "cluster"]))
         where = dict(zip(found["id"].to_pylist(), found["cluster"].to_pylist()))
         clusters = [where.get(i) for i in ids]
     table = pa.table({"id": pa.array(ids, pa.string()),
                       "cluster": pa.array(clusters, pa.int32()),
                       "source": chosen["source"].cast(pa.string())})
     pq.write_table(table, out / "selected.parquet")
-    raw_parts = _map(rows_with_ids, parquet_files(examples_dir, "ingest"), ids, ["id", "raw"])
+    raw_parts = map_files(rows_with_ids, parquet_files(examples_dir, "ingest"), ids, ["id", "raw"])
     raw = pa.concat_tables(raw_parts)
     by_id = dict(zip(raw["id"].to_pylist(), raw["raw"].to_pylist()))
     missing = [i for i in ids if i not in by_id]
     if missing:
-        raise RuntimeError(f"select: {len(missing)} selected ids are not in {examples_dir} (e.g."
+        raise S2LError(f"select: {len(missing)} selected ids are not in {examples_dir} (e.g."
                            f" {missing[:3]}); the ingest and trajectory stages disagree. Fix: "
                            "rerun them with the same config (run.overwrite=true)")
     with open(out / "selected.jsonl", "w", encoding="utf-8") as f:
@@ -217,25 +220,7 @@ def select_from(cluster_dir: str | Path, trajectories_dir: str | Path,
     return report
 
 
-def select_stage(cfg: S2LConfig) -> Stage:
-    from s2l_ray.stages.cluster import cluster_stage
-
-    return Stage(cfg, "select", ("select",),
-                 upstream=(cluster_stage(cfg).fingerprint, f"seed={cfg.run.seed}"))
-
-
-def run_select(cfg: S2LConfig) -> Stage:
-    """Select the budget (after the cluster stage, which runs first if needed)."""
-    from s2l_ray.stages.cluster import run_cluster
-    from s2l_ray.stages.ingest import ingest_stage
-    from s2l_ray.stages.trajectories import trajectories_stage
-
-    cluster = run_cluster(cfg)
-    stage = select_stage(cfg)
-    if not stage.needs_run():
-        return stage
-    tmp = stage.begin()
-    report = select_from(cluster.path, trajectories_stage(cfg).path,
-                         ingest_stage(cfg).path / "examples", tmp, cfg.select, cfg.run.seed)
-    stage.publish(report)
-    return stage
+def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
+    """Spend select.budget over the cluster stage's outputs into `tmp`; returns the report."""
+    return select_from(inputs["cluster"], inputs["trajectories"], inputs["ingest"] / "examples",
+                       tmp, cfg.select, cfg.run.seed)

@@ -24,23 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from s2l_ray.config import S2LConfig
-from s2l_ray.stages.base import Stage
+from s2l_ray.io.atomic import copy_tree_atomic, write_json_atomic
+from s2l_ray.stages.base import read_report
 
 log = logging.getLogger(__name__)
 TRIAL_RESOURCES = {"cpu": 0, "memory": 256 * 2**20}  # the trial driver only waits on Ray Train
-
-
-def sweep_stage(cfg: S2LConfig) -> Stage:
-    from s2l_ray.stages.cluster import cluster_stage
-
-    return Stage(cfg, "sweep", ("sweep", "target", "eval"),
-                 upstream=(cluster_stage(cfg).fingerprint,))
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)  # a reader never sees half a file
 
 
 def materialize(cfg: S2LConfig, trial: Any, d: Path, dirs: dict[str, Path]) -> Path:
@@ -48,9 +36,9 @@ def materialize(cfg: S2LConfig, trial: Any, d: Path, dirs: dict[str, Path]) -> P
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from s2l_ray.stages.cluster import parquet_files
+    from s2l_ray.io.parquet import map_files, parquet_files
     from s2l_ray.stages.results import FULL
-    from s2l_ray.stages.select import _map, rows_with_ids, select_from
+    from s2l_ray.stages.select import rows_with_ids, select_from
 
     if trial.method == FULL:
         return dirs["examples"]
@@ -60,10 +48,10 @@ def materialize(cfg: S2LConfig, trial: Any, d: Path, dirs: dict[str, Path]) -> P
     sel = replace(cfg.select, method=trial.method, budget=trial.budget)
     report = select_from(dirs["cluster"], dirs["trajectories"], dirs["examples"],
                          d / "selection", sel, trial.seed)
-    _write_json(d / "selection" / "report.json", report)
+    write_json_atomic(d / "selection" / "report.json", report)
     ids = pq.read_table(d / "selection" / "selected.parquet", columns=["id"])["id"].to_pylist()
     cols = ["id", "source", "input_ids", "n_prompt_tokens"]
-    rows = pa.concat_tables(_map(rows_with_ids, parquet_files(dirs["examples"], "ingest"),
+    rows = pa.concat_tables(map_files(rows_with_ids, parquet_files(dirs["examples"], "ingest"),
                                  ids, cols))
     if rows.num_rows != trial.size:
         raise RuntimeError(f"sweep: trial {trial.name} selected {rows.num_rows} rows, expected "
@@ -91,7 +79,7 @@ def run_trial(config: dict[str, Any], cfg: S2LConfig, root: str) -> None:
 
     from s2l_ray.core.schedule import TrainPlan
     from s2l_ray.runtime import cluster_has_gpus, quiet_ray_data
-    from s2l_ray.stages.train_ref import fit
+    from s2l_ray.training.driver import fit
 
     d = Path(root) / "trials" / config["trial"]
     done = d / "result.json"
@@ -109,10 +97,8 @@ def run_trial(config: dict[str, Any], cfg: S2LConfig, root: str) -> None:
         ckpts = fit(cfg, target, "target", Path(spec["subset"]), plan, d,
                     spec["tokenizer"], seed=spec["seed"], callbacks=[TuneReportCallback()],
                     log_lines=4)
-        shutil.rmtree(d / "model.tmp", ignore_errors=True)
-        shutil.copytree(Path(ckpts[-1]["dir"]) / "hf", d / "model.tmp")
-        os.replace(d / "model.tmp", model)
-        _write_json(d / "train.json", {"train_loss": ckpts[-1]["train_loss"],
+        copy_tree_atomic(Path(ckpts[-1]["dir"]) / "hf", model)
+        write_json_atomic(d / "train.json", {"train_loss": ckpts[-1]["train_loss"],
                                        "steps": plan.total_steps, "epochs": plan.epochs,
                                        "train_seconds": time.time() - t0})
         shutil.rmtree(d / "ray_train", ignore_errors=True)  # optimizer states: done with them
@@ -128,7 +114,7 @@ def run_trial(config: dict[str, Any], cfg: S2LConfig, root: str) -> None:
     result = {**{k: spec[k] for k in ("trial", "method", "budget", "size", "fraction",
                                       "seed")},
               **json.loads((d / "train.json").read_text()), **metrics}
-    _write_json(done, result)
+    write_json_atomic(done, result)
     if not cfg.sweep.keep_models:
         shutil.rmtree(model)
     tune.report(result)
@@ -177,50 +163,56 @@ def prebuild_target(cfg: S2LConfig) -> str:
     return resolve_model(cfg.target.model, cfg)
 
 
-def run_sweep(cfg: S2LConfig) -> Stage:
-    """Run the grid (after the cluster stage, which runs first if needed); publish the table."""
+def _plan(cfg: S2LConfig, inputs: dict[str, Path]) -> tuple[list[Any], dict[str, Any]]:
+    """The trials and each one's step plan: every check that can fail before any training."""
+    from s2l_ray.stages.results import plan_trials
+    from s2l_ray.training.driver import plan_training
+
+    n = read_report(inputs["ingest"])["valid"]
+    trials = plan_trials(cfg.sweep.methods, cfg.sweep.budgets, cfg.sweep.seeds, n)
+    plans = {t.name: plan_training(cfg.target, "target", t.size) for t in trials}
+    return trials, plans
+
+
+def check(cfg: S2LConfig, inputs: dict[str, Path]) -> None:
+    """Budgets, step plans and the held-out set, before the work folder is made."""
+    from s2l_ray.stages.evaluate import eval_source_of
+
+    _plan(cfg, inputs)
+    eval_source_of(cfg, inputs["ingest"])
+
+
+def run(cfg: S2LConfig, inputs: dict[str, Path], work: Path) -> dict[str, Any]:
+    """Run the grid in `work` (kept across interruptions); results table, summary, report."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from s2l_ray.stages.cluster import run_cluster
-    from s2l_ray.stages.evaluate import eval_source_of, prepare_eval_set
-    from s2l_ray.stages.ingest import ingest_stage
+    from s2l_ray.stages.evaluate import prepare_eval_set
     from s2l_ray.stages.results import (
         budget_label,
         headline,
         markdown_summary,
-        plan_trials,
         result_table,
         summarize,
     )
-    from s2l_ray.stages.train_ref import plan_training
-    from s2l_ray.stages.trajectories import trajectories_stage
 
-    cluster = run_cluster(cfg)
-    stage = sweep_stage(cfg)
-    if not stage.needs_run():
-        return stage
-    ingest = ingest_stage(cfg)
-    rep = ingest.report()
+    rep = read_report(inputs["ingest"])
     n = rep["valid"]
-    trials = plan_trials(cfg.sweep.methods, cfg.sweep.budgets, cfg.sweep.seeds, n)
-    plans = {t.name: plan_training(cfg.target, "target", t.size) for t in trials}  # fail early
-    eval_source_of(cfg)
+    trials, plans = _plan(cfg, inputs)
+    dirs = {"cluster": inputs["cluster"], "trajectories": inputs["trajectories"],
+            "examples": inputs["ingest"] / "examples"}
     target_path = prebuild_target(cfg)
-    work = stage.begin(keep_tmp=True)
-    dirs = {"cluster": cluster.path, "trajectories": trajectories_stage(cfg).path,
-            "examples": ingest.path / "examples"}
     eval_dir = work / "eval"
     if not (eval_dir / "report.json").is_file():  # held-out set: prepared once per sweep
-        eval_report = prepare_eval_set(cfg, eval_dir)
-        _write_json(eval_dir / "report.json", eval_report)
+        eval_report = prepare_eval_set(cfg, inputs["ingest"], eval_dir)
+        write_json_atomic(eval_dir / "report.json", eval_report)
     log.info("sweep: %d trials (%s x budgets %s x seeds %s) of the target %s", len(trials),
              ", ".join(cfg.sweep.methods), cfg.sweep.budgets, cfg.sweep.seeds, cfg.target.model)
     for t in trials:
         d = work / "trials" / t.name
         d.mkdir(parents=True, exist_ok=True)
         subset = materialize(cfg, t, d, dirs)
-        _write_json(d / "trial.json", {
+        write_json_atomic(d / "trial.json", {
             "trial": t.name, **t.as_dict(), "fraction": t.size / n, "subset": str(subset),
             "plan": plans[t.name].as_dict(), "tokenizer": rep["tokenizer"],
             "model_path": target_path,
@@ -236,9 +228,7 @@ def run_sweep(cfg: S2LConfig) -> Stage:
     (work / "summary.md").write_text(
         result_table(rows, title=f"Result: target {cfg.target.model}, {n} examples") + "\n"
         + markdown_summary(summary, title="All metrics"))
-    stage.publish({"trials": len(trials), "examples": n, "summary": summary,
-                   "headline": headline(rows),
-                   "eval": json.loads((eval_dir / "report.json").read_text())})
-    log.info("sweep: results in %s\n%s", stage.path / "results.csv",
-             (stage.path / "summary.md").read_text())
-    return stage
+    log.info("sweep: results in %s\n%s", Path(cfg.run.output_dir) / "sweep" / "results.csv",
+             (work / "summary.md").read_text())
+    return {"trials": len(trials), "examples": n, "summary": summary, "headline": headline(rows),
+            "eval": json.loads((eval_dir / "report.json").read_text())}

@@ -1,6 +1,7 @@
 """Stage `train-ref`: fine-tune the small reference model on ALL the data, keep T checkpoints.
 
-Ray Train's TorchTrainer runs `train_loop.train_loop_per_worker` (DeepSpeed) on `num_workers`
+`training.driver.fit`: Ray Train's TorchTrainer runs `training.worker.train_loop_per_worker`
+(DeepSpeed) on `num_workers`
 workers, fed from the ingest Parquet through `get_dataset_shard`. Checkpoints go to Ray Train's
 storage inside the stage's work folder; a run that is stopped resumes from the latest one when
 started again with the same config (Ray Train restores a run by its storage path and name). When
@@ -20,155 +21,45 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from s2l_ray.config import ConfigError, S2LConfig, TrainConfig
-from s2l_ray.stages.base import Stage
+from s2l_ray.config import S2LConfig
+from s2l_ray.io.atomic import copy_tree_atomic
+from s2l_ray.stages.base import read_report, trash_of
+from s2l_ray.training.driver import fit, plan_training, probe_batch
 
 log = logging.getLogger(__name__)
-PROBE_SIZE = 8  # examples in the fixed batch each checkpoint's loss is logged on
+def check(cfg: S2LConfig, inputs: dict[str, Path]) -> None:
+    """The step plan and the CPU headroom, before the work folder is made."""
+    plan_training(cfg.reference, "reference", read_report(inputs["ingest"])["valid"])
 
 
-def train_ref_stage(cfg: S2LConfig) -> Stage:
-    from s2l_ray.stages.ingest import ingest_stage
-
-    return Stage(cfg, "train_ref", ("reference",),
-                 upstream=(ingest_stage(cfg).fingerprint, f"seed={cfg.run.seed}"))
-
-
-def probe_batch(examples: Path, k: int = PROBE_SIZE) -> dict[str, list]:
-    """The k examples with the smallest ids: a fixed batch, whatever the file layout."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    data = pads.dataset(str(examples), format="parquet")
-    ids = sorted(data.to_table(columns=["id"])["id"].to_pylist())[:k]
-    rows = data.to_table(columns=["id", "input_ids", "n_prompt_tokens"],
-                         filter=pc.field("id").isin(ids)).sort_by("id").to_pylist()
-    return {c: [r[c] for r in rows] for c in ("id", "input_ids", "n_prompt_tokens")}
-
-
-def check_cpu_headroom(s: TrainConfig, key: str) -> None:
-    """Training workers must leave a CPU for Ray Data to read with, or the run hangs."""
-    import ray
-
-    total = ray.cluster_resources().get("CPU", 0)
-    if total - s.num_workers * s.cpus_per_worker < 1:
-        raise ConfigError(
-            f"config key '{key}.cpus_per_worker': {s.num_workers} workers x "
-            f"{s.cpus_per_worker} CPU leave less than 1 of the cluster's {total:g} CPUs for "
-            f"reading the data, and training would wait forever. Fix: lower "
-            f"{key}.cpus_per_worker (e.g. 0.5) or {key}.num_workers, or add CPUs")
-
-
-def plan_training(section: TrainConfig, key: str, n_examples: int) -> Any:
-    """The step plan, and every check that can fail, before any training work starts."""
-    from s2l_ray.core.schedule import make_plan
-
-    s = section
-    plan = make_plan(n_examples, s.num_workers, s.batch_size, s.grad_accum, s.epochs,
-                     s.max_steps, s.num_checkpoints, s.checkpoint_steps, key, s.train_steps)
-    check_cpu_headroom(s, key)
-    return plan
-
-
-def fit(cfg: S2LConfig, section: TrainConfig, key: str, examples: Path, plan: Any,
-        work: Path, tokenizer_path: str, *, seed: int | None = None,
-        callbacks: list[Any] | None = None, log_lines: int = 20) -> list[dict[str, Any]]:
-    """Run (or resume) Ray Train + DeepSpeed on `examples` following `plan`.
-
-    Used for the reference model and, inside Tune trials, for the target (`seed` replaces
-    run.seed; `callbacks` are Ray Train callbacks, e.g. Tune's report callback).
-    Checkpoints are dicts {index, step, epoch, train_loss, probe_loss, ..., dir} in step order,
-    `dir` being the Ray checkpoint folder holding `hf/`.
-    """
-    import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from s2l_ray.models.specs import resolve_model
-    from s2l_ray.runtime import cluster_has_gpus
-    from s2l_ray.training.worker import train_loop_per_worker
-
-    s = section
-    use_gpu = cluster_has_gpus() if s.use_gpu is None else s.use_gpu
-    resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    log.info("%s: %d examples, %d workers (%s), %d steps (%d/epoch), checkpoints at %s",
-             key, plan.n_examples, s.num_workers, "GPU" if use_gpu else "CPU", plan.total_steps,
-             plan.steps_per_epoch, list(plan.checkpoint_steps))
-    ds = ray.data.read_parquet(str(examples)).select_columns(["input_ids", "n_prompt_tokens"])
-    seed = cfg.run.seed if seed is None else seed
-    ds = ds.randomize_block_order(seed=seed)
-    loop_cfg = {
-        "plan": plan.as_dict(), "model_path": resolve_model(s.model, cfg),
-        "tokenizer_path": tokenizer_path, "trust_remote_code": s.trust_remote_code,
-        "lr": s.lr, "warmup_ratio": s.warmup_ratio, "weight_decay": s.weight_decay,
-        "zero_stage": s.zero_stage, "precision": s.precision, "use_gpu": use_gpu,
-        "seed": seed, "shuffle_buffer": 4 * s.batch_size * s.grad_accum,
-        "probe": probe_batch(examples), "log_lines": log_lines,
-    }
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_cfg, datasets={"train": ds},
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name="ray_train", storage_path=str(work.resolve()),
-                             checkpoint_config=CheckpointConfig(num_to_keep=None),
-                             failure_config=FailureConfig(max_failures=s.max_failures),
-                             callbacks=callbacks),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    found = sorted((work / "ray_train").glob("step_*/state.json"))
-    if not found:
-        raise RuntimeError(f"{key}: training ended without a checkpoint in {work}")
-    history = json.loads(found[-1].read_text())["history"]
-    dirs = {int(p.parent.name.split("_")[1]): p.parent for p in found}
-    ckpts = [{**h, "dir": str(dirs[h["step"]])} for h in history]
-    if [c["step"] for c in ckpts] != list(plan.checkpoint_steps):
-        raise RuntimeError(f"{key}: expected checkpoints at {list(plan.checkpoint_steps)}, "
-                           f"found {[c['step'] for c in ckpts]}")
-    return ckpts
-
-
-def run_train_ref(cfg: S2LConfig) -> Stage:
-    """Train the reference model (after ingest, which runs first if needed)."""
-    from s2l_ray.stages.ingest import run_ingest
-
-    ingest = run_ingest(cfg)
-    stage = train_ref_stage(cfg)
-    if not stage.needs_run():
-        return stage
-    rep = ingest.report()
+def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
+    """Train the reference model on the ingest examples; checkpoints + manifest into `tmp`.
+    `tmp` is kept across an interruption: Ray Train's checkpoints in it resume the run."""
+    examples = inputs["ingest"] / "examples"
+    rep = read_report(inputs["ingest"])
     plan = plan_training(cfg.reference, "reference", rep["valid"])
-    tmp = stage.begin(keep_tmp=True)  # keep Ray Train's checkpoints: an interrupted run resumes
-    ckpts = fit(cfg, cfg.reference, "reference", ingest.path / "examples", plan, tmp,
-                rep["tokenizer"])
+    ckpts = fit(cfg, cfg.reference, "reference", examples, plan, tmp, rep["tokenizer"])
     (tmp / "checkpoints").mkdir(exist_ok=True)
     manifest = []
     for c in ckpts:
         rel = f"checkpoints/step_{c['step']:07d}"
         if not (tmp / rel).exists():  # copied whole or not at all: a rerun trusts what exists
-            part = tmp / f"{rel}.part"
-            shutil.rmtree(part, ignore_errors=True)
-            shutil.copytree(Path(c["dir"]) / "hf", part)
-            os.replace(part, tmp / rel)
+            copy_tree_atomic(Path(c["dir"]) / "hf", tmp / rel)
         manifest.append({k: c[k] for k in ("index", "step", "epoch", "train_loss", "probe_loss",
                                            "lr", "attempt_start_step")} | {"path": rel})
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    (tmp / "probe.json").write_text(json.dumps(probe_batch(ingest.path / "examples")))
+    (tmp / "probe.json").write_text(json.dumps(probe_batch(examples)))
     speed = [c.get("tokens_per_s_per_worker", 0.0) for c in ckpts]
     # Optimizer states are only needed while training can resume: moved aside in one rename (a
     # kill mid-delete must not leave a half state to resume from), deleted once published, and
     # never uploaded to run.storage_uri.
-    trash = stage.root / ".train_ref.ray_train.trash"
+    trash = trash_of(tmp)
     shutil.rmtree(trash, ignore_errors=True)
     os.replace(tmp / "ray_train", trash)
-    stage.publish({"model": cfg.reference.model, "plan": plan.as_dict(), "checkpoints": manifest,
-                   "tokens_per_s_per_worker": max(speed)})
-    shutil.rmtree(trash, ignore_errors=True)
     log.info("train-ref: %d checkpoints, train loss %.4f -> %.4f", len(manifest),
              manifest[0]["train_loss"], manifest[-1]["train_loss"])
-    return stage
+    return {"model": cfg.reference.model, "plan": plan.as_dict(), "checkpoints": manifest,
+            "tokens_per_s_per_worker": max(speed)}
 
 
 def load_manifest(stage_path: Path) -> list[dict[str, Any]]:

@@ -25,8 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from s2l_ray.config import ConfigError, S2LConfig
-from s2l_ray.stages.base import Stage
+from s2l_ray.config import S2LConfig
+from s2l_ray.core.hashing import hash128
+from s2l_ray.errors import S2LError
+from s2l_ray.stages.base import read_report
 
 log = logging.getLogger(__name__)
 WINDOW_BATCHES = 16  # a group holds about this many batches: enough rows to sort by length
@@ -34,20 +36,8 @@ MIN_GROUPS = 16  # small data sets: at least this many groups (work units for th
 INPUT_COLUMNS = ["id", "source", "input_ids", "n_prompt_tokens", "n_tokens"]
 
 
-class TrajectoryError(RuntimeError):
+class TrajectoryError(S2LError):
     """The checkpoints cannot be scored, or the output does not match the input."""
-
-
-def trajectories_stage(cfg: S2LConfig) -> Stage:
-    from s2l_ray.stages.train_ref import train_ref_stage
-
-    return Stage(cfg, "trajectories", ("trajectories",),
-                 upstream=(train_ref_stage(cfg).fingerprint,))
-
-
-def _hash128(text: str) -> tuple[int, int]:
-    d = hashlib.blake2b(text.encode(), digest_size=16).digest()
-    return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little")
 
 
 def n_groups(valid: int, tokens: int, batch_tokens: int) -> int:
@@ -65,7 +55,7 @@ def id_digest(ids: list[str]) -> dict[str, int]:
     """Row count and two sums of 64-bit id hashes: equal digests mean the same id multiset."""
     h1 = h2 = 0
     for i in ids:
-        a, b = _hash128(i)
+        a, b = hash128(i)
         h1, h2 = (h1 + a) % 2**64, (h2 + b) % 2**64
     return {"rows": len(ids), "h1": h1, "h2": h2}
 
@@ -74,7 +64,7 @@ def with_groups(batch: Any, groups: int) -> Any:
     """The batch (pyarrow) plus column `group`: a hash of the id, so it ignores the layout."""
     import pyarrow as pa
 
-    keys = [_hash128(i)[0] % groups for i in batch["id"].to_pylist()]
+    keys = [hash128(i)[0] % groups for i in batch["id"].to_pylist()]
     return batch.append_column("group", pa.array(keys, pa.int64()))
 
 
@@ -91,25 +81,13 @@ def _add_group(batch: Any, groups: int, sink: Any) -> Any:
 
 
 def load_checkpoint(path: str, trust_remote_code: bool = False) -> Any:
-    """A float32 causal LM in eval mode, or TrajectoryError naming the path and the fix."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+    """A reference checkpoint (float32, eval mode), or TrajectoryError naming it and the fix."""
+    from s2l_ray.models.loading import load_causal_lm
 
-    hf_logging.disable_progress_bar()
-    fix = ("Fix: the reference checkpoints are damaged or incomplete; delete the train_ref "
-           "folder and rerun `s2l train-ref` to recreate them")
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, output_loading_info=True,
-            trust_remote_code=trust_remote_code, use_safetensors=True)
-    except Exception as e:
-        raise TrajectoryError(f"checkpoint {path} does not load ({type(e).__name__}: "
-                              f"{str(e)[:300]}). {fix}") from e
-    bad = sorted(map(str, (*info.get("missing_keys", ()), *info.get("mismatched_keys", ()))))
-    if bad:  # from_pretrained would score with randomly initialised weights
-        raise TrajectoryError(f"checkpoint {path} lacks or mismatches weights {bad[:5]}. {fix}")
-    return model.eval()
+    return load_causal_lm(
+        path, trust_remote_code=trust_remote_code, error=TrajectoryError,
+        fix="the reference checkpoints are damaged or incomplete; delete the train_ref folder "
+            "and rerun `s2l train-ref` to recreate them")
 
 
 def tokenizer_fingerprint(path: str, trust_remote_code: bool = False) -> str:
@@ -249,18 +227,6 @@ def verify_output(parts: list[dict[str, Any]], valid: int, out: Path) -> dict[st
     return {"rows": n_out, "nonfinite_losses": tot["output"]["nonfinite"]}
 
 
-def _check_cpu_headroom(concurrency: int, cpus: float) -> None:
-    import ray
-
-    total = ray.cluster_resources().get("CPU", 0)
-    if total - concurrency * cpus < 1:
-        raise ConfigError(
-            f"config key 'trajectories.cpus_per_actor': {concurrency} CPU actors x {cpus} CPU "
-            f"leave less than 1 of the cluster's {total:g} CPUs for reading and shuffling the "
-            "data, and the stage would wait forever. Fix: lower trajectories.cpus_per_actor "
-            "(e.g. 0.5) or trajectories.concurrency, or add CPUs")
-
-
 def _score(cfg: S2LConfig, examples: Path, tmp: Path, paths: list[str], groups: int,
            use_gpu: bool, sink: Any) -> tuple[list[dict[str, Any]], float]:
     """The Ray Data pipeline: read, group, shuffle, score, write. Returns (digests, seconds)."""
@@ -282,7 +248,7 @@ def _score(cfg: S2LConfig, examples: Path, tmp: Path, paths: list[str], groups: 
         **({"num_gpus": 1} if use_gpu else {}),
         # No retry arguments: Ray Data already restarts pool actors lost with their node and
         # reruns their blocks (max_restarts=-1, max_task_retries=-1), and the ray_remote_args
-        # that would set them are deprecated. tests/test_fault_tolerance.py guards this.
+        # that would set them are deprecated. tests/e2e/test_fault_tolerance.py guards this.
         fn_constructor_kwargs={"paths": paths, "batch_tokens": t.batch_tokens, "dtype": t.dtype,
                                "use_gpu": use_gpu, "cpus": t.cpus_per_actor, "stats": sink,
                                "trust_remote_code": trust})
@@ -291,32 +257,43 @@ def _score(cfg: S2LConfig, examples: Path, tmp: Path, paths: list[str], groups: 
     return ray.get(sink.get.remote()), wall
 
 
-def run_trajectories(cfg: S2LConfig) -> Stage:
-    """Score every example under every checkpoint (after train-ref, which runs if needed)."""
+def _use_gpu(cfg: S2LConfig) -> bool:
+    from s2l_ray.runtime import cluster_has_gpus
+
+    t = cfg.trajectories
+    return cluster_has_gpus() if t.use_gpu is None else t.use_gpu
+
+
+def check(cfg: S2LConfig, inputs: dict[str, Path]) -> None:
+    """Every checkpoint loads, shares the data's tokenizer and scores from its output head, and
+    the actors leave CPU to read with: checked on the driver before any Ray Data work."""
+    from s2l_ray.stages.train_ref import load_manifest
+
+    paths = [m["path"] for m in load_manifest(inputs["train-ref"])]
+    rep = read_report(inputs["ingest"])
+    check_checkpoints(paths, rep.get("tokenizer"), cfg.reference.trust_remote_code)
+    if not _use_gpu(cfg):
+        from s2l_ray.runtime import check_cpu_headroom
+
+        t = cfg.trajectories
+        check_cpu_headroom(t.concurrency, t.cpus_per_actor, "trajectories.cpus_per_actor",
+                           "trajectories.concurrency", "CPU scoring actors")
+
+
+def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
+    """Score every example under every reference checkpoint into `tmp`; returns the report."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from s2l_ray.core.losses import ScoreStats, autocast_dtype
-    from s2l_ray.runtime import cluster_has_gpus
-    from s2l_ray.stages.ingest import ingest_stage
-    from s2l_ray.stages.train_ref import load_manifest, run_train_ref
+    from s2l_ray.stages.train_ref import load_manifest
 
-    ref = run_train_ref(cfg)
-    stage = trajectories_stage(cfg)
-    if not stage.needs_run():
-        return stage
     t = cfg.trajectories
-    ingest = ingest_stage(cfg)
-    rep = ingest.report()
-    manifest = load_manifest(ref.path)
+    rep = read_report(inputs["ingest"])
+    manifest = load_manifest(inputs["train-ref"])
     paths = [m["path"] for m in manifest]
-    trust = cfg.reference.trust_remote_code
-    check_checkpoints(paths, rep.get("tokenizer"), trust)
-    use_gpu = cluster_has_gpus() if t.use_gpu is None else t.use_gpu
-    if not use_gpu:
-        _check_cpu_headroom(t.concurrency, t.cpus_per_actor)
+    use_gpu = _use_gpu(cfg)
     groups = n_groups(rep["valid"], rep["tokens"], t.batch_tokens)
-    tmp = stage.begin()
     log.info("trajectories: %d examples x %d checkpoints, %d groups, %d %s actors",
              rep["valid"], len(paths), groups, t.concurrency, "GPU" if use_gpu else "CPU")
     # On the driver's node: its digests cannot be rebuilt, so it must not die with a worker node
@@ -325,7 +302,7 @@ def run_trajectories(cfg: S2LConfig) -> Stage:
         scheduling_strategy=NodeAffinitySchedulingStrategy(
             ray.get_runtime_context().get_node_id(), soft=False)).remote()
     try:
-        parts, wall = _score(cfg, ingest.path / "examples", tmp, paths, groups, use_gpu, sink)
+        parts, wall = _score(cfg, inputs["ingest"] / "examples", tmp, paths, groups, use_gpu, sink)
     finally:
         ray.kill(sink)
     stats = ScoreStats(seconds_per_checkpoint=[0.0] * len(paths))
@@ -336,7 +313,9 @@ def run_trajectories(cfg: S2LConfig) -> Stage:
     (tmp / "manifest.json").write_text(json.dumps(
         [{**m, "column": i} for i, m in enumerate(manifest)], indent=2) + "\n")
     n, pad_eff = checked["rows"], stats.tokens / max(1, stats.padded_tokens)
-    stage.publish({
+    log.info("trajectories: %d examples, %.1f examples/s, %.0f tokens/s, padding efficiency %.2f",
+             n, n / wall, stats.tokens / wall, pad_eff)
+    return {
         "examples": n, "checkpoints": len(paths), "tokens": stats.tokens,
         "response_tokens": stats.response_tokens, "padded_tokens": stats.padded_tokens,
         "padding_efficiency": pad_eff, "scoring_seconds": wall, "examples_per_s": n / wall,
@@ -346,7 +325,4 @@ def run_trajectories(cfg: S2LConfig) -> Stage:
         "actors_used": len({p["pid"] for p in parts if p["side"] == "output" and p["rows"]}),
         "device": "GPU" if use_gpu else "CPU",
         "compute_dtype": "fp32" if autocast_dtype(t.dtype, use_gpu) is None else "bf16",
-        "nonfinite_losses": checked["nonfinite_losses"]})
-    log.info("trajectories: %d examples, %.1f examples/s, %.0f tokens/s, padding efficiency %.2f",
-             n, n / wall, stats.tokens / wall, pad_eff)
-    return stage
+        "nonfinite_losses": checked["nonfinite_losses"]}

@@ -150,11 +150,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
     import torch
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from s2l_ray.core.schedule import TrainPlan, lr_at
     from s2l_ray.core.tokens import pad_batch
+    from s2l_ray.models.loading import load_causal_lm
 
     hf_logging.disable_progress_bar()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
@@ -170,9 +170,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if not on_gpu:
         skip_cpu_comm_ops()
 
-    model = AutoModelForCausalLM.from_pretrained(
-        config["model_path"], trust_remote_code=config["trust_remote_code"],
-        dtype=torch.float32, use_safetensors=True)
+    model = load_causal_lm(config["model_path"], trust_remote_code=config["trust_remote_code"],
+                           fix="check the model key (reference.model or target.model): a "
+                               "folder with config.json and *.safetensors weights, or a hub id"
+                           )  # in eval mode, as from_pretrained leaves it (dropout off)
     peak, total = config["lr"], plan.total_steps
     ds_cfg = deepspeed_config(config["zero_stage"], plan.batch_size, plan.grad_accum, world,
                               peak, config["weight_decay"], precision, on_gpu)

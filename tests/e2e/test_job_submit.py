@@ -32,10 +32,10 @@ from tests.ray_procs import (
     short_tmpdir,
 )
 
-pytestmark = pytest.mark.e2e
-TINY = ["demo.n_train=300", "demo.n_test_per_source=2", "reference.model=tiny:nano",
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+TINY = ["demo.n_train=160", "demo.n_test_per_source=1", "reference.model=tiny:nano",
         "target.model=tiny:nano", "reference.epochs=1", "reference.num_checkpoints=3",
-        "cluster.k=5", "select.budget=0.2"]
+        "cluster.k=5", "select.budget=0.2"]  # what is tested is the job, not the data size
 # The working dir is zipped and uploaded to the cluster: the virtualenv alone is gigabytes.
 EXCLUDES = [".venv", ".git", "s2l_output", "*.egg-info", "__pycache__", ".pytest_cache",
             ".ruff_cache", ".device-bundle"]

@@ -3,7 +3,7 @@
 Each input either fails with a clear message (exit code 2, the key or the file named, a fix) or
 has its rows rejected with a reason; a failure publishes nothing (no `ingest/` folder, no
 `_SUCCESS.json`). Row-level reasons on mixed folders, stable ids and the basic overlong and
-duplicate cases are in tests/test_ingest.py; this file adds the inputs that end a run, and
+duplicate cases are in tests/stages/test_ingest.py; this file adds the inputs that end a run, and
 sizes and shapes that one does not expect.
 """
 
@@ -19,7 +19,7 @@ import pytest
 
 from s2l_ray.cli import main
 from s2l_ray.config import ConfigError
-from s2l_ray.stages.ingest import IngestError, run_ingest
+from s2l_ray.stages.ingest import IngestError
 from s2l_ray.stages.registry import run_stage
 from tests.conftest import make_cfg
 
@@ -97,7 +97,7 @@ def test_binary_garbage(tmp_path: Path, ray_local, tiny_ref: str,
     (d / "garbage.jsonl").write_bytes(garbage)
     (d / "broken.parquet").write_bytes(garbage[:4096])
     (d / "good.jsonl").write_text(json.dumps(GOOD) + "\n")
-    stage = run_ingest(make_cfg(tmp_path / "m", tiny_ref, f"data.source={d}"))
+    stage = run_stage(make_cfg(tmp_path / "m", tiny_ref, f"data.source={d}"), "ingest")
     report = stage.report()
     assert report["valid"] == 1
     assert report["rejects"]["unreadable_file"] == 1
@@ -109,14 +109,15 @@ def test_binary_garbage(tmp_path: Path, ray_local, tiny_ref: str,
     assert {Path(r["origin_file"]).name for r in rejects} == {"garbage.jsonl", "broken.parquet"}
 
 
+@pytest.mark.slow  # tokenizing a 5 MB row twice
 @pytest.mark.parametrize("policy", ["reject", "truncate"])
 def test_huge_row(tmp_path: Path, ray_local, tiny_ref: str, policy: str) -> None:
     d = tmp_path / "d"
     d.mkdir()
     huge = {"instruction": "Repeat the word.", "output": "word " * (1 << 20)}  # a 5 MB output
     (d / "a.jsonl").write_text(json.dumps(GOOD) + "\n" + json.dumps(huge) + "\n")
-    stage = run_ingest(make_cfg(tmp_path, tiny_ref, f"data.source={d}", "data.max_length=128",
-                                f"data.overlong={policy}"))
+    stage = run_stage(make_cfg(tmp_path, tiny_ref, f"data.source={d}", "data.max_length=128",
+                                f"data.overlong={policy}"), "ingest")
     report = stage.report()
     examples = pq.read_table(stage.path / "examples").to_pylist()
     if policy == "reject":
@@ -138,8 +139,8 @@ def test_duplicate_ids(tmp_path: Path, ray_local, tiny_ref: str,
             for i, uid in enumerate(["x", "y"] if k == 0 else ["x", "x"])))
     _fails_clearly(tmp_path, tiny_ref, caplog, f"data.source={d}", "data.id_column=uid",
                    "data.duplicates=error", expect=("ids repeat", "data.duplicates=reject"))
-    stage = run_ingest(make_cfg(tmp_path / "r", tiny_ref, f"data.source={d}",
-                                "data.id_column=uid"))
+    stage = run_stage(make_cfg(tmp_path / "r", tiny_ref, f"data.source={d}",
+                                "data.id_column=uid"), "ingest")
     assert stage.report()["rejects"] == {"duplicate_id": 2} and stage.report()["valid"] == 2
     kept = {e["id"]: e for e in pq.read_table(stage.path / "examples").to_pylist()}
     assert kept["x"]["origin_file"].endswith("p0.jsonl") and kept["x"]["origin_row"] == 0
@@ -195,10 +196,10 @@ def test_failed_ingest_leaves_earlier_result_alone(tmp_path: Path, ray_local,
     d = tmp_path / "d"
     d.mkdir()
     (d / "a.jsonl").write_text(json.dumps(GOOD) + "\n")
-    stage = run_ingest(make_cfg(tmp_path, tiny_ref, f"data.source={d}"))
+    stage = run_stage(make_cfg(tmp_path, tiny_ref, f"data.source={d}"), "ingest")
     marker = (stage.path / "_SUCCESS.json").read_text()
     (d / "a.jsonl").write_text('{"a": 1}\n')
     with pytest.raises(IngestError, match="no valid rows"):
-        run_ingest(make_cfg(tmp_path, tiny_ref, f"data.source={d}", "data.template=plain",
-                            "run.overwrite=true"))
+        run_stage(make_cfg(tmp_path, tiny_ref, f"data.source={d}", "data.template=plain",
+                            "run.overwrite=true"), "ingest")
     assert (stage.path / "_SUCCESS.json").read_text() == marker

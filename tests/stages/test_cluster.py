@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import faiss
@@ -16,7 +14,6 @@ import pytest
 from s2l_ray.config import ClusterConfig, SelectConfig, load_config
 from s2l_ray.core import kmeans as km
 from s2l_ray.core import selection as selection
-from s2l_ray.stages.base import Stage
 from s2l_ray.stages.cluster import fit_files, parquet_files, plan_shards
 from s2l_ray.stages.select import select_from
 
@@ -166,34 +163,27 @@ def test_many_duplicates_and_empty_clusters_survive(ray_local, tmp_path) -> None
     assert set(c for c, _ in labels_by_id(tmp_path / "cl").values()) <= set(range(6))
 
 
-def test_run_select_publishes_both_stages(ray_local, data, tmp_path, monkeypatch) -> None:
-    # stand-in for s2l_ray.stages.trajectories (issue 4): publishes the synthetic trajectories
-    fake = types.ModuleType("s2l_ray.stages.trajectories")
-
-    def trajectories_stage(cfg) -> Stage:
-        return Stage(cfg, "trajectories", ("trajectories",))
-
-    def run_trajectories(cfg) -> Stage:
-        st = trajectories_stage(cfg)
-        if not st.is_done():
-            write_trajectories(data, st.begin(), 2, 800)
-            st.publish({"examples": N})
-        return st
-
-    fake.trajectories_stage, fake.run_trajectories = trajectories_stage, run_trajectories
-    monkeypatch.setitem(sys.modules, "s2l_ray.stages.trajectories", fake)
-    from s2l_ray.stages.registry import BY_NAME, entry_of
-    from s2l_ray.stages.select import run_select
+def test_run_select_publishes_both_stages(ray_local, data, tmp_path) -> None:
+    """The runner on published upstream folders: `s2l select` with ingest, train-ref and
+    trajectories already published runs cluster and select only, and a rerun skips both."""
+    from s2l_ray.stages import registry
 
     cfg = load_config(None, [f"run.output_dir={tmp_path / 'out'}", "cluster.k=8",
                              "cluster.max_iter=5", "cluster.normalize=standardize",
                              "select.budget=50", "select.method=s2l"])
-    write_examples(data, tmp_path / "out" / "ingest" / "examples")
-    assert entry_of(BY_NAME["select"]) is run_select
-    stage = run_select(cfg)
+    upstream = registry.stages(cfg, "select")
+    for name, fill in (("ingest", lambda d: write_examples(data, d / "examples")),
+                       ("train-ref", lambda d: None),
+                       ("trajectories", lambda d: write_trajectories(data, d, 2, 800))):
+        st = upstream[name]
+        fill(st.begin())
+        st.publish({"examples": N})
+    stage = registry.run_stage(cfg, "select")
     rep = stage.report()
     assert (stage.path / "_SUCCESS.json").is_file() and rep["selected"] == 50
     assert len((stage.path / "selected.jsonl").read_text().splitlines()) == 50
     cl = json.loads((tmp_path / "out" / "cluster" / "report.json").read_text())
     assert cl["normalize"] == "standardize" and cl["k"] == 8
-    assert run_select(cfg).report()["seconds"] == rep["seconds"]  # second run: skipped
+    again = registry.run(cfg, "select")  # second run: every stage skipped
+    assert again["select"].report()["seconds"] == rep["seconds"]
+    assert again["cluster"].report()["seconds"] == cl["seconds"]

@@ -14,7 +14,7 @@ import pytest
 
 from s2l_ray.config import ConfigError, load_config
 from s2l_ray.stages.base import MARKER, Stage
-from s2l_ray.stages.ingest import run_ingest
+from s2l_ray.stages.registry import run_stage
 from tests.conftest import make_cfg
 
 SMALL = ("demo.n_train=60", "demo.n_test_per_source=1")
@@ -58,16 +58,16 @@ def test_ingest_uploaded_then_downloaded_not_recomputed(
         tmp_path: Path, ray_local, tiny_ref: str, caplog: pytest.LogCaptureFixture) -> None:
     remote = tmp_path / "remote"
     cfg = make_cfg(tmp_path, tiny_ref, *SMALL, f"run.storage_uri=file://{remote}")
-    local = run_ingest(cfg).path
+    local = run_stage(cfg, "ingest").path
     published = _files(local)
     assert _files(remote / "ingest") == published  # the whole folder, marker included
     assert json.loads((remote / "ingest" / MARKER).read_text())["fingerprint"] == \
-        run_ingest(cfg).fingerprint
+        run_stage(cfg, "ingest").fingerprint
 
     shutil.rmtree(tmp_path / "out")
     caplog.clear()  # the first run's lines are captured too when s2l_ray already logs at INFO
     with caplog.at_level(logging.INFO, logger="s2l_ray"):
-        stage = run_ingest(cfg)
+        stage = run_stage(cfg, "ingest")
     assert "downloaded the finished result" in caplog.text
     assert "ingest: starting" not in caplog.text  # nothing recomputed
     assert _files(stage.path) == published  # same bytes: report.json's timing included
@@ -77,12 +77,12 @@ def test_ingest_uploaded_then_downloaded_not_recomputed(
     other = make_cfg(tmp_path / "b", tiny_ref, "demo.n_train=61", "demo.n_test_per_source=1",
                      f"run.storage_uri=file://{remote}")
     with pytest.raises(ConfigError, match="run.storage_uri"):
-        run_ingest(other)
+        run_stage(other, "ingest")
     assert not (tmp_path / "b" / "out" / "ingest").exists()
 
     # ... and a finished local stage the storage lacks is uploaded on the next run.
     shutil.rmtree(remote)
-    run_ingest(cfg)
+    run_stage(cfg, "ingest")
     assert _files(remote / "ingest") == published
 
 

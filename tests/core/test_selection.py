@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from s2l_ray.config import SELECTION_METHODS, ConfigError
+from s2l_ray.config import ConfigError
 from s2l_ray.core import selection as sel
+from s2l_ray.core.methods import SELECTION_METHODS
+from s2l_ray.errors import ParamError, config_keys
 
 N = 240
 
@@ -39,14 +41,18 @@ def test_budget_resolves(budget, n: int, want: int) -> None:
 
 @pytest.mark.parametrize("budget", [0.0, 1.5, -0.2, float("nan"), 0, -3, True])
 def test_bad_budget_names_the_key_and_fix(budget) -> None:
-    with pytest.raises(ConfigError, match=r"'select\.budget'.*Fix"):
+    with pytest.raises(ParamError, match=r"^budget: .*Fix"):  # Ray-free: names the argument
         sel.resolve_budget(budget, 100)
+    with pytest.raises(ConfigError, match=r"'select\.budget'.*Fix"), config_keys("select"):
+        sel.resolve_budget(budget, 100)  # the stage adapter names the key
 
 
 def test_budget_over_n_is_an_error_naming_the_fix() -> None:
-    with pytest.raises(ConfigError, match=r"'select\.budget'.*more than the 7.*at most 7"):
+    with pytest.raises(ConfigError, match=r"'select\.budget'.*more than the 7.*at most 7"), \
+            config_keys("select"):
         sel.resolve_budget(8, 7)
-    with pytest.raises(ConfigError, match=r"'select\.budget'.*no examples"):
+    with pytest.raises(ConfigError, match=r"'sweep\.budgets'.*no examples"), \
+            config_keys("sweep", {"budget": "sweep.budgets"}):
         sel.select("random", [], 1, 0)
 
 
@@ -153,5 +159,5 @@ def test_missing_inputs_and_duplicates_are_errors(data) -> None:
         sel.select("s2l", data["ids"], 3, 0)
     with pytest.raises(ValueError, match="distinct"):
         sel.select("random", ["a", "a"], 1, 0)
-    with pytest.raises(ConfigError, match=r"'select\.method'"):
+    with pytest.raises(ParamError, match=r"^method: unknown 'facility_location'"):
         sel.select("facility_location", data["ids"], 3, 0)

@@ -16,26 +16,24 @@ import torch
 
 from s2l_ray.config import ConfigError, dump_config, load_config
 from s2l_ray.core.tokens import pad_batch
-from s2l_ray.stages.train_ref import load_manifest, run_train_ref
-from tests.conftest import make_cfg
+from s2l_ray.stages.registry import run_stage
+from s2l_ray.stages.train_ref import load_manifest
+from tests.conftest import copy_upstream, make_cfg, overrides, small_cfg
 
 pytestmark = pytest.mark.ray
-T = 4
+T = 3  # the small run's reference.num_checkpoints
 
 
 def _overrides(tiny_ref: str, out: Path) -> list[str]:
-    return [f"run.output_dir={out}", f"reference.model={tiny_ref}", f"target.model={tiny_ref}",
-            "demo.n_train=300", "demo.n_test_per_source=2", "data.template=plain",
-            "data.max_length=128", "reference.num_workers=2", "reference.cpus_per_worker=0.5",
-            "reference.batch_size=8", "reference.grad_accum=1", "reference.epochs=2",
-            "reference.lr=3e-3", "reference.zero_stage=1", f"reference.num_checkpoints={T}"]
+    return overrides(out, tiny_ref, "reference.num_workers=2")  # 2 DeepSpeed ranks (gloo)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, ray_local, tiny_ref: str):
-    out = tmp_path_factory.mktemp("train") / "out"
-    cfg = load_config(None, _overrides(tiny_ref, out))
-    return cfg, run_train_ref(cfg)
+def trained(tmp_path_factory: pytest.TempPathFactory, upstream: Path, tiny_ref: str):
+    """The small run's reference training (1 worker, 1 epoch), published once per session."""
+    out = copy_upstream(upstream, tmp_path_factory.mktemp("train") / "out")
+    cfg = small_cfg(out, tiny_ref)
+    return cfg, run_stage(cfg, "train-ref")
 
 
 def _hf_loss(path: str, probe: dict) -> float:
@@ -47,6 +45,7 @@ def _hf_loss(path: str, probe: dict) -> float:
         return float(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
 
 
+@pytest.mark.slow  # the session's upstream run: ~40 s on 2 CPUs, shared with later tests
 def test_t_checkpoints_and_loss_goes_down(trained) -> None:
     _, stage = trained
     manifest = load_manifest(stage.path)
@@ -59,6 +58,7 @@ def test_t_checkpoints_and_loss_goes_down(trained) -> None:
     assert stage.report()["tokens_per_s_per_worker"] > 0
 
 
+@pytest.mark.slow
 def test_each_checkpoint_loads_and_reproduces_logged_loss(trained) -> None:
     _, stage = trained
     probe = json.loads((stage.path / "probe.json").read_text())
@@ -67,10 +67,11 @@ def test_each_checkpoint_loads_and_reproduces_logged_loss(trained) -> None:
         assert _hf_loss(m["path"], probe) == pytest.approx(m["probe_loss"], rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_rerun_is_skipped(trained) -> None:
     cfg, stage = trained
     marker = (stage.path / "_SUCCESS.json").read_text()
-    run_train_ref(cfg)
+    run_stage(cfg, "train-ref")
     assert (stage.path / "_SUCCESS.json").read_text() == marker
 
 
@@ -111,7 +112,7 @@ def test_bad_configs_fail_before_training(tmp_path: Path, ray_local, tiny_ref: s
                        "reference.num_workers=2", "reference.cpus_per_worker=0.5",
                        "reference.num_checkpoints=2", override)
         with pytest.raises(ConfigError, match=key):
-            run_train_ref(cfg)
+            run_stage(cfg, "train-ref")
         assert not (tmp_path / "out" / ".train_ref.tmp").exists()
     for override, key in [("reference.num_workers=0", "reference.num_workers"),
                           ("reference.zero_stage=5", "reference.zero_stage")]:
@@ -119,11 +120,12 @@ def test_bad_configs_fail_before_training(tmp_path: Path, ray_local, tiny_ref: s
             make_cfg(tmp_path, tiny_ref, override)
 
 
+@pytest.mark.slow
 def test_resume_after_kill(tmp_path: Path, ray_local, tiny_ref: str) -> None:
-    """Kill a training run after its 2nd checkpoint; the rerun does only the rest."""
+    """Kill a 2-worker training run after its 2nd checkpoint; the rerun does only the rest."""
     out = tmp_path / "out"
     overrides = [*_overrides(tiny_ref, out), "reference.batch_size=2",
-                 "reference.max_steps=140", "reference.checkpoint_steps=[5, 10, 120, 140]"]
+                 "reference.max_steps=40", "reference.checkpoint_steps=[5, 10, 30, 40]"]
     cfg = load_config(None, overrides)
     cfg_file = tmp_path / "cfg.yaml"
     dump_config(cfg, cfg_file)
@@ -150,9 +152,9 @@ def test_resume_after_kill(tmp_path: Path, ray_local, tiny_ref: str) -> None:
         log_file.close()
     assert not (out / "train_ref").exists()
     killed_at = time.time()
-    stage = run_train_ref(cfg)
+    stage = run_stage(cfg, "train-ref")
     manifest = load_manifest(stage.path)
-    assert [m["step"] for m in manifest] == [5, 10, 120, 140]
+    assert [m["step"] for m in manifest] == [5, 10, 30, 40]
     assert [m["attempt_start_step"] for m in manifest[:2]] == [0, 0]  # from the killed run
     assert all(m["attempt_start_step"] >= 10 for m in manifest[2:])  # resumed, not redone
     first = Path(manifest[0]["path"]) / "model.safetensors"

@@ -18,22 +18,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from s2l_ray.config import load_config
 from s2l_ray.core.tokens import labels_for
-from s2l_ray.stages.ingest import run_ingest
-from s2l_ray.stages.train_ref import train_ref_stage
-from s2l_ray.stages.trajectories import TrajectoryError, check_checkpoints, run_trajectories
+from s2l_ray.stages.registry import run_stage, stage_for
+from s2l_ray.stages.trajectories import TrajectoryError, check_checkpoints
+from tests.conftest import small_cfg
 
 pytestmark = pytest.mark.ray
 T = 3
 
 
 def _cfg(out: Path, tiny_ref: str, *extra: str):
-    return load_config(None, [
-        f"run.output_dir={out}", f"reference.model={tiny_ref}", f"target.model={tiny_ref}",
-        "demo.n_train=240", "demo.n_test_per_source=2", "data.template=plain",
-        "data.max_length=128", f"reference.num_checkpoints={T}",
-        "trajectories.batch_tokens=256", "trajectories.cpus_per_actor=0.5", *extra])
+    return small_cfg(out, tiny_ref, "demo.n_train=240", f"reference.num_checkpoints={T}",
+                     "trajectories.batch_tokens=256", *extra)
 
 
 def _checkpoint(tiny_ref: str, out: Path, seed: int, tokenizer: str | None = None) -> None:
@@ -51,7 +47,7 @@ def _checkpoint(tiny_ref: str, out: Path, seed: int, tokenizer: str | None = Non
 
 def _publish_ref(cfg, tiny_ref: str, tokenizers: dict[int, str] | None = None) -> list[Path]:
     """A published train_ref stage with T checkpoints, as run_train_ref would leave it."""
-    stage = train_ref_stage(cfg)
+    stage = stage_for(cfg, "train-ref")
     tmp = stage.begin()
     manifest = []
     for i in range(T):
@@ -104,9 +100,9 @@ def base(tmp_path_factory: pytest.TempPathFactory, ray_local, tiny_ref: str):
     """One ingest + T checkpoints + a trajectories run with 1 actor."""
     out = tmp_path_factory.mktemp("traj") / "out"
     cfg = _cfg(out, tiny_ref)
-    run_ingest(cfg)
+    run_stage(cfg, "ingest")
     paths = _publish_ref(cfg, tiny_ref)
-    return cfg, paths, run_trajectories(cfg)
+    return cfg, paths, run_stage(cfg, "trajectories")
 
 
 def test_losses_equal_hf_one_example_at_a_time(base) -> None:
@@ -144,17 +140,18 @@ def test_report_manifest_and_marker(base) -> None:
     assert [m["path"] for m in manifest] == [str(p) for p in paths]
     assert [m["column"] for m in manifest] == list(range(T))
     marker = (stage.path / "_SUCCESS.json").read_text()
-    run_trajectories(cfg)  # current: skipped
+    run_stage(cfg, "trajectories")  # current: skipped
     assert (stage.path / "_SUCCESS.json").read_text() == marker
 
 
+@pytest.mark.slow
 def test_same_output_whatever_the_parallelism(base, tmp_path: Path, tiny_ref: str) -> None:
     cfg, _, stage = base
     other = tmp_path / "out"
     _copy_inputs(Path(cfg.run.output_dir), other)
     _relayout(other / "ingest" / "examples", 7)
     with _small_blocks(16 * 1024):
-        two = run_trajectories(_cfg(other, tiny_ref, "trajectories.concurrency=2"))
+        two = run_stage(_cfg(other, tiny_ref, "trajectories.concurrency=2"), "trajectories")
     a, b = _table(stage), _table(two)
     assert b.num_rows == a.num_rows == stage.report()["examples"]
     assert b["id"].to_pylist() == a["id"].to_pylist()  # every id once, none lost
@@ -173,7 +170,7 @@ def test_broken_checkpoint_fails_before_the_pipeline(base, tmp_path: Path, tiny_
     weights = paths[1] / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated file
     with pytest.raises(TrajectoryError, match=r"step_0000020 does not load.*Fix:"):
-        run_trajectories(cfg)
+        run_stage(cfg, "trajectories")
     assert not (out / ".trajectories.tmp").exists() and not (out / "trajectories").exists()
 
 
@@ -201,7 +198,7 @@ def test_mismatched_tokenizers_fail(base, tmp_path: Path, tiny_ref: str) -> None
     cfg = _cfg(out, tiny_ref)
     _publish_ref(cfg, tiny_ref, tokenizers={2: str(other_tok)})
     with pytest.raises(TrajectoryError, match=r"step_0000030 has another tokenizer.*Fix:"):
-        run_trajectories(cfg)
+        run_stage(cfg, "trajectories")
     # every checkpoint agrees, but the data was tokenized with another tokenizer
     ck = tmp_path / "ck"
     _checkpoint(tiny_ref, ck, seed=0, tokenizer=str(other_tok))

@@ -11,7 +11,8 @@ import pytest
 
 from s2l_ray.config import ConfigError
 from s2l_ray.demo.data import KINDS, SOURCES, row_labels
-from s2l_ray.stages.ingest import IngestError, run_ingest
+from s2l_ray.stages.ingest import IngestError
+from s2l_ray.stages.registry import run_stage
 from tests.conftest import make_cfg
 
 pytestmark = pytest.mark.ray
@@ -48,7 +49,7 @@ def _write_mixed(folder: Path) -> int:
 
 def test_mixed_folder_every_row_accounted(tmp_path: Path, ray_local, tiny_ref: str) -> None:
     n_in = _write_mixed(tmp_path / "data")
-    stage = run_ingest(make_cfg(tmp_path, tiny_ref, f"data.source={tmp_path / 'data'}"))
+    stage = run_stage(make_cfg(tmp_path, tiny_ref, f"data.source={tmp_path / 'data'}"), "ingest")
     examples = _read(stage.path / "examples")
     rejects = _read(stage.path / "rejects")
     report = stage.report()
@@ -78,8 +79,8 @@ def test_ids_stable_across_files_and_parallelism(tmp_path: Path, ray_local, tiny
         part = rows[k::5][::-1]
         (many / f"p{k}.jsonl").write_text("\n".join(
             json.dumps({**r, "instruction": r["instruction"] + "  "}) for r in part))
-    s1 = run_ingest(make_cfg(tmp_path / "r1", tiny_ref, f"data.source={one}"))
-    s2 = run_ingest(make_cfg(tmp_path / "r2", tiny_ref, f"data.source={many}"))
+    s1 = run_stage(make_cfg(tmp_path / "r1", tiny_ref, f"data.source={one}"), "ingest")
+    s2 = run_stage(make_cfg(tmp_path / "r2", tiny_ref, f"data.source={many}"), "ingest")
     ids1 = sorted(r["id"] for r in _read(s1.path / "examples"))
     ids2 = sorted(r["id"] for r in _read(s2.path / "examples"))
     assert ids1 == ids2 and len(set(ids1)) == 300
@@ -93,7 +94,8 @@ def test_duplicates_keep_first_and_given_ids(tmp_path: Path, ray_local, tiny_ref
             {"uid": "x1", "instruction": "q3", "output": "a3"},   # repeated id, other content
             {"uid": "", "instruction": "q4", "output": "a4"}]     # bad id
     (d / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    stage = run_ingest(make_cfg(tmp_path, tiny_ref, f"data.source={d}", "data.id_column=uid"))
+    cfg = make_cfg(tmp_path, tiny_ref, f"data.source={d}", "data.id_column=uid")
+    stage = run_stage(cfg, "ingest")
     ex = {e["id"]: e for e in _read(stage.path / "examples")}
     assert sorted(ex) == ["x1", "x2"] and ex["x1"]["response"] == "a1"
     rej = {r["reject_reason"]: r for r in _read(stage.path / "rejects")}
@@ -101,8 +103,8 @@ def test_duplicates_keep_first_and_given_ids(tmp_path: Path, ray_local, tiny_ref
     assert rej["duplicate_id"]["origin_row"] == 2 and "a.jsonl:0" in rej["duplicate_id"][
         "reject_detail"]
     with pytest.raises(IngestError, match="data.duplicates=reject"):
-        run_ingest(make_cfg(tmp_path / "strict", tiny_ref, f"data.source={d}",
-                            "data.id_column=uid", "data.duplicates=error"))
+        run_stage(make_cfg(tmp_path / "strict", tiny_ref, f"data.source={d}",
+                            "data.id_column=uid", "data.duplicates=error"), "ingest")
 
 
 def test_overlong_reject_vs_truncate_and_zero_valid(tmp_path: Path, ray_local,
@@ -112,11 +114,11 @@ def test_overlong_reject_vs_truncate_and_zero_valid(tmp_path: Path, ray_local,
     (d / "a.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"instruction": "short", "output": "ok"},
         {"instruction": "long", "output": "word " * 200}]))
-    rej = run_ingest(make_cfg(tmp_path / "rej", tiny_ref, f"data.source={d}", "data.template=plain",
-                              "data.max_length=64", "data.overlong=reject"))
+    rej = run_stage(make_cfg(tmp_path / "rej", tiny_ref, f"data.source={d}", "data.template=plain",
+                              "data.max_length=64", "data.overlong=reject"), "ingest")
     assert rej.report()["valid"] == 1 and rej.report()["rejects"] == {"overlong": 1}
-    cut = run_ingest(make_cfg(tmp_path / "cut", tiny_ref, f"data.source={d}", "data.template=plain",
-                              "data.max_length=64"))
+    cut = run_stage(make_cfg(tmp_path / "cut", tiny_ref, f"data.source={d}", "data.template=plain",
+                              "data.max_length=64"), "ingest")
     assert cut.report()["valid"] == 2 and cut.report()["truncated"] == 1
     assert cut.report()["max_tokens"] == 64
     bad = tmp_path / "bad"
@@ -124,7 +126,7 @@ def test_overlong_reject_vs_truncate_and_zero_valid(tmp_path: Path, ray_local,
     (bad / "x.jsonl").write_text('{"a": 1}\n{"b": 2}\n')
     cfg = make_cfg(tmp_path / "zero", tiny_ref, f"data.source={bad}")
     with pytest.raises(IngestError, match=r"no valid rows.*unknown_format"):
-        run_ingest(cfg)
+        run_stage(cfg, "ingest")
     assert not (tmp_path / "zero" / "out" / "ingest").exists()
 
 
@@ -134,7 +136,7 @@ def test_hf_dataset_from_disk(tmp_path: Path, ray_local, tiny_ref: str) -> None:
     ds = datasets.Dataset.from_list([{"instruction": f"q{i}", "input": "", "output": f"a{i}"}
                                      for i in range(20)])
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "hfds"))
-    stage = run_ingest(make_cfg(tmp_path, tiny_ref, f"data.source=hf:{tmp_path / 'hfds'}"))
+    stage = run_stage(make_cfg(tmp_path, tiny_ref, f"data.source=hf:{tmp_path / 'hfds'}"), "ingest")
     ex = _read(stage.path / "examples")
     assert len(ex) == 20 and {e["format"] for e in ex} == {"alpaca"}
     assert sorted(e["origin_row"] for e in ex) == list(range(20))
@@ -143,7 +145,7 @@ def test_hf_dataset_from_disk(tmp_path: Path, ray_local, tiny_ref: str) -> None:
 def test_demo_rerun_skips_and_config_change_is_caught(tmp_path: Path, ray_local,
                                                       tiny_ref: str) -> None:
     cfg = make_cfg(tmp_path, tiny_ref, "demo.n_train=300", "demo.n_test_per_source=5")
-    stage = run_ingest(cfg)
+    stage = run_stage(cfg, "ingest")
     rep = stage.report()
     assert rep["rows"] == 300 and rep["valid"] + rep["rejected"] == 300
     assert set(rep["sources"]) == set(SOURCES)  # the demo's sources, each mixing kinds
@@ -155,8 +157,8 @@ def test_demo_rerun_skips_and_config_change_is_caught(tmp_path: Path, ray_local,
     assert all(isinstance(lab["wrong"], bool) for lab in labels) and any(
         lab["wrong"] for lab in labels)
     marker = (stage.path / "_SUCCESS.json").read_text()
-    run_ingest(cfg)  # done: skipped, marker untouched
+    run_stage(cfg, "ingest")  # done: skipped, marker untouched
     assert (stage.path / "_SUCCESS.json").read_text() == marker
     changed = make_cfg(tmp_path, tiny_ref, "demo.n_train=301", "demo.n_test_per_source=5")
     with pytest.raises(ConfigError, match="run.overwrite=true"):
-        run_ingest(changed)
+        run_stage(changed, "ingest")

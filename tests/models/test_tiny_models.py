@@ -70,7 +70,7 @@ def test_tokenizer_is_deterministic(tmp_path: Path, nano_dir: str) -> None:
 
 def test_tokenizer_is_deterministic_across_processes(tmp_path: Path, nano_dir: str) -> None:
     # The tokenizers library is Rust, whose hash maps are seeded per process: a real risk.
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     code = f"from s2l_ray.models.tiny import build_tokenizer; build_tokenizer({str(tmp_path)!r})"
     env = {**os.environ,
            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}

@@ -2,9 +2,10 @@
 run a fresh process with its own local Ray), and the final uninterrupted run ends with the same
 selected ids as a clean run, without redoing any stage that had finished before a kill.
 
-The stages come from `s2l_ray.stages.registry.PIPELINE`, so a stage added there is covered without
+The stages come from `s2l_ray.stages.registry.STAGES`, so a stage added there is covered without
 editing this test; `sweep` is left out (it fine-tunes target models under Ray Tune: minutes per
-run on CPU; tests/test_sweep.py covers its own resume), so the runs stop at the stage before it.
+run on CPU; tests/stages/test_sweep.py covers its own resume), so the runs stop at the stage
+before it.
 """
 
 from __future__ import annotations
@@ -19,27 +20,25 @@ import pyarrow.parquet as pq
 import pytest
 
 from s2l_ray.config import dump_config, load_config
-from s2l_ray.stages.registry import PIPELINE, available, run_stage
+from s2l_ray.stages.registry import BY_NAME, STAGES, run_stage
+from tests.conftest import overrides
 from tests.ray_procs import REPO, clean_env, kill_run, short_tmpdir
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 LEFT_OUT = {"sweep"}
-STAGES = [s.name for s in PIPELINE if available(s) and s.name not in LEFT_OUT]
+NAMES = [s.name for s in STAGES if s.name not in LEFT_OUT]
 MARKER = "_SUCCESS.json"
 
 
 def _dir(stage: str) -> str:
-    return stage.replace("-", "_")  # CLI name -> folder name (train-ref -> train_ref)
+    return BY_NAME[stage].folder  # CLI name -> folder name (train-ref -> train_ref)
 
 
 def _overrides(tiny_ref: str, out: Path) -> list[str]:
-    return [f"run.output_dir={out}", "run.num_cpus=2", f"reference.model={tiny_ref}",
-            f"target.model={tiny_ref}", "demo.n_train=120", "demo.n_test_per_source=1",
-            "data.template=plain", "data.max_length=128", "reference.num_workers=1",
-            "reference.cpus_per_worker=1", "reference.batch_size=8", "reference.grad_accum=1",
-            "reference.max_steps=6", "reference.lr=3e-3", "reference.zero_stage=1",
-            "reference.num_checkpoints=3", "trajectories.batch_tokens=1024", "cluster.k=5",
-            "cluster.max_iter=10", "select.budget=0.2"]
+    return overrides(out, tiny_ref, "run.num_cpus=2", "demo.n_train=120",
+                     "demo.n_test_per_source=1", "reference.cpus_per_worker=1",
+                     "reference.max_steps=6", "trajectories.batch_tokens=1024", "cluster.k=5",
+                     "cluster.max_iter=10", "select.budget=0.2")
 
 
 def _selected(out: Path) -> list[str]:
@@ -49,7 +48,7 @@ def _selected(out: Path) -> list[str]:
 def _finished(out: Path) -> dict[str, tuple[str, int]]:
     """Published stages: marker text (fingerprint, finished_at) and its mtime."""
     found = {}
-    for s in STAGES:
+    for s in NAMES:
         f = out / _dir(s) / MARKER
         if f.is_file():
             found[s] = (f.read_text(), f.stat().st_mtime_ns)
@@ -72,7 +71,7 @@ def _run(cfg_file: Path, log: Path, stop_in: str | None) -> subprocess.Completed
     out = Path(load_config(cfg_file, []).run.output_dir)
     ray_tmp = short_tmpdir("s2l_rs_")
     with log.open("wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "s2l_ray", STAGES[-1], str(cfg_file)],
+        proc = subprocess.Popen([sys.executable, "-m", "s2l_ray", NAMES[-1], str(cfg_file)],
                                 cwd=REPO, env=clean_env(RAY_TMPDIR=str(ray_tmp)),
                                 start_new_session=True, stdout=f, stderr=subprocess.STDOUT)
         try:
@@ -92,10 +91,10 @@ def _run(cfg_file: Path, log: Path, stop_in: str | None) -> subprocess.Completed
 
 
 def test_killed_in_every_stage_then_resumed(tmp_path: Path, ray_local, tiny_ref: str) -> None:
-    assert STAGES[:2] == ["ingest", "train-ref"] and len(STAGES) >= 5, STAGES
+    assert NAMES[:2] == ["ingest", "train-ref"] and len(NAMES) >= 5, NAMES
     # The clean run, on the session's Ray.
     clean = tmp_path / "clean"
-    run_stage(load_config(None, _overrides(tiny_ref, clean)), STAGES[-1])
+    run_stage(load_config(None, _overrides(tiny_ref, clean)), NAMES[-1])
     expected = _selected(clean)
     assert expected
 
@@ -103,7 +102,7 @@ def test_killed_in_every_stage_then_resumed(tmp_path: Path, ray_local, tiny_ref:
     cfg_file = tmp_path / "chain.yaml"
     dump_config(load_config(None, _overrides(tiny_ref, out)), cfg_file)
     first_seen: dict[str, tuple[str, int]] = {}
-    for i, stage in enumerate(STAGES):
+    for i, stage in enumerate(NAMES):
         log = tmp_path / f"run{i}_{stage}.log"
         got = _run(cfg_file, log, stop_in=stage)
         tail = log.read_text(errors="replace")[-4000:]
@@ -111,7 +110,7 @@ def test_killed_in_every_stage_then_resumed(tmp_path: Path, ray_local, tiny_ref:
                             f"\n{tail}"
         done = _finished(out)
         # The ones before, in order; not this one (it was killed before publishing).
-        assert list(done) == STAGES[:i], (stage, list(done), tail)
+        assert list(done) == NAMES[:i], (stage, list(done), tail)
         for s, seen in first_seen.items():
             assert done[s] == seen, f"{s} was redone in run {i}"  # marker and mtime unchanged
         first_seen.update({s: v for s, v in done.items() if s not in first_seen})
@@ -120,7 +119,7 @@ def test_killed_in_every_stage_then_resumed(tmp_path: Path, ray_local, tiny_ref:
     final = _run(cfg_file, log, stop_in=None)
     assert final is not None and final.returncode == 0, log.read_text(errors="replace")[-4000:]
     done = _finished(out)
-    assert list(done) == STAGES
+    assert list(done) == NAMES
     for s, seen in first_seen.items():
         assert done[s] == seen, f"{s} was redone by the final run"
     assert _selected(out) == expected

@@ -8,6 +8,7 @@ import pytest
 
 from s2l_ray.config import ConfigError
 from s2l_ray.core import kmeans as km
+from s2l_ray.errors import ParamError, config_keys
 
 
 def blobs(n: int = 3000, t: int = 10, centers: int = 12, seed: int = 0,
@@ -162,7 +163,10 @@ def test_non_finite_losses_name_the_example() -> None:
 
 
 def test_more_clusters_than_examples_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match=r"'cluster\.k'.*Fix"):
+    with pytest.raises(ParamError, match=r"^k: 6 clusters for 5 examples.*Fix"):
+        km.fit(ids_for(5), blobs(5, 3), 6, seed=0)
+    with pytest.raises(ConfigError, match=r"'cluster\.k'.*Fix: use at most 5"), \
+            config_keys("cluster"):
         km.fit(ids_for(5), blobs(5, 3), 6, seed=0)
 
 

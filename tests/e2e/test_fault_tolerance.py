@@ -3,8 +3,8 @@ multi-node `ray.cluster_utils.Cluster`, in a process of its own), and a Ray Trai
 during reference training (the session's `ray_local`, reference.max_failures=1).
 
 For the node loss the reference checkpoints are built directly (seeded perturbations of the tiny
-model, published as a train_ref stage, as tests/test_trajectories.py does): the trajectory stage
-only needs T loadable checkpoints, and training them would double the test's time."""
+model, published as a train_ref stage, as tests/stages/test_trajectories.py does): the trajectory
+stage only needs T loadable checkpoints, and training them would double the test's time."""
 
 from __future__ import annotations
 
@@ -24,28 +24,26 @@ import pytest
 import torch
 
 from s2l_ray.config import dump_config, load_config
-from s2l_ray.stages.ingest import run_ingest
-from s2l_ray.stages.train_ref import load_manifest, run_train_ref, train_ref_stage
+from s2l_ray.stages.registry import run_stage, stage_for
+from s2l_ray.stages.train_ref import load_manifest
+from tests.conftest import overrides
 from tests.ray_procs import REPO, clean_env, kill_run, short_tmpdir
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def _overrides(tiny_ref: str, out: Path) -> list[str]:
-    return [f"run.output_dir={out}", f"reference.model={tiny_ref}", f"target.model={tiny_ref}",
-            "demo.n_train=200", "demo.n_test_per_source=1", "data.template=plain",
-            "data.max_length=128", "reference.num_workers=2", "reference.cpus_per_worker=0.5",
-            "reference.batch_size=8", "reference.grad_accum=1", "reference.epochs=1",
-            "reference.lr=3e-3", "reference.zero_stage=1", "reference.num_checkpoints=3",
-            # small batches: 16 groups of several batches each, so scoring takes a while
-            "trajectories.batch_tokens=512"]
+    return overrides(out, tiny_ref, "demo.n_train=200", "reference.num_workers=2",
+                     "trajectories.cpus_per_actor=1",
+                     # small batches: 16 groups of several batches each, so scoring takes a while
+                     "trajectories.batch_tokens=512")
 
 
 def _publish_checkpoints(cfg, tiny_ref: str, t: int = 3) -> None:
     """A published train_ref stage of t checkpoints: the tiny model plus seeded noise."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stage = train_ref_stage(cfg)
+    stage = stage_for(cfg, "train-ref")
     tmp, manifest = stage.begin(), []
     for i in range(t):
         model = AutoModelForCausalLM.from_pretrained(tiny_ref)
@@ -75,15 +73,14 @@ def _undisturbed(cfg) -> tuple[list[str], np.ndarray]:
     import pyarrow.dataset as pads
 
     from s2l_ray.core.losses import score_block
-    from s2l_ray.stages.ingest import ingest_stage
     from s2l_ray.stages.trajectories import INPUT_COLUMNS, load_checkpoint, n_groups, with_groups
 
-    ingest = ingest_stage(cfg)
+    ingest = stage_for(cfg, "ingest")
     rep, batch_tokens = ingest.report(), cfg.trajectories.batch_tokens
     table = pads.dataset(str(ingest.path / "examples"), format="parquet").to_table(
         columns=INPUT_COLUMNS)
     table = with_groups(table, n_groups(rep["valid"], rep["tokens"], batch_tokens))
-    models = [load_checkpoint(m["path"]) for m in load_manifest(train_ref_stage(cfg).path)]
+    models = [load_checkpoint(m["path"]) for m in load_manifest(stage_for(cfg, "train-ref").path)]
     out, _ = score_block(models, table, batch_tokens, torch.device("cpu"))
     out = out.sort_by("id")
     return out["id"].to_pylist(), np.array(out["losses"].to_pylist())
@@ -95,10 +92,10 @@ def test_trajectories_survive_losing_a_worker_node(tmp_path: Path, ray_local,
     # Inputs: ingest on the session's Ray, checkpoints built directly; the expected losses.
     out = tmp_path / "out"
     cfg = load_config(None, [*_overrides(tiny_ref, out), "trajectories.concurrency=2"])
-    run_ingest(cfg)
+    run_stage(cfg, "ingest")
     _publish_checkpoints(cfg, tiny_ref, t=5)  # more work per block: a wider window to kill in
     ids, losses = _undisturbed(cfg)
-    assert len(ids) == len(set(ids)) == run_ingest(cfg).report()["valid"]
+    assert len(ids) == len(set(ids)) == run_stage(cfg, "ingest").report()["valid"]
 
     # The stage on a head and two worker nodes, a node running a scorer actor killed mid-stage.
     dump_config(cfg, tmp_path / "cfg.yaml")
@@ -156,7 +153,7 @@ def test_train_ref_resumes_after_a_worker_dies(tmp_path: Path, ray_local, tiny_r
 
     killer = threading.Thread(target=kill_a_worker, daemon=True)
     killer.start()
-    stage = run_train_ref(cfg)
+    stage = run_stage(cfg, "train-ref")
     killer.join(timeout=5)
     assert killed, "no Ray Train worker was found to kill"
     manifest = load_manifest(stage.path)
