@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from s2l_ray import __version__
 from s2l_ray.api import PACKAGED, config_path
@@ -123,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "tokenizer that loads with from_pretrained")
     p.add_argument("out_dir")
     p.add_argument("--preset", default="micro")
+    p.add_argument("--pretrained", action="store_true",
+                   help="pre-train it briefly on number facts (what 'tiny-pre:<preset>' is)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="INFO")
     return parser
@@ -178,12 +181,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         log.info("wrote %s", ", ".join(f"{k}: {v}" for k, v in paths.items()))
         return 0
     if args.command == "make-tiny-model":
-        from s2l_ray.models.tiny import PRESETS, build_tiny_model
+        from s2l_ray.models.tiny import PRESETS, build_pretrained_model, build_tiny_model
 
         if args.preset not in PRESETS:
             raise ConfigError(f"--preset '{args.preset}' is unknown. Fix: use one of "
                               f"{', '.join(PRESETS)}")
-        log.info("saved %s", build_tiny_model(args.out_dir, preset=args.preset, seed=args.seed))
+        build = build_pretrained_model if args.pretrained else build_tiny_model
+        log.info("saved %s", build(args.out_dir, preset=args.preset, seed=args.seed))
         return 0
     if args.command == "report":
         api.report(args.run_dir, examples_per_cluster=args.examples)
@@ -191,8 +195,20 @@ def _dispatch(args: argparse.Namespace) -> int:
     cfg = api.load("demo", args.overrides) if args.command == "demo" else _load(args)
     if args.command in ("demo", "run"):
         api.run_pipeline(cfg)  # writes the report after a sweep
+        if args.command == "demo":
+            _print_result(Path(cfg.run.output_dir))
     else:
         api.run_pipeline(cfg, until=args.command)
         if args.command == "sweep":  # the pictures of a finished sweep: cheap and current
             api.report(cfg.run.output_dir)
     return 0
+
+
+def _print_result(run_dir: Path) -> None:
+    """The demo's last words: its result table and the sentence that reads it (stdout)."""
+    summary = run_dir / "sweep" / "summary.md"
+    if summary.is_file():
+        head = summary.read_text().split("\n## All metrics", 1)[0]
+        sys.stdout.write("\n" + head.rstrip() + "\n\n"
+                         "The run's report (open it in a browser): "
+                         f"{run_dir / 'report' / 'index.html'}\n")

@@ -143,7 +143,7 @@ class DemoConfig:
     n_train: int = 2000
     """Training rows to generate."""
     n_test_per_source: int = 40
-    """Held-out rows per source, for evaluation."""
+    """Held-out rows per kind of problem, for evaluation (the held-out set is scored per kind)."""
     seed: int = 0
     """Seed of the generator (the same seed gives the same rows)."""
 
@@ -219,7 +219,9 @@ class TrainConfig:
     """Fine-tuning with Ray Train + DeepSpeed (shared by the reference and the target model)."""
 
     model: str = "EleutherAI/pythia-70m-deduped"
-    """Hugging Face hub id, local folder, or 'tiny:<preset>' for an offline tiny model."""
+    """Hugging Face hub id, local folder, 'tiny:<preset>' for an offline tiny model with random
+    weights, or 'tiny-pre:<preset>' for that model after a short pre-training on number facts
+    (built once into $S2L_RAY_CACHE, default ~/.cache/s2l_ray)."""
     trust_remote_code: bool = False
     """Allow the model's own Python code from the hub; off unless you trust the source."""
     epochs: int = 3

@@ -1,15 +1,27 @@
-"""Built-in demo data set "mathmix": seeded, MathInstruct-like instruction data.
+"""Built-in demo data set "mathmix": seeded, MathInstruct-like short number problems.
 
-The sources differ in size (skewed about 11x), difficulty and output length, so that S2L's
-trajectory clusters have something to find and random sampling visibly under-samples the rare
-sources. A few percent of train rows carry a wrong final answer and a few are exact duplicates,
-as real instruction data does. Pure Python and import-light: only stdlib.
+A tiny model on a laptop CPU can learn it (short problems, answers of a few digits, spelled digit
+by digit by the tiny tokenizer), and it keeps what makes MathInstruct a fair test of S2L:
+
+* kinds of problem of very different size and difficulty: three large, redundant, easy kinds
+  (`KIND_PROPORTIONS`: 75% of the rows) and five small, harder ones; the largest kind is >= 10x
+  the smallest;
+* sources that each mix several kinds (`SOURCE_MIX`), as MathInstruct's source datasets do, so
+  that balancing sources is not the same as balancing kinds;
+* a few percent of train rows with a wrong final answer and a few exact duplicates;
+* every output is a short checkable final answer, "The answer is X.".
+
+Each train row is {"source", "instruction", "output", "kind", "wrong"}: `kind` and `wrong` are
+the generator's knowledge (what kind of problem, whether the shown answer is wrong). Ingest keeps
+each row's JSON in the `raw` column, so they reach every stage (`row_labels`). Held-out rows are
+{"source", "instruction", "output", "answer", "kind"} with `source` = `kind`: the evaluation scores
+per `source`, and the demo scores per kind. Held-out instructions never occur in train.
 
 Every random stream is a ``random.Random`` seeded with a string naming its purpose (string seeds
 are hashed with SHA-512, so they are stable across processes and PYTHONHASHSEED). Separate streams
-(one per source and split, one for noise, one for duplicates, one for shuffling) mean that changing
-``wrong_answer_rate`` changes only the outputs of the affected rows, and that the first k problems
-of a source do not depend on n_train.
+(one per kind and split, one for sources, one for noise, one for duplicates, one for shuffling)
+mean that changing ``wrong_answer_rate`` changes only the outputs of the affected rows, and that
+the first k problems of a kind do not depend on n_train. Pure Python and import-light: stdlib only.
 """
 
 from __future__ import annotations
@@ -22,27 +34,46 @@ import re
 from collections.abc import Callable
 from decimal import Decimal
 from fractions import Fraction
-from math import gcd
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# Fixed order; proportions sum to 1 and the largest is 0.34 / 0.03 = 11.3x the smallest.
-SOURCE_PROPORTIONS: dict[str, float] = {
-    "arith_easy": 0.34,
-    "arith_chain": 0.22,
-    "word_problems": 0.16,
-    "linear_eq": 0.12,
-    "percent": 0.08,
-    "gcd_lcm": 0.05,
-    "fractions": 0.03,
+# Fixed order; proportions sum to 1; the largest is 0.32 / 0.03 = 10.7x the smallest. The kinds
+# were chosen on a validation split carved from training data (13 candidate kinds, 270 rows
+# each, the pre-trained tiny-pre:small target fine-tuned 2000 steps; benchmarks/results/
+# demo_cpu.md): the three it learned best are the large easy kinds, the next five the small
+# harder ones. Arithmetic that needs carries across digits (adding or subtracting two-digit
+# numbers, digit sums) stayed near 0 and is left out: a tiny CPU model does not learn it.
+KIND_PROPORTIONS: dict[str, float] = {
+    "first_digit": 0.32,  # easy, large, redundant (copying one digit)
+    "last_digit": 0.26,
+    "reverse": 0.17,
+    "count_on": 0.07,  # harder, small
+    "compare": 0.06,
+    "min3": 0.05,
+    "double": 0.04,
+    "half": 0.03,
 }
-SOURCES: tuple[str, ...] = tuple(SOURCE_PROPORTIONS)
+KINDS: tuple[str, ...] = tuple(KIND_PROPORTIONS)
+EASY_KINDS: tuple[str, ...] = KINDS[:3]
 
-# (instruction, rationale steps whose last one holds "{ans}", correct answer, answer style)
-Problem = tuple[str, list[str], Fraction, str]
-_NAMES = ("Maria", "Tom", "Aisha", "Chen", "Lucas", "Priya", "Omar", "Sofia", "Kenji", "Emma")
-_ITEMS = ("notebooks", "pens", "apples", "tickets", "candles", "mugs", "books", "stickers")
+# Which sources each kind is drawn into (weights); every source mixes at least three kinds, and
+# the two large sources hold mostly easy rows with a share of hard ones, as real datasets do.
+SOURCE_MIX: dict[str, dict[str, float]] = {
+    "first_digit": {"drills": 0.6, "worksheets": 0.3, "quizzes": 0.1},
+    "last_digit": {"drills": 0.5, "quizzes": 0.4, "worksheets": 0.1},
+    "reverse": {"drills": 0.7, "worksheets": 0.3},
+    "count_on": {"worksheets": 0.6, "contest": 0.4},
+    "compare": {"worksheets": 0.5, "quizzes": 0.2, "contest": 0.3},
+    "min3": {"quizzes": 0.6, "contest": 0.4},
+    "double": {"contest": 0.7, "quizzes": 0.3},
+    "half": {"quizzes": 0.5, "contest": 0.5},
+}
+SOURCES: tuple[str, ...] = ("drills", "worksheets", "quizzes", "contest")
+
+# (instruction, correct answer)
+Problem = tuple[str, int]
 
 
 def format_answer(value: Fraction | int, style: str = "fraction") -> str:
@@ -59,198 +90,131 @@ def format_answer(value: Fraction | int, style: str = "fraction") -> str:
     return f"{sign}{c // 100}.{c % 100:02d}".rstrip("0").rstrip(".")
 
 
-def _d(x: Fraction | int) -> str:  # numbers inside rationales
-    return format_answer(x, "decimal")
+def _add_small(rng: random.Random, s: int) -> Problem:
+    a, b = rng.randint(0, 99 * s), rng.randint(1, 9)
+    return f"What is {a} + {b}?", a + b
 
 
-def _arith_easy(rng: random.Random, s: int) -> Problem:
-    op = rng.choice("++--*")
-    if op == "*":
-        a, b = rng.randint(2, 25 * s), rng.randint(2, 12 * s)
-    else:
-        a, b = rng.randint(10, 99 * s), rng.randint(10, 99 * s)
-    ans = a + b if op == "+" else a - b if op == "-" else a * b
-    return f"What is {a} {op} {b}?", [], Fraction(ans), "fraction"
+def _compare(rng: random.Random, s: int) -> Problem:
+    a, b = rng.sample(range(1, 1000 * s), 2)
+    return f"Which is larger, {a} or {b}?", max(a, b)
 
 
-def _arith_chain(rng: random.Random, s: int) -> Problem:
-    cur = rng.randint(2, 30 * s)
-    expr, top, steps = str(cur), "", []
-    words = ("First", "Next", "Then")
-    n_ops = rng.randint(3, 4)
-    for i in range(n_ops):
-        divisors = [k for k in range(2, 10) if cur % k == 0 and cur != 0]
-        op = rng.choice("+-*/" if divisors else "+-*")
-        b = rng.choice(divisors) if op == "/" else rng.randint(2, 9 if op == "*" else 40 * s)
-        if op in "*/" and top in ("+", "-"):  # keep left-to-right order explicit
-            expr = f"({expr})"
-        new = cur + b if op == "+" else cur - b if op == "-" else cur * b if op == "*" else cur // b
-        word = "Finally" if i == n_ops - 1 else words[i]
-        rhs = "{ans}" if i == n_ops - 1 else str(new)
-        steps.append(f"{word}, {cur} {op} {b} = {rhs}.")
-        expr, top, cur = f"{expr} {op} {b}", op, new
-    return f"Evaluate {expr}.", steps, Fraction(cur), "fraction"
+def _count_on(rng: random.Random, s: int) -> Problem:
+    n = rng.randint(1, 999 * s)
+    return f"What number comes after {n}?", n + 1
 
 
-def _word_problems(rng: random.Random, s: int) -> Problem:
-    name, kind = rng.choice(_NAMES), rng.randrange(4)
-    if kind == 0:  # shopping
-        i1, i2 = rng.sample(_ITEMS, 2)
-        n1, n2 = rng.randint(2, 9 * s), rng.randint(2, 9 * s)
-        p1, p2 = Fraction(rng.randint(1, 12 * s)), Fraction(rng.randint(2, 40 * s), 4)
-        ans = n1 * p1 + n2 * p2
-        return (f"{name} buys {n1} {i1} at ${_d(p1)} each and {n2} {i2} at ${_d(p2)} each. "
-                f"How many dollars does {name} spend in total?",
-                [f"The {i1} cost {n1} * {_d(p1)} = {_d(n1 * p1)} dollars.",
-                 f"The {i2} cost {n2} * {_d(p2)} = {_d(n2 * p2)} dollars.",
-                 f"In total {name} spends {_d(n1 * p1)} + {_d(n2 * p2)} = {{ans}} dollars."],
-                ans, "decimal")
-    if kind == 1:  # speed
-        v1, v2 = rng.randint(3, 20 * s) * 5, rng.randint(3, 20 * s) * 5
-        t1, t2 = rng.randint(1, 6), rng.randint(1, 6)
-        return (f"A train travels at {v1} km per hour for {t1} hours and then at {v2} km per "
-                f"hour for {t2} hours. How many kilometers does it travel in total?",
-                [f"In the first part it covers {v1} * {t1} = {v1 * t1} km.",
-                 f"In the second part it covers {v2} * {t2} = {v2 * t2} km.",
-                 f"The total distance is {v1 * t1} + {v2 * t2} = {{ans}} km."],
-                Fraction(v1 * t1 + v2 * t2), "decimal")
-    if kind == 2:  # ages
-        sis, k, y = rng.randint(2, 15 * s), rng.randint(2, 5), rng.randint(1, 10)
-        total = (k + 1) * sis + 2 * y
-        return (f"{name} is {k} times as old as a younger sister. In {y} years the sum of their "
-                f"ages will be {total}. How old is {name} now?",
-                [f"Let the sister's age be s, so {name} is {k}s.",
-                 f"In {y} years the sum is s + {y} + {k}s + {y} = {k + 1}s + {2 * y} = {total}.",
-                 f"So {k + 1}s = {total - 2 * y} and s = {sis}.",
-                 f"{name} is {k} * {sis} = {{ans}} years old."],
-                Fraction(k * sis), "decimal")
-    box = rng.randint(3, 12)  # baking and packing
-    left = box * rng.randint(2, 15 * s)
-    sold1, sold2 = rng.randint(5, 60 * s), rng.randint(5, 60 * s)
-    made = left + sold1 + sold2
-    return (f"A baker makes {made} cookies. She sells {sold1} in the morning and {sold2} in the "
-            f"afternoon, then packs the rest into boxes of {box}. How many boxes does she fill?",
-            [f"She sells {sold1} + {sold2} = {sold1 + sold2} cookies.",
-             f"{made} - {sold1 + sold2} = {left} cookies are left.",
-             f"They fill {left} / {box} = {{ans}} boxes."],
-            Fraction(left // box), "decimal")
+def _add_2digit(rng: random.Random, s: int) -> Problem:
+    a, b = rng.randint(10, 99 * s), rng.randint(10, 99 * s)
+    return f"What is {a} + {b}?", a + b
 
 
-def _linear_eq(rng: random.Random, s: int) -> Problem:
-    a, x = rng.randint(2, 12 * s), rng.randint(-20 * s, 20 * s)
-    b = rng.randint(1, 50 * s) * rng.choice([-1, 1])
-    c = a * x + b
-    lhs, steps = f"{a}x {'+' if b > 0 else '-'} {abs(b)}", []
-    if rng.random() < 0.4:  # x on both sides: one more step
-        a2 = rng.randint(1, a - 1)
-        big = f"{a + a2}x {'+' if b > 0 else '-'} {abs(b)}"
-        rhs = f"{'' if a2 == 1 else a2}x {'+' if c >= 0 else '-'} {abs(c)}"
-        instr = f"Solve for x: {big} = {rhs}."
-        steps.append(f"Subtract {'' if a2 == 1 else a2}x from both sides: {lhs} = {c}.")
-    else:
-        instr = f"Solve for x: {lhs} = {c}."
-    verb = f"Subtract {b} from" if b > 0 else f"Add {-b} to"
-    steps += [f"{verb} both sides: {a}x = {c - b}.", f"Divide both sides by {a}: x = {{ans}}."]
-    return instr, steps, Fraction(x), "decimal"
+def _subtract(rng: random.Random, s: int) -> Problem:
+    a = rng.randint(11, 99 * s)
+    b = rng.randint(10, a - 1)
+    return f"What is {a} - {b}?", a - b
 
 
-def _percent(rng: random.Random, s: int) -> Problem:
-    p, base = rng.choice([5, 10, 12, 15, 20, 25, 30, 40, 75]), rng.randint(4, 400 * s)
-    kind = rng.randrange(3)
-    part = Fraction(p * base, 100)
-    if kind == 0:
-        return (f"What is {p}% of {base}?", [f"{p}% of {base} is {p}/100 * {base} = {{ans}}."],
-                part, "decimal")
-    if kind == 1:
-        return (f"A jacket costs ${base} and is on sale for {p}% off. What is the sale price in "
-                "dollars?", [f"The discount is {p}/100 * {base} = {_d(part)} dollars.",
-                             f"The sale price is {base} - {_d(part)} = {{ans}} dollars."],
-                base - part, "decimal")
-    pop, grow = base * 100, part * 100  # whole people
-    return (f"A town has {pop} people and grows by {p}%. How many people live there now?",
-            [f"The town grows by {p}/100 * {pop} = {_d(grow)} people.",
-             f"Now {pop} + {_d(grow)} = {{ans}} people live there."], pop + grow, "decimal")
+def _double(rng: random.Random, s: int) -> Problem:
+    n = rng.randint(10, 499 * s)
+    return f"What is twice {n}?", 2 * n
 
 
-def _factor(n: int) -> dict[int, int]:
-    out, p = {}, 2
-    while p * p <= n:
-        while n % p == 0:
-            out[p], n = out.get(p, 0) + 1, n // p
-        p += 1
-    if n > 1:
-        out[n] = out.get(n, 0) + 1
-    return out
+def _digit_sum(rng: random.Random, s: int) -> Problem:
+    n = rng.randint(100, 999 * s)
+    return f"What is the sum of the digits of {n}?", sum(int(c) for c in str(n))
 
 
-def _show(f: dict[int, int]) -> str:
-    return " * ".join(str(p) if e == 1 else f"{p}^{e}" for p, e in sorted(f.items()))
+def _half(rng: random.Random, s: int) -> Problem:
+    n = 2 * rng.randint(5, 499 * s)
+    return f"What is half of {n}?", n // 2
 
 
-def _gcd_lcm(rng: random.Random, s: int) -> Problem:
-    g = rng.randint(2, 12 * s)
-    m, n = rng.sample(range(1, 16 * s), 2)
-    a, b = g * m, g * n
-    fa, fb = _factor(a), _factor(b)
-    head = f"{a} = {_show(fa)} and {b} = {_show(fb)}."
-    if rng.random() < 0.5:
-        common = {p: min(e, fb[p]) for p, e in fa.items() if p in fb}
-        return (f"What is the greatest common divisor of {a} and {b}?",
-                [head, f"The common prime factors give {_show(common)} = {{ans}}."],
-                Fraction(gcd(a, b)), "decimal")
-    high = {p: max(fa.get(p, 0), fb.get(p, 0)) for p in set(fa) | set(fb)}
-    return (f"What is the least common multiple of {a} and {b}?",
-            [head, f"The highest powers of each prime give {_show(high)} = {{ans}}."],
-            Fraction(a * b // gcd(a, b)), "decimal")
+def _last_digit(rng: random.Random, s: int) -> Problem:
+    n = rng.randint(10, 9999 * s)
+    return f"What is the last digit of {n}?", n % 10
 
 
-def _fractions(rng: random.Random, s: int) -> Problem:
-    d1, d2 = rng.randint(2, 12 * s), rng.randint(2, 12 * s)
-    x, y = Fraction(rng.randint(1, d1 - 1), d1), Fraction(rng.randint(1, d2 - 1), d2)
-    xs, ys = f"{x.numerator}/{x.denominator}", f"{y.numerator}/{y.denominator}"
-    op = rng.choice("+-*")
-    instr = f"What is {xs} {op} {ys}? Give the answer as a reduced fraction."
-    if op == "*":
-        num, den = x.numerator * y.numerator, x.denominator * y.denominator
-        steps = [f"Multiply numerators and denominators: ({x.numerator} * {y.numerator})/"
-                 f"({x.denominator} * {y.denominator}) = {num}/{den}."]
-        ans = x * y
-    else:
-        den = x.denominator * y.denominator // gcd(x.denominator, y.denominator)
-        n1, n2 = x.numerator * den // x.denominator, y.numerator * den // y.denominator
-        num = n1 + n2 if op == "+" else n1 - n2
-        steps = [f"The least common denominator of {x.denominator} and {y.denominator} is {den}.",
-                 f"{xs} = {n1}/{den} and {ys} = {n2}/{den}, so {n1}/{den} {op} {n2}/{den} = "
-                 f"{num}/{den}."]
-        ans = x + y if op == "+" else x - y
-    return instr, [*steps, "In lowest terms the result is {ans}."], ans, "fraction"
+def _first_digit(rng: random.Random, s: int) -> Problem:
+    n = rng.randint(10, 9999 * s)
+    return f"What is the first digit of {n}?", int(str(n)[0])
+
+
+def _reverse(rng: random.Random, s: int) -> Problem:
+    n = rng.randint(100, 999 * s)
+    while n % 10 == 0:
+        n = rng.randint(100, 999 * s)
+    return f"Reverse the digits of {n}.", int(str(n)[::-1])
+
+
+def _add_1digit(rng: random.Random, s: int) -> Problem:
+    a, b = rng.randint(0, 9 * s), rng.randint(0, 9 * s)
+    return f"What is {a} plus {b}?", a + b
+
+
+def _min3(rng: random.Random, s: int) -> Problem:
+    a, b, c = rng.sample(range(10, 100 * s), 3)
+    return f"What is the smallest of {a}, {b} and {c}?", min(a, b, c)
 
 
 _GENERATORS: dict[str, Callable[[random.Random, int], Problem]] = {
-    "arith_easy": _arith_easy, "arith_chain": _arith_chain, "word_problems": _word_problems,
-    "linear_eq": _linear_eq, "percent": _percent, "gcd_lcm": _gcd_lcm, "fractions": _fractions,
+    "last_digit": _last_digit, "first_digit": _first_digit, "reverse": _reverse,
+    "add_1digit": _add_1digit, "min3": _min3,
+    "add_small": _add_small, "compare": _compare, "count_on": _count_on,
+    "add_2digit": _add_2digit, "subtract": _subtract, "double": _double,
+    "digit_sum": _digit_sum, "half": _half,
 }
 
 
-def _render(steps: list[str], answer: Fraction, style: str) -> str:
-    ans = format_answer(answer, style)
-    body = " ".join(steps).replace("{ans}", ans)  # the last step shows the (possibly wrong) answer
-    return f"{body} The answer is {ans}." if body else f"The answer is {ans}."
+def solve(kind: str, instruction: str) -> int:
+    """The correct answer, recomputed from the instruction text alone (a second implementation
+    that the tests check the generator against)."""
+    nums = [int(x) for x in re.findall(r"\d+", instruction)]
+    if kind in ("add_small", "add_2digit"):
+        return nums[0] + nums[1]
+    if kind == "subtract":
+        return nums[0] - nums[1]
+    if kind == "compare":
+        return max(nums)
+    if kind == "count_on":
+        return nums[0] + 1
+    if kind == "double":
+        return 2 * nums[0]
+    if kind == "half":
+        return nums[0] // 2
+    if kind == "digit_sum":
+        return sum(int(c) for c in str(nums[0]))
+    if kind == "last_digit":
+        return nums[0] % 10
+    if kind == "first_digit":
+        return int(str(nums[0])[0])
+    if kind == "reverse":
+        return int(str(nums[0])[::-1])
+    if kind == "add_1digit":
+        return nums[0] + nums[1]
+    if kind == "min3":
+        return min(nums)
+    raise ValueError(f"unknown kind {kind!r}; one of {sorted(_GENERATORS)}")
 
 
-def _wrong(answer: Fraction, style: str, rng: random.Random) -> Fraction:
-    """A plausible wrong answer: off by a small amount, as careless arithmetic would be."""
-    if style == "fraction" and answer.denominator != 1:
-        return Fraction(answer.numerator + rng.choice([-1, 1]), answer.denominator)
-    return answer + rng.choice([-3, -2, -1, 1, 2, 3])
+def render(answer: int) -> str:
+    """The output text of a row whose final answer is `answer`."""
+    return f"The answer is {answer}."
 
 
-def _unique_problems(source: str, rng: random.Random, count: int, taken: set[str]) -> list[Problem]:
+def _wrong(answer: int, rng: random.Random) -> int:
+    """A plausible wrong answer: off by a little, as careless arithmetic is (never negative)."""
+    delta = rng.choice([-10, -2, -1, 1, 2, 10])
+    return answer + delta if answer + delta >= 0 else answer - delta
+
+
+def _unique_problems(kind: str, rng: random.Random, count: int, taken: set[str]) -> list[Problem]:
     """Draws `count` problems whose instructions are not in `taken` (updated in place)."""
     out: list[Problem] = []
     scale, misses = 1, 0
     while len(out) < count:
-        prob = _GENERATORS[source](rng, scale)
+        prob = _GENERATORS[kind](rng, scale)
         if prob[0] in taken:
             misses += 1
             if misses > 200:  # this number range is used up: widen it rather than loop forever
@@ -263,16 +227,16 @@ def _unique_problems(source: str, rng: random.Random, count: int, taken: set[str
 
 
 def _allocate(n: int) -> dict[str, int]:
-    """Largest-remainder split of n over the sources, at least 1 each while n allows it."""
-    raw = {s: n * p for s, p in SOURCE_PROPORTIONS.items()}
-    counts = {s: int(v) for s, v in raw.items()}
-    for s in sorted(SOURCES, key=lambda s: (counts[s] - raw[s], SOURCES.index(s)))[
+    """Largest-remainder split of n over the kinds, at least 1 each while n allows it."""
+    raw = {k: n * p for k, p in KIND_PROPORTIONS.items()}
+    counts = {k: int(v) for k, v in raw.items()}
+    for k in sorted(KINDS, key=lambda k: (counts[k] - raw[k], KINDS.index(k)))[
             : n - sum(counts.values())]:
-        counts[s] += 1
-    for s in reversed(SOURCES):  # take from the largest source to give the rare ones a row
-        top = max(SOURCES, key=lambda t: (counts[t], -SOURCES.index(t)))
-        if counts[s] == 0 and counts[top] > 1:
-            counts[s], counts[top] = 1, counts[top] - 1
+        counts[k] += 1
+    for k in reversed(KINDS):  # take from the largest kind to give the rare ones a row
+        top = max(KINDS, key=lambda t: (counts[t], -KINDS.index(t)))
+        if counts[k] == 0 and counts[top] > 1:
+            counts[k], counts[top] = 1, counts[top] - 1
     return counts
 
 
@@ -289,41 +253,60 @@ def _validate(n_train: int, n_test_per_source: int, wrong_answer_rate: float,
             raise ValueError(f"{name} must be in [0, 0.5) (got {rate!r}); e.g. pass 0.03")
 
 
+def _pick_source(kind: str, rng: random.Random) -> str:
+    mix = SOURCE_MIX[kind]
+    return rng.choices(list(mix), weights=list(mix.values()))[0]
+
+
 def generate_mathmix(n_train: int = 2000, n_test_per_source: int = 50, seed: int = 0,
                      wrong_answer_rate: float = 0.03, duplicate_rate: float = 0.02,
                      ) -> tuple[list[dict], list[dict]]:
-    """Returns (train_rows, test_rows); see the module docstring."""
+    """Returns (train_rows, test_rows); see the module docstring.
+
+    `n_test_per_source` held-out rows are drawn per kind (the held-out `source` is the kind).
+    """
     _validate(n_train, n_test_per_source, wrong_answer_rate, duplicate_rate)
-    # Duplicates never take the place of a source's only row.
-    n_dup = min(round(n_train * duplicate_rate), n_train - min(n_train, len(SOURCES)))
+    # Duplicates never take the place of a kind's only row.
+    n_dup = min(round(n_train * duplicate_rate), n_train - min(n_train, len(KINDS)))
     n_unique = n_train - n_dup
     taken: set[str] = set()
     problems: list[tuple[str, Problem]] = []
-    for source, count in _allocate(n_unique).items():
-        rng = random.Random(f"mathmix:{seed}:train:{source}")
-        problems += [(source, p) for p in _unique_problems(source, rng, count, taken)]
+    for kind, count in _allocate(n_unique).items():
+        rng = random.Random(f"mathmix:{seed}:train:{kind}")
+        problems += [(kind, p) for p in _unique_problems(kind, rng, count, taken)]
+    source_rng = random.Random(f"mathmix:{seed}:source")
     noise_rng = random.Random(f"mathmix:{seed}:wrong")
     wrong = set(noise_rng.sample(range(n_unique), round(n_unique * wrong_answer_rate)))
     train = []
-    for i, (source, (instr, steps, ans, style)) in enumerate(problems):
-        shown = _wrong(ans, style, noise_rng) if i in wrong else ans
-        output = _render(steps, shown, style)
-        train.append({"source": source, "instruction": instr, "output": output})
+    for i, (kind, (instr, ans)) in enumerate(problems):
+        shown = _wrong(ans, noise_rng) if i in wrong else ans
+        train.append({"source": _pick_source(kind, source_rng), "instruction": instr,
+                      "output": render(shown), "kind": kind, "wrong": i in wrong})
     dup_rng = random.Random(f"mathmix:{seed}:dup")
     base = train[:n_unique]
     train += [dict(dup_rng.choice(base)) for _ in range(n_dup)]
     random.Random(f"mathmix:{seed}:shuffle").shuffle(train)
 
     test = []
-    for source in SOURCES:  # a separate stream, and train instructions are excluded
-        rng = random.Random(f"mathmix:{seed}:test:{source}")
-        for instr, steps, ans, style in _unique_problems(source, rng, n_test_per_source, taken):
-            test.append({"source": source, "instruction": instr,
-                         "output": _render(steps, ans, style), "answer": format_answer(ans, style)})
+    for kind in KINDS:  # a separate stream, and train instructions are excluded
+        rng = random.Random(f"mathmix:{seed}:test:{kind}")
+        for instr, ans in _unique_problems(kind, rng, n_test_per_source, taken):
+            test.append({"source": kind, "instruction": instr, "output": render(ans),
+                         "answer": format_answer(ans), "kind": kind})
     random.Random(f"mathmix:{seed}:shuffle-test").shuffle(test)
     logger.debug("mathmix seed=%s: %d train (%d wrong, %d duplicate), %d test", seed, n_train,
                  len(wrong), n_dup, len(test))
     return train, test
+
+
+def row_labels(raw: str | dict[str, Any]) -> dict[str, Any]:
+    """{"kind", "wrong"} of a mathmix row (its JSON text, e.g. ingest's `raw` column, or the
+    dict); None values for rows that do not come from the generator."""
+    row = json.loads(raw) if isinstance(raw, str) else raw
+    kind = row.get("kind") if isinstance(row, dict) else None
+    wrong = row.get("wrong") if isinstance(row, dict) else None
+    return {"kind": kind if kind in KIND_PROPORTIONS else None,
+            "wrong": wrong if isinstance(wrong, bool) else None}
 
 
 def write_mathmix(out_dir: str | os.PathLike, **kwargs: object) -> dict[str, str]:
@@ -343,15 +326,57 @@ def write_mathmix(out_dir: str | os.PathLike, **kwargs: object) -> dict[str, str
     return paths
 
 
+# The pretraining corpus: plain statements of number facts in forms that never occur in the
+# demo's instructions ("12 plus 7 is 19.", "After 58 comes 59."), as a pretrained LLM has read
+# arithmetic in running text before it is fine-tuned on question/answer pairs.
+def _fact(rng: random.Random) -> str:
+    form = rng.randrange(9)
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    if form == 0:
+        return f"{a} plus {b} is {a + b}."
+    if form == 1:
+        c = rng.randint(0, 999)
+        return f"{c} plus {b % 10} is {c + b % 10}."
+    if form == 2:
+        hi, lo = max(a, b), min(a, b)
+        return f"{hi} minus {lo} is {hi - lo}."
+    if form == 3:
+        x, y = rng.sample(range(1, 1000), 2)
+        return f"{max(x, y)} is more than {min(x, y)}." if rng.random() < 0.5 else \
+            f"{min(x, y)} is less than {max(x, y)}."
+    if form == 4:
+        n = rng.randint(1, 996)
+        return f"Counting: {n}, {n + 1}, {n + 2}, {n + 3}."
+    if form == 5:
+        n = rng.randint(1, 999)
+        return f"After {n} comes {n + 1}."
+    if form == 6:
+        n = rng.randint(0, 499)
+        return f"Two times {n} is {2 * n}." if rng.random() < 0.5 else \
+            f"{2 * n} split in two is {n}."
+    if form == 7:
+        n = rng.randint(100, 999)
+        d = [int(c) for c in str(n)]
+        return f"The digits of {n} are {d[0]}, {d[1]} and {d[2]}; together they make {sum(d)}."
+    return f"{a} and {b} make {a + b}."
+
+
+def pretraining_corpus(seed: int = 0, n: int = 20000) -> list[str]:
+    """n short statements of number facts, seeded: what the `tiny-pre:*` models read."""
+    rng = random.Random(f"mathmix:{seed}:pretrain")
+    return [_fact(rng) for _ in range(n)]
+
+
 def tokenizer_corpus(seed: int = 0, n: int = 3000) -> list[str]:
-    """Prompt + output texts, round-robin over every source, for training the demo tokenizer."""
-    rngs = {s: random.Random(f"mathmix:{seed}:tokenizer:{s}") for s in SOURCES}
+    """Prompt + output texts, round-robin over every kind, then pretraining statements: what the
+    demo tokenizer is trained on."""
+    rngs = {k: random.Random(f"mathmix:{seed}:tokenizer:{k}") for k in KINDS}
     texts = []
     for i in range(n):
-        source = SOURCES[i % len(SOURCES)]
-        instr, steps, ans, style = _GENERATORS[source](rngs[source], 1)
-        texts.append(f"{instr}\n{_render(steps, ans, style)}")
-    return texts
+        kind = KINDS[i % len(KINDS)]
+        instr, ans = _GENERATORS[kind](rngs[kind], 1)
+        texts.append(f"{instr}\n{render(ans)}")
+    return texts + pretraining_corpus(seed, n)
 
 
 _ANSWER_IS = re.compile(r"answer is\b", re.IGNORECASE)

@@ -1,4 +1,5 @@
-"""Model and tokenizer specs: hub ids, local folders, and offline `tiny:<preset>` models.
+"""Model and tokenizer specs: hub ids, local folders, offline `tiny:<preset>` models and their
+pre-trained `tiny-pre:<preset>` twins.
 
 Everything ends in a string that `from_pretrained` accepts, so a tiny offline model and
 `EleutherAI/pythia-70m` take exactly the same loading path.
@@ -26,12 +27,14 @@ def check_spec(spec: str, key: str, weights: bool = True) -> None:
     """Fail early on a spec that cannot load: unknown tiny preset, a missing local folder, or
     (with `weights`) a local model folder without safetensors weights. Only safetensors are
     loaded (`use_safetensors=True`): pickled .bin/.pt weights can run code when unpickled."""
-    if spec.startswith("tiny:"):
-        from s2l_ray.models.tiny import PRESETS
+    from s2l_ray.models.tiny import PRESETS, parse_spec
 
-        if spec[5:] not in PRESETS:
-            raise ConfigError(f"config key '{key}': unknown tiny preset '{spec[5:]}'. Fix: use "
-                              f"one of {', '.join('tiny:' + p for p in PRESETS)}")
+    parsed = parse_spec(spec)
+    if parsed is not None:
+        family, preset = parsed
+        if preset not in PRESETS:
+            raise ConfigError(f"config key '{key}': unknown {family} preset '{preset}'. Fix: use"
+                              f" one of {', '.join(f'{family}:{p}' for p in PRESETS)}")
         return
     path = Path(spec).expanduser()
     looks_local = spec.startswith(("/", ".", "~")) or path.exists() or spec.count("/") != 1

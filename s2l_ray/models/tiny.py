@@ -7,16 +7,23 @@ a byte-level BPE tokenizer trained on the demo data. Random weights are enough f
 only needs the small model's loss trajectories to differ between kinds of example, which they do
 as soon as the model trains for a few steps.
 
-Parameter counts with the default tokenizer (512 tokens; embed_in and embed_out are separate,
-as in Pythia):
+Parameter counts with the default tokenizer (at most 512 tokens; the demo's small corpus yields
+370, padded to 376; embed_in and embed_out are separate, as in Pythia):
 
     preset  hidden/layers/heads  total      non-embedding
-    nano    32/2/2                  58,240         25,472
-    micro   64/2/4                 165,632        100,096
-    small   128/4/4                924,416        793,344
-    base    256/6/8              5,001,216      4,739,072
+    nano    32/2/2                  49,536         25,472
+    micro   64/2/4                 148,224        100,096
+    small   128/4/4                889,600        793,344
+    base    256/6/8              4,931,584      4,739,072
 
 (For scale: pythia-70m is 70M total, 19M non-embedding; "base" is about 1/14 of it.)
+
+`tiny-pre:<preset>` is the same model after a short pre-training (`PRETRAIN`) on
+`demo.data.pretraining_corpus`: plain statements of number facts ("12 plus 7 is 19.") in forms
+that never occur in the demo's instructions. Like the LLMs of the S2L paper, such a target already
+knows the easy things before fine-tuning, so fine-tuning teaches the task rather than arithmetic
+from scratch. It is built once per machine (seeded, deterministic on a given machine and thread
+count) into the shared cache (`S2L_RAY_CACHE`, default ~/.cache/s2l_ray), logging its progress.
 
 torch, transformers and tokenizers are imported inside the functions so that importing this
 module (for example from the CLI) stays cheap.
@@ -53,10 +60,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     }
     for name, (h, layers, heads) in _SHAPES.items()
 }
+# Pre-training of the tiny-pre:* presets: steps of `batch` packed sequences (each a few
+# statements), AdamW at peak `lr` (warmup 5%, linear decay to 10%). Sized to take tens of seconds
+# on a 2-core laptop CPU: small presets read more statements in that time than large ones.
+PRETRAIN: dict[str, dict[str, Any]] = {
+    "nano": {"steps": 400, "batch": 32, "lr": 3e-3, "statements": 4},
+    "micro": {"steps": 200, "batch": 32, "lr": 3e-3, "statements": 4},
+    "small": {"steps": 200, "batch": 32, "lr": 3e-3, "statements": 4},
+    "base": {"steps": 150, "batch": 32, "lr": 1e-3, "statements": 4},
+}
 EOS_TOKEN = "<|endoftext|>"  # eos and bos, as in Pythia
 PAD_TOKEN = "<|padding|>"
 MODEL_MAX_LENGTH = 1024
 TINY_PREFIX = "tiny:"
+PRETRAINED_PREFIX = "tiny-pre:"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -175,40 +192,160 @@ def build_tiny_model(out_dir: str | os.PathLike, preset: str = "micro",
     return str(out)
 
 
+def pretrain(model: Any, tokenizer: Any, preset: str, seed: int = 0,
+             steps: int | None = None) -> list[float]:
+    """Pre-trains `model` in place on `pretraining_corpus(seed)` (causal LM on every token).
+
+    Plain torch in this process, on at most 2 threads: a one-time build, not a Ray job.
+    Returns the loss of every step. Logs progress every ~5 s so a first run is never silent.
+    """
+    import random
+    import time
+
+    import torch
+
+    from s2l_ray.demo.data import pretraining_corpus
+
+    p = PRETRAIN[preset]
+    steps = p["steps"] if steps is None else steps
+    k, batch = p["statements"], p["batch"]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    texts = pretraining_corpus(seed, n=steps * batch * k)
+    enc = tokenizer(texts)["input_ids"]
+    # Sequences of k statements, each followed by eos (as documents are in a pre-training mix).
+    seqs = [[eos] + [t for ids in enc[i:i + k] for t in [*ids, eos]]
+            for i in range(0, len(enc), k)]
+    random.Random(f"tiny-pre:{seed}:order").shuffle(seqs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(2, threads)))
+    opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=0.0)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * (steps - s) / steps))
+    losses: list[float] = []
+    model.train()
+    t0 = last = time.time()
+    try:
+        for step in range(steps):
+            chunk = seqs[step * batch:(step + 1) * batch]
+            width = max(len(x) for x in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (batch, width)
+            mask = torch.zeros_like(ids)
+            for row, x in enumerate(chunk):
+                ids[row, :len(x)] = torch.as_tensor(x)
+                mask[row, :len(x)] = 1
+            labels = ids.masked_fill(mask == 0, -100)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.item()))
+            now = time.time()
+            if now - last >= 5 or step + 1 == steps:
+                last = now
+                eta = (now - t0) / (step + 1) * (steps - step - 1)
+                logger.info("pre-training tiny-pre:%s: step %d/%d loss %.3f, %.0fs elapsed, "
+                            "eta %.0fs", preset, step + 1, steps, losses[-1], now - t0, eta)
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    return losses
+
+
+def build_pretrained_model(out_dir: str | os.PathLike, preset: str = "small", seed: int = 0,
+                           steps: int | None = None) -> str:
+    """Builds (or reuses) the `tiny-pre:<preset>` model in out_dir: the tiny:<preset> model with
+    the same seed, pre-trained by `pretrain`. Returns str(out_dir)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out_dir)
+    if _is_complete(out) and (out / "pretraining.json").is_file():
+        logger.info("reusing pre-trained tiny model in %s", out)
+        return str(out)
+    logger.info("building tiny-pre:%s once (a short pre-training on number facts, cached in "
+                "%s)", preset, out.parent)
+    build_tiny_model(out, preset=preset, seed=seed)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32,
+                                                 use_safetensors=True)
+    with torch.random.fork_rng(devices=[]):  # seeded dropout-free training; caller RNG untouched
+        torch.manual_seed(seed)
+        losses = pretrain(model, tok, preset, seed=seed, steps=steps)
+    kwargs = {}
+    if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
+        kwargs["safe_serialization"] = True
+    model.save_pretrained(str(out), **kwargs)
+    (out / "pretraining.json").write_text(json.dumps(
+        {"preset": preset, "seed": seed, **PRETRAIN[preset], "steps": len(losses),
+         "first_loss": losses[0] if losses else None,
+         "last_loss": losses[-1] if losses else None}, indent=1) + "\n", encoding="utf-8")
+    return str(out)
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("S2L_RAY_CACHE", Path.home() / ".cache" / "s2l_ray")) / "models"
 
 
+def parse_spec(spec: str) -> tuple[str, str] | None:
+    """('tiny' or 'tiny-pre', preset) for an offline tiny spec; None for anything else."""
+    for prefix in (PRETRAINED_PREFIX, TINY_PREFIX):
+        if spec.startswith(prefix):
+            return prefix[:-1], spec[len(prefix):]
+    return None
+
+
 def resolve_model(spec: str, cache_dir: str | os.PathLike | None = None) -> str:
-    """'tiny:<preset>' -> a built model directory under cache_dir; anything else unchanged.
+    """'tiny:<preset>' -> a built model directory under cache_dir; 'tiny-pre:<preset>' -> one
+    under the shared cache (`default_cache_dir()`: it takes a pre-training, so it is built once
+    per machine, not per run); anything else unchanged.
 
     The build goes into a temporary directory next to the target and is renamed into place, so
     concurrent callers (several Ray workers) never see a half-written model: the first rename
     wins and the others discard their identical copy.
     """
-    if not spec.startswith(TINY_PREFIX):
+    parsed = parse_spec(spec)
+    if parsed is None:
         return spec  # hub id or local path: transformers resolves it
-    preset = spec[len(TINY_PREFIX):]
+    family, preset = parsed
     _check_preset(preset)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache / f"tiny-{preset}"
-    if _is_complete(target):
+    if family == "tiny-pre":
+        cache = default_cache_dir()
+        name = f"tiny-pre-{preset}"
+
+        def build(d: Path) -> None:
+            build_pretrained_model(d, preset=preset)
+
+        def ready(d: Path) -> bool:
+            return _is_complete(d) and (d / "pretraining.json").is_file()
+    else:
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        name = f"tiny-{preset}"
+
+        def build(d: Path) -> None:
+            build_tiny_model(d, preset=preset)
+
+        ready = _is_complete
+    target = cache / name
+    if ready(target):
         return str(target)
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{preset}.", dir=cache))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache))
     try:
-        build_tiny_model(tmp, preset=preset)
+        build(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache is meant to be shared
-        if target.exists() and not _is_complete(target):
+        if target.exists() and not ready(target):
             # Left over from a crash before atomic builds: move it aside, then remove it.
-            stale = Path(tempfile.mkdtemp(prefix=f".stale-tiny-{preset}.", dir=cache))
+            stale = Path(tempfile.mkdtemp(prefix=f".stale-{name}.", dir=cache))
             with contextlib.suppress(FileNotFoundError):  # another process moved it already
                 os.replace(target, stale / "old")
             shutil.rmtree(stale, ignore_errors=True)
         try:
             os.replace(tmp, target)
         except OSError:
-            if not _is_complete(target):  # not a lost race: a real error
+            if not ready(target):  # not a lost race: a real error
                 raise
             logger.info("another process built %s first; using it", target)
     finally:

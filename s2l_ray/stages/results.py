@@ -190,3 +190,76 @@ def mean_table(rows: list[dict[str, Any]], prefix: str, title: str,
             cells.append(fmt.format(sum(vals) / len(vals)) if vals else "")
         lines.append(f"| {budget} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _method_label(method: str) -> str:
+    return {"s2l": "S2L", FULL: "all data"}.get(method, method)
+
+
+def _groups(rows: list[dict[str, Any]]) -> list[tuple[str, int, float | None, list[dict]]]:
+    """(method, size, fraction, trials) per cell, smallest budget first, `full` last."""
+    cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        cells.setdefault((r["method"], r["size"]), []).append(r)
+    order = sorted(cells, key=lambda k: (k[0] == FULL, k[1], k[0] != "s2l", k[0]))
+    return [(m, n, cells[(m, n)][0].get("fraction"), cells[(m, n)]) for m, n in order]
+
+
+def _mean(rs: list[dict[str, Any]], key: str) -> float:
+    vals = [r[key] for r in rs if _finite(r.get(key))]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def _cell(rs: list[dict[str, Any]], key: str) -> str:
+    vals = [r[key] for r in rs if _finite(r.get(key))]
+    if not vals:
+        return "n/a"
+    if len(vals) == 1:
+        return f"{vals[0]:.2f}"
+    return f"{np.mean(vals):.2f} ± {np.std(vals, ddof=1):.2f}"
+
+
+def result_table(rows: list[dict[str, Any]], title: str = "Result") -> str:
+    """The demo's headline table: per (method, budget), the held-out macro exact match, exact
+    match per kind (the eval set's `source`), and held-out macro loss; `± std` over seeds when
+    there are several. Then one sentence that reads it (`headline`)."""
+    kinds = sorted({k[3:] for r in rows for k in r if k.startswith("em/")})
+    head = ["data", "examples", "seeds", "macro EM", *kinds, "held-out loss"]
+    lines = [f"## {title}", "", "Exact match (EM) on the held-out set, 0 to 1, higher is better;"
+             " loss: mean held-out response loss over kinds, lower is better.", "",
+             "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for method, size, frac, rs in _groups(rows):
+        name = _method_label(method)
+        if method != FULL and _finite(frac):
+            name += f" {frac:.0%}"
+        cells = [name, str(size), str(len(rs)), _cell(rs, "macro_em"),
+                 *(_cell(rs, f"em/{k}") for k in kinds), _cell(rs, "macro_loss")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + headline(rows) + "\n"
+
+
+def headline(rows: list[dict[str, Any]]) -> str:
+    """One plain sentence reading the table, e.g. "S2L at 10%: 0.52 macro exact match, random
+    0.48; at 30%: 0.70, random 0.66; all data: 0.78 (held-out, mean of 1 seed)."."""
+    by_size: dict[int, list[tuple[str, float | None, float]]] = {}
+    full = None
+    for method, size, frac, rs in _groups(rows):
+        if method == FULL:
+            full = _mean(rs, "macro_em")
+        else:
+            by_size.setdefault(size, []).append((method, frac, _mean(rs, "macro_em")))
+    parts = []
+    for i, (size, cells) in enumerate(sorted(by_size.items())):
+        frac = cells[0][1]
+        at = f"{frac:.0%}" if _finite(frac) else f"{size} examples"
+        main, *others = cells
+        text = (f"{_method_label(main[0])} at {at}: {main[2]:.2f}"
+                f"{' macro exact match' if i == 0 else ''}")
+        text += "".join(f", {_method_label(m)} {v:.2f}" for m, _, v in others)
+        parts.append(text)
+    if full is not None:
+        parts.append(f"all data: {full:.2f}")
+    seeds = sorted({r.get("seed") for r in rows})
+    if not parts:
+        return "No finished trials."
+    return "; ".join(parts) + f" (held-out, {len(seeds)} seed{'s' * (len(seeds) > 1)})."

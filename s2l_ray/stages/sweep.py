@@ -102,7 +102,8 @@ def run_trial(config: dict[str, Any], cfg: S2LConfig, root: str, sink: Any = Non
     if not (model / "config.json").is_file():
         p = spec["plan"]
         plan = TrainPlan(**{**p, "checkpoint_steps": tuple(p["checkpoint_steps"])})
-        ckpts = fit(cfg, cfg.target, "target", Path(spec["subset"]), plan, d,
+        target = replace(cfg.target, model=spec.get("model_path", cfg.target.model))
+        ckpts = fit(cfg, target, "target", Path(spec["subset"]), plan, d,
                     spec["tokenizer"], seed=spec["seed"], callbacks=[TuneReportCallback()],
                     log_lines=4, progress=(sink, config["trial"]) if sink is not None else None)
         copy_tree_atomic(Path(ckpts[-1]["dir"]) / "hf", model)
@@ -189,6 +190,15 @@ def _tune(cfg: S2LConfig, work: Path, names: list[str], sink: Any = None) -> Non
                            " trials are kept)")
 
 
+def prebuild_target(cfg: S2LConfig) -> str:
+    """The target's path for from_pretrained. An offline tiny target (a `tiny-pre:*` one takes
+    a short pre-training) is built here, once, with its progress in this log, rather than inside
+    the first trial; trials load this path (their processes need not see this one's cache)."""
+    from s2l_ray.models.specs import resolve_model
+
+    return resolve_model(cfg.target.model, cfg)
+
+
 def _plan(cfg: S2LConfig, inputs: dict[str, Path]) -> tuple[list[Any], dict[str, Any]]:
     """The trials and each one's step plan: every check that can fail before any training."""
     from s2l_ray.stages.results import plan_trials
@@ -214,13 +224,20 @@ def run(cfg: S2LConfig, inputs: dict[str, Path], work: Path) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from s2l_ray.stages.evaluate import prepare_eval_set
-    from s2l_ray.stages.results import budget_label, markdown_summary, summarize
+    from s2l_ray.stages.results import (
+        budget_label,
+        headline,
+        markdown_summary,
+        result_table,
+        summarize,
+    )
 
     rep = read_report(inputs["ingest"])
     n = rep["valid"]
     trials, plans = _plan(cfg, inputs)
     dirs = {"cluster": inputs["cluster"], "trajectories": inputs["trajectories"],
             "examples": inputs["ingest"] / "examples"}
+    target_path = prebuild_target(cfg)
     eval_dir = work / "eval"
     if not (eval_dir / "report.json").is_file():  # held-out set: prepared once per sweep
         eval_report = prepare_eval_set(cfg, inputs["ingest"], eval_dir)
@@ -234,6 +251,7 @@ def run(cfg: S2LConfig, inputs: dict[str, Path], work: Path) -> dict[str, Any]:
         write_json_atomic(d / "trial.json", {
             "trial": t.name, **t.as_dict(), "fraction": t.size / n, "subset": str(subset),
             "plan": plans[t.name].as_dict(), "tokenizer": rep["tokenizer"],
+            "model_path": target_path,
             "eval_dir": str(eval_dir)})
     sink, progress = _sweep_progress(cfg, work, {t.name: plans[t.name].total_steps
                                                  for t in trials})
@@ -252,10 +270,11 @@ def run(cfg: S2LConfig, inputs: dict[str, Path], work: Path) -> dict[str, Any]:
     pq.write_table(table, work / "results.parquet")
     table.to_pandas().to_csv(work / "results.csv", index=False)
     summary = summarize(rows)
-    (work / "summary.md").write_text(markdown_summary(
-        summary, title=f"S2L sweep: target {cfg.target.model}, {n} examples"))
+    (work / "summary.md").write_text(
+        result_table(rows, title=f"Result: target {cfg.target.model}, {n} examples") + "\n"
+        + markdown_summary(summary, title="All metrics"))
     log.info("sweep: results in %s\n%s", Path(cfg.run.output_dir) / "sweep" / "results.csv",
              (work / "summary.md").read_text())
-    return {"trials": len(trials), "examples": n, "summary": summary,
+    return {"trials": len(trials), "examples": n, "summary": summary, "headline": headline(rows),
             "train_steps_per_s": speed["per_s"], "tune_seconds": speed["seconds"],
             "eval": json.loads((eval_dir / "report.json").read_text())}

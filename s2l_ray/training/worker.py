@@ -42,6 +42,23 @@ def deepspeed_config(zero_stage: int, batch_size: int, grad_accum: int, world: i
     }
 
 
+def skip_cpu_comm_ops() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU communication ops (shm, oneCCL) on CPU workers.
+
+    DeepSpeed's torch backend builds the `deepspeed_shm_comm` C++ op the first time a CPU process
+    initialises it: minutes of a silent compiler run on a laptop, for an all-reduce that gloo
+    does as well at tiny-model sizes. Marking the ops incompatible in DeepSpeed's own
+    compatibility table (`deepspeed.ops.__compatible_ops__`, kept once probed, which its comm
+    backend consults before building) makes it fall back to torch.distributed (gloo).
+    """
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__
+    for name in ("deepspeed_shm_comm", "deepspeed_ccl_comm"):
+        if compatible.get(name):
+            compatible[name] = False
+
+
 def resolve_precision(precision: str, on_gpu: bool) -> str:
     if precision != "auto":
         return precision
@@ -94,6 +111,52 @@ def _save_hf(engine: Any, out: Path, tokenizer_path: str, zero_stage: int, rank:
         AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(str(out))
 
 
+CACHE_MAX_ROWS = 100_000  # a shard this small is kept in the worker's memory after one pass
+FETCH_BATCHES = 32  # micro-batches fetched from Ray Data per call
+
+
+class ShardCache:
+    """Micro-batches of this worker's shard, epoch after epoch.
+
+    The first pass streams the shard from Ray Data, fetching FETCH_BATCHES micro-batches per
+    call (each call has a fixed cost that dwarfs a tiny model's step). A shard of at most
+    CACHE_MAX_ROWS rows is kept in memory after that pass, and later epochs shuffle it locally
+    with their own seed instead of re-running the Ray Data pipeline (seconds per epoch). Every
+    worker takes the same branch (a shard's size decides, and ranks' shards differ by at most
+    one row), so the workers of a streaming split stay in step.
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[str, Any] | None = None
+
+    def epoch(self, shard: Any, b: int, shuffle_buffer: int, seed: int) -> Any:
+        import numpy as np
+
+        if self.rows is not None:
+            n = len(self.rows["n_prompt_tokens"])
+            order = np.random.default_rng(seed).permutation(n)
+            for s in range(0, n, b):
+                yield {k: v[order[s:s + b]] for k, v in self.rows.items()}
+            return
+        kept: list[dict[str, Any]] = []
+        n_rows = 0
+        for big in shard.iter_batches(batch_size=b * FETCH_BATCHES, batch_format="numpy",
+                                      local_shuffle_buffer_size=max(shuffle_buffer,
+                                                                    b * FETCH_BATCHES),
+                                      local_shuffle_seed=seed):
+            n = len(big["n_prompt_tokens"])
+            n_rows += n
+            if n_rows <= CACHE_MAX_ROWS:
+                kept.append(big)
+            for s in range(0, n, b):
+                yield {k: v[s:s + b] for k, v in big.items()}
+        if n_rows <= CACHE_MAX_ROWS and kept:
+            try:
+                self.rows = {k: np.concatenate([c[k] for c in kept]) for k in kept[0]}
+            except ValueError:  # chunks of unequal shape (not ragged objects): keep streaming
+                self.rows = None
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
@@ -115,6 +178,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
     precision = resolve_precision(config["precision"], on_gpu)
     torch.manual_seed(config["seed"])
+    if not on_gpu:
+        skip_cpu_comm_ops()
 
     model = load_causal_lm(config["model_path"], trust_remote_code=config["trust_remote_code"],
                            fix="check the model key (reference.model or target.model): a "
@@ -148,11 +213,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sink, name = config.get("progress") or (None, "")
     pushed = 0.0
     log_every = max(1, total // config["log_lines"])
+    cache = ShardCache()
     for epoch in range(plan.epoch_of(step + 1) if step < total else plan.epochs, plan.epochs):
         done_in_epoch = (step - epoch * plan.steps_per_epoch) * g  # > 0 only when resuming
-        batches = shard.iter_batches(batch_size=b, batch_format="numpy",
-                                     local_shuffle_buffer_size=config["shuffle_buffer"],
-                                     local_shuffle_seed=config["seed"] * 1009 + epoch)
+        batches = cache.epoch(shard, b, config["shuffle_buffer"], config["seed"] * 1009 + epoch)
         for i, batch in enumerate(batches):
             # Read the whole shard every epoch (Ray's split expects it), train on `todo` only.
             if i < done_in_epoch or i >= todo or step >= total:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import ast
 import json
-import math
-import operator
 import re
 from collections import Counter
 from fractions import Fraction
@@ -13,74 +10,70 @@ from fractions import Fraction
 import pytest
 
 from s2l_ray.demo.data import (
+    EASY_KINDS,
+    KIND_PROPORTIONS,
+    KINDS,
+    SOURCE_MIX,
     SOURCES,
     extract_final_answer,
     format_answer,
     generate_mathmix,
+    pretraining_corpus,
+    row_labels,
+    solve,
     tokenizer_corpus,
     write_mathmix,
 )
 
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-        ast.Div: operator.truediv, ast.USub: operator.neg}
+
+def _independent(kind: str, instr: str) -> int:
+    """A third reading of each template, by its words (solve() reads numbers by position)."""
+    if m := re.fullmatch(r"What is (\d+) ([-+]) (\d+)\?", instr):
+        a, b = int(m[1]), int(m[3])
+        assert kind in (("add_small", "add_2digit") if m[2] == "+" else ("subtract",))
+        return a + b if m[2] == "+" else a - b
+    if m := re.fullmatch(r"Which is larger, (\d+) or (\d+)\?", instr):
+        return max(int(m[1]), int(m[2]))
+    if m := re.fullmatch(r"What number comes after (\d+)\?", instr):
+        return int(m[1]) + 1
+    if m := re.fullmatch(r"What is twice (\d+)\?", instr):
+        return int(m[1]) * 2
+    if m := re.fullmatch(r"What is half of (\d+)\?", instr):
+        assert int(m[1]) % 2 == 0
+        return int(m[1]) // 2
+    if m := re.fullmatch(r"What is the sum of the digits of (\d+)\?", instr):
+        return sum(map(int, m[1]))
+    if m := re.fullmatch(r"What is the (last|first) digit of (\d+)\?", instr):
+        return int(m[2][-1] if m[1] == "last" else m[2][0])
+    if m := re.fullmatch(r"Reverse the digits of (\d+)\.", instr):
+        assert not m[1].endswith("0")
+        return int(m[1][::-1])
+    if m := re.fullmatch(r"What is (\d+) plus (\d+)\?", instr):
+        return int(m[1]) + int(m[2])
+    if m := re.fullmatch(r"What is the smallest of (\d+), (\d+) and (\d+)\?", instr):
+        assert len({m[1], m[2], m[3]}) == 3
+        return min(int(m[1]), int(m[2]), int(m[3]))
+    raise AssertionError(f"unexpected instruction {instr!r} of kind {kind}")
 
 
-def _eval(expr: str) -> Fraction:
-    """Exact arithmetic on +-*/ and parentheses; anything else is a test failure."""
-    def ev(node: ast.AST) -> Fraction:
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
-            return Fraction(node.value)
-        if isinstance(node, ast.BinOp):
-            return _OPS[type(node.op)](ev(node.left), ev(node.right))
-        if isinstance(node, ast.UnaryOp):
-            return _OPS[type(node.op)](ev(node.operand))
-        raise AssertionError(f"unexpected syntax in {expr!r}")
-    return ev(ast.parse(expr, mode="eval"))
+def _kind_of(instr: str) -> str:
+    """The kind whose generator wrote instr (by its template; the two additions by range)."""
+    from s2l_ray.demo import data
+
+    for kind, gen in data._GENERATORS.items():
+        import random
+
+        probe = gen(random.Random(0), 1)[0]
+        if re.sub(r"\d+", "N", probe) == re.sub(r"\d+", "N", instr):
+            if kind in ("add_small", "add_2digit") and "add_small" in KINDS:
+                _, b = map(int, re.findall(r"\d+", instr))
+                return "add_small" if b <= 9 else "add_2digit"
+            return kind
+    raise AssertionError(instr)
 
 
-def _solve(source: str, instr: str) -> Fraction:
-    """Independent solver: recomputes the correct answer from the instruction text alone."""
-    nums = [Fraction(n) for n in re.findall(r"\d+(?:\.\d+)?", instr)]
-    if source == "arith_easy":
-        return _eval(re.fullmatch(r"What is (.+)\?", instr)[1])
-    if source == "arith_chain":
-        return _eval(re.fullmatch(r"Evaluate (.+)\.", instr)[1])
-    if source == "linear_eq":
-        lhs, rhs = re.fullmatch(r"Solve for x: (.+) = (.+)\.", instr).groups()
-        def f(x: int) -> Fraction:
-            side = [re.sub(r"(\d*)x", lambda m: f"({m[1] or 1} * {x})", s) for s in (lhs, rhs)]
-            return _eval(side[0]) - _eval(side[1])
-        return -f(0) / (f(1) - f(0))
-    if source == "percent":
-        if instr.startswith("What is"):
-            return nums[0] * nums[1] / 100
-        if "jacket" in instr:
-            return nums[0] - nums[0] * nums[1] / 100
-        return nums[0] + nums[0] * nums[1] / 100
-    if source == "gcd_lcm":
-        a, b = int(nums[0]), int(nums[1])
-        return Fraction(math.gcd(a, b) if "greatest" in instr else math.lcm(a, b))
-    if source == "fractions":
-        m = re.match(r"What is (\d+/\d+) ([-+*]) (\d+/\d+)\?", instr)
-        return _OPS[{"+": ast.Add, "-": ast.Sub, "*": ast.Mult}[m[2]]](
-            Fraction(m[1]), Fraction(m[3]))
-    assert source == "word_problems"
-    if " buys " in instr:
-        return nums[0] * nums[1] + nums[2] * nums[3]
-    if "km per hour" in instr:
-        return nums[0] * nums[1] + nums[2] * nums[3]
-    if "times as old" in instr:
-        k, years, total = nums[:3]
-        return k * (total - 2 * years) / (k + 1)
-    made, sold1, sold2, box = nums[:4]
-    return (made - sold1 - sold2) / box
-
-
-def _correct(row: dict) -> bool:
-    answer = extract_final_answer(row["output"])
-    return Fraction(answer) == _solve(row["source"], row["instruction"])
+def _shown(row: dict) -> int:
+    return int(Fraction(extract_final_answer(row["output"])))
 
 
 @pytest.fixture(scope="module")
@@ -95,61 +88,93 @@ def test_deterministic_and_seed_dependent() -> None:
     assert a[0] != b[0] and a[1] != b[1]
 
 
-def test_sizes_sources_and_skew(big: tuple[list[dict], list[dict]]) -> None:
+def test_sizes_per_kind_and_skew(big: tuple[list[dict], list[dict]]) -> None:
     train, test = big
-    assert len(train) == 5000 and len(test) == 50 * len(SOURCES)
-    assert len(SOURCES) >= 6 and len(set(SOURCES)) == len(SOURCES)
-    counts = Counter(r["source"] for r in train)
-    assert set(counts) == set(SOURCES)
+    assert len(train) == 5000 and len(test) == 50 * len(KINDS)
+    assert abs(sum(KIND_PROPORTIONS.values()) - 1) < 1e-9
+    counts = Counter(r["kind"] for r in train)
+    assert set(counts) == set(KINDS)
+    for kind, p in KIND_PROPORTIONS.items():  # duplicates are copies of random rows: +-1%
+        assert abs(counts[kind] / len(train) - p) < 0.01, (kind, counts[kind])
     assert max(counts.values()) >= 10 * min(counts.values())
-    assert Counter(r["source"] for r in test) == dict.fromkeys(SOURCES, 50)
-    assert all(set(r) == {"source", "instruction", "output"} for r in train)
-    assert all(set(r) == {"source", "instruction", "output", "answer"} for r in test)
+    # a few large easy kinds hold most rows; each is larger than any hard kind
+    assert sum(counts[k] for k in EASY_KINDS) > 0.7 * len(train)
+    assert min(counts[k] for k in EASY_KINDS) > 2 * max(
+        counts[k] for k in KINDS if k not in EASY_KINDS)
+    assert Counter(r["kind"] for r in test) == dict.fromkeys(KINDS, 50)
+    assert all(set(r) == {"source", "instruction", "output", "kind", "wrong"} for r in train)
+    assert all(set(r) == {"source", "instruction", "output", "answer", "kind"} for r in test)
     assert all(r["instruction"].isascii() and r["output"].isascii() for r in train + test)
-    # Sources differ in output length: answer-only rows are much shorter than multi-step ones.
-    mean_len = {s: sum(len(r["output"]) for r in train if r["source"] == s) / counts[s]
-                for s in SOURCES}
-    assert mean_len["arith_easy"] < 25 and max(mean_len.values()) > 100
+    # short problems and answers: a tiny model's context is a few dozen tokens
+    assert max(len(r["instruction"]) + len(r["output"]) for r in train + test) < 70
 
 
-@pytest.mark.parametrize("n_train", [1, 3, 7, 8, 20])
-def test_small_n_train_covers_sources(n_train: int) -> None:
+def test_sources_mix_kinds(big: tuple[list[dict], list[dict]]) -> None:
+    train, test = big
+    by_source: dict[str, Counter] = {}
+    for r in train:
+        by_source.setdefault(r["source"], Counter())[r["kind"]] += 1
+    assert set(by_source) == set(SOURCES)
+    for source, kinds in by_source.items():
+        assert len(kinds) >= 3, (source, kinds)  # every source mixes several kinds
+        assert max(kinds.values()) < 0.7 * sum(kinds.values()), (source, kinds)
+        assert set(kinds) == {k for k, mix in SOURCE_MIX.items() if source in mix}
+    # the held-out set is scored per kind: its source names the kind
+    assert all(r["source"] == r["kind"] for r in test)
+
+
+@pytest.mark.parametrize("n_train", [1, 3, 8, 9, 20])
+def test_small_n_train_covers_kinds(n_train: int) -> None:
     train, _ = generate_mathmix(n_train=n_train, n_test_per_source=1, duplicate_rate=0.4)
     assert len(train) == n_train
-    assert len({r["source"] for r in train}) == min(n_train, len(SOURCES))
+    assert len({r["kind"] for r in train}) == min(n_train, len(KINDS))
 
 
-def test_every_output_has_a_parseable_answer(big: tuple[list[dict], list[dict]]) -> None:
+def test_answers_parse_back_to_the_generators_value(big: tuple[list[dict], list[dict]]) -> None:
     train, test = big
     for row in train + test:
-        assert row["output"].endswith(".") and extract_final_answer(row["output"]) is not None, row
+        assert re.fullmatch(r"The answer is \d+\.", row["output"]), row
+        truth = solve(row["kind"], row["instruction"])
+        assert truth == _independent(row["kind"], row["instruction"]), row
+        assert (_shown(row) == truth) == (not row.get("wrong", False)), row
+    for row in test:
+        assert extract_final_answer(row["output"]) == row["answer"] == format_answer(
+            solve(row["kind"], row["instruction"]))
 
 
-def test_test_split_correct_and_disjoint(big: tuple[list[dict], list[dict]]) -> None:
+def test_held_out_disjoint_from_train(big: tuple[list[dict], list[dict]]) -> None:
     train, test = big
     assert not {r["instruction"] for r in train} & {r["instruction"] for r in test}
     assert len({r["instruction"] for r in test}) == len(test)
-    for row in test:
-        assert extract_final_answer(row["output"]) == row["answer"], row
-        assert Fraction(row["answer"]) == _solve(row["source"], row["instruction"]), row
 
 
-def test_wrong_answer_rate_and_consistency(big: tuple[list[dict], list[dict]]) -> None:
+def test_wrong_rows_marked(big: tuple[list[dict], list[dict]]) -> None:
     train, _ = big
-    wrong = [r for r in train if not _correct(r)]
+    wrong = [r for r in train if r["wrong"]]
     assert abs(len(wrong) / len(train) - 0.03) < 0.01
-    assert len({r["source"] for r in wrong}) >= 4  # noise is spread over the sources
-    for row in wrong:  # the rationale's last step shows the same wrong answer
-        body = row["output"].rsplit("The answer is", 1)[0]
-        assert row["source"] == "arith_easy" or extract_final_answer(row["output"]) in body
+    assert len({r["kind"] for r in wrong}) >= 5  # noise is spread over the kinds
+    assert all(_shown(r) != solve(r["kind"], r["instruction"]) and _shown(r) >= 0
+               for r in wrong)
     clean, _ = generate_mathmix(n_train=1000, n_test_per_source=0, wrong_answer_rate=0.0)
-    assert all(_correct(r) for r in clean)
+    assert not any(r["wrong"] for r in clean)
+    # changing the rate changes only the affected rows' outputs
+    assert [r["instruction"] for r in clean] == [r["instruction"] for r in generate_mathmix(
+        n_train=1000, n_test_per_source=0)[0]]
+
+
+def test_row_labels() -> None:
+    train, test = generate_mathmix(n_train=50, n_test_per_source=2, seed=1)
+    for r in train:
+        assert row_labels(json.dumps(r)) == {"kind": r["kind"], "wrong": r["wrong"]}
+    assert row_labels(test[0])["kind"] == test[0]["kind"]
+    assert row_labels('{"instruction": "x", "output": "y"}') == {"kind": None, "wrong": None}
 
 
 def test_duplicate_rate(big: tuple[list[dict], list[dict]]) -> None:
     train, _ = big
     n_dup = len(train) - len({json.dumps(r, sort_keys=True) for r in train})
     assert abs(n_dup / len(train) - 0.02) < 0.005
+    assert len({r["instruction"] for r in train}) == len(train) - n_dup  # only exact copies
     none, _ = generate_mathmix(n_train=1000, n_test_per_source=0, duplicate_rate=0.0)
     assert len({json.dumps(r, sort_keys=True) for r in none}) == 1000
 
@@ -176,11 +201,22 @@ def test_argument_validation(kwargs: dict, name: str) -> None:
         generate_mathmix(**kwargs)
 
 
-def test_tokenizer_corpus_covers_sources() -> None:
-    texts = tokenizer_corpus(seed=0, n=70)
-    assert len(texts) == 70 and texts == tokenizer_corpus(seed=0, n=70)
-    assert all("The answer is" in t and t.isascii() for t in texts)
-    assert any("Solve for x" in t for t in texts) and any("reduced fraction" in t for t in texts)
+def test_tokenizer_corpus_covers_kinds() -> None:
+    texts = tokenizer_corpus(seed=0, n=80)
+    assert len(texts) == 160 and texts == tokenizer_corpus(seed=0, n=80)
+    assert sum("The answer is" in t for t in texts) == 80 and all(t.isascii() for t in texts)
+    questions = [t.split("\n")[0] for t in texts if "The answer is" in t]
+    for kind in KINDS:  # every kind's question is in the tokenizer's corpus
+        assert sum(_kind_of(q) == kind for q in questions) == 10, kind
+
+
+def test_pretraining_corpus_never_asks_the_demo_questions() -> None:
+    corpus = pretraining_corpus(seed=0, n=5000)
+    assert corpus == pretraining_corpus(seed=0, n=5000) != pretraining_corpus(seed=1, n=5000)
+    assert len(set(corpus)) > 3000  # broad, not a few memorised lines
+    assert not any("?" in t or "answer" in t for t in corpus)
+    train, test = generate_mathmix(n_train=2000, n_test_per_source=40)
+    assert not {r["instruction"] for r in train + test} & set(corpus)
 
 
 @pytest.mark.parametrize(("value", "style", "text"), [

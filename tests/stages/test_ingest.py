@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from s2l_ray.config import ConfigError
+from s2l_ray.demo.data import KINDS, SOURCES, row_labels
 from s2l_ray.stages.ingest import IngestError
 from s2l_ray.stages.registry import run_stage
 from tests.conftest import make_cfg
@@ -147,7 +148,14 @@ def test_demo_rerun_skips_and_config_change_is_caught(tmp_path: Path, ray_local,
     stage = run_stage(cfg, "ingest")
     rep = stage.report()
     assert rep["rows"] == 300 and rep["valid"] + rep["rejected"] == 300
-    assert len(rep["sources"]) >= 6 and (stage.path / "demo_data" / "test.jsonl").is_file()
+    assert set(rep["sources"]) == set(SOURCES)  # the demo's sources, each mixing kinds
+    assert (stage.path / "demo_data" / "test.jsonl").is_file()
+    # the generator's labels (kind, wrong) travel with every example, in its raw row
+    ex = _read(stage.path / "examples")
+    labels = [row_labels(e["raw"]) for e in ex]
+    assert {lab["kind"] for lab in labels} == set(KINDS)
+    assert all(isinstance(lab["wrong"], bool) for lab in labels) and any(
+        lab["wrong"] for lab in labels)
     marker = (stage.path / "_SUCCESS.json").read_text()
     run_stage(cfg, "ingest")  # done: skipped, marker untouched
     assert (stage.path / "_SUCCESS.json").read_text() == marker

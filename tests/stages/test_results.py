@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from s2l_ray.config import ConfigError, load_config
-from s2l_ray.stages.results import FULL, markdown_summary, plan_trials, summarize
+from s2l_ray.stages.results import (
+    FULL,
+    headline,
+    markdown_summary,
+    plan_trials,
+    result_table,
+    summarize,
+)
 
 
 def test_plan_trials_grid_and_full_data_collapse():
@@ -75,3 +82,32 @@ def test_sweep_without_held_out_data_fails_before_any_work(tmp_path):
     check_eval_source(load_config(None, [f"data.source={data}", f"data.eval_source={data}"]))
     check_eval_source(load_config(None, []))  # the demo brings its own test split
     assert not (tmp_path / "out").exists()
+
+
+def _trial(method: str, size: int, seed: int, em: float, per_kind: dict[str, float]) -> dict:
+    return {"method": method, "size": size, "fraction": size / 1000, "seed": seed,
+            "budget": "1" if method == FULL else f"{size / 1000:g}", "macro_em": em,
+            "macro_loss": 2 - em, **{f"em/{k}": v for k, v in per_kind.items()}}
+
+
+def test_result_table_and_its_sentence():
+    rows = [_trial("random", 100, s, em, {"add": em + 0.1, "half": em - 0.1})
+            for s, em in ((0, 0.40), (1, 0.50))]
+    rows += [_trial("s2l", 100, s, em, {"add": em, "half": em}) for s, em in ((0, 0.6), (1, 0.7))]
+    rows += [_trial("s2l", 300, 0, 0.75, {"add": 0.8, "half": 0.7}),
+             _trial("random", 300, 0, 0.70, {"add": 0.8, "half": 0.6}),
+             _trial(FULL, 1000, 0, 0.8125, {"add": 0.9, "half": 0.725})]
+    table = result_table(rows, title="Result")
+    lines = table.splitlines()
+    assert lines[0] == "## Result"
+    assert "| data | examples | seeds | macro EM | add | half | held-out loss |" in lines
+    # smallest budget first, S2L before random, all data last; mean ± std over seeds
+    body = [ln for ln in lines if ln.startswith("| ") and "---" not in ln][1:]
+    assert [ln.split(" | ")[0] for ln in body] == [
+        "| S2L 10%", "| random 10%", "| S2L 30%", "| random 30%", "| all data"]
+    assert body[0].startswith("| S2L 10% | 100 | 2 | 0.65 ± 0.07 | 0.65 ± 0.07 |")
+    assert body[-1] == "| all data | 1000 | 1 | 0.81 | 0.90 | 0.72 | 1.19 |"
+    sentence = ("S2L at 10%: 0.65 macro exact match, random 0.45; S2L at 30%: 0.75, random "
+                "0.70; all data: 0.81 (held-out, 2 seeds).")
+    assert headline(rows) == sentence and lines[-1] == sentence
+    assert headline([]) == "No finished trials."

@@ -1,0 +1,137 @@
+"""How the demo's kinds were chosen: what a tiny CPU model learns, on a validation split.
+
+Plain torch, no Ray (a design study, not the pipeline): every candidate kind of problem gets the
+same number of training rows; 25 correct rows per kind are carved out of the TRAINING data as the
+validation split (the held-out split is never looked at); a `tiny:small`-shaped model, from random
+weights or after the same pre-training as `tiny-pre:small`, is fine-tuned and scored by greedy
+exact match per kind at a few step counts.
+
+    python benchmarks/demo_design.py [pre=300] [steps=2000] [lr=2e-3] [evals=250,500,1000,2000]
+
+The figures it gave are in benchmarks/results/demo_cpu.md. Run it under the CPU lock on a shared
+machine.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import tempfile
+import time
+
+CANDIDATES = ("add_small,compare,count_on,add_2digit,subtract,double,digit_sum,half,"
+              "last_digit,first_digit,reverse,add_1digit,min3")
+
+
+def main() -> int:
+    import torch
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    import s2l_ray.demo.data as data
+    from s2l_ray.models.tiny import PRESETS, build_tokenizer
+
+    args = dict(a.split("=", 1) for a in sys.argv[1:])
+    kinds = args.get("kinds", CANDIDATES).split(",")
+    pre_steps, steps = int(args.get("pre", 300)), int(args.get("steps", 2000))
+    lr, bs = float(args.get("lr", 2e-3)), int(args.get("bs", 16))
+    evals = sorted(int(x) for x in args.get("evals", "250,500,1000,2000").split(","))
+    torch.set_num_threads(2)
+    # Equal shares for every candidate kind (the generator reads these module globals).
+    data.KIND_PROPORTIONS.clear()
+    data.KIND_PROPORTIONS.update({k: 1 / len(kinds) for k in kinds})
+    data.KINDS = tuple(kinds)
+    for k in kinds:
+        data.SOURCE_MIX.setdefault(k, {"drills": 1.0})
+
+    tok_dir = tempfile.mkdtemp(prefix="demo-design-tok-")
+    build_tokenizer(tok_dir)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    eos = tok.eos_token_id
+    cfg = GPTNeoXConfig(vocab_size=-(-len(tok) // 8) * 8, bos_token_id=eos, eos_token_id=eos,
+                        pad_token_id=tok.pad_token_id, **PRESETS["small"])
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(cfg)
+
+    def batch(seqs: list[list[int]], n_prompt: list[int]) -> tuple:
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), tok.pad_token_id)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        labels = torch.full((len(seqs), width), -100)
+        for i, (s, k) in enumerate(zip(seqs, n_prompt)):
+            ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+            labels[i, k:len(s)] = torch.tensor(s[k:])
+        return ids, mask, labels
+
+    def train(seqs: list[list[int]], n_prompt: list[int], n_steps: int, size: int, peak: float,
+              hook: object = None) -> None:
+        opt = torch.optim.AdamW(model.parameters(), lr=peak, weight_decay=0.0)
+        rng, order, warm = random.Random(0), [], max(1, n_steps // 20)
+        model.train()
+        for step in range(n_steps):
+            if len(order) < size:
+                idx = list(range(len(seqs)))
+                rng.shuffle(idx)
+                order += idx
+            b, order = order[:size], order[size:]
+            for g in opt.param_groups:  # warmup, then linear decay to 10%
+                g["lr"] = peak * min(1.0, (step + 1) / warm) * (
+                    0.1 + 0.9 * (n_steps - step) / n_steps)
+            ids, mask, labels = batch([seqs[i] for i in b], [n_prompt[i] for i in b])
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+            if hook is not None:
+                hook(step + 1)
+
+    if pre_steps:  # as models.tiny.pretrain: 4 statements per sequence, every token scored
+        t0 = time.time()
+        texts = data.pretraining_corpus(0, pre_steps * 32 * 4)
+        enc = tok(texts)["input_ids"]
+        seqs = [[eos] + [t for ids in enc[i:i + 4] for t in [*ids, eos]]
+                for i in range(0, len(enc), 4)]
+        train(seqs, [0] * len(seqs), pre_steps, 32, 3e-3)
+        print(f"pre-training: {pre_steps} steps in {time.time() - t0:.0f} s", flush=True)
+
+    train_rows, _ = data.generate_mathmix(n_train=300 * len(kinds), n_test_per_source=0)
+    seen: set[str] = set()
+    unique = [r for r in train_rows if not (r["instruction"] in seen or seen.add(r["instruction"]))]
+    val = [r for k in kinds for r in [x for x in unique if x["kind"] == k and not x["wrong"]][:25]]
+    held = {r["instruction"] for r in val}
+    rows = [r for r in unique if r["instruction"] not in held]
+    seqs, n_prompt = [], []
+    for r in rows:
+        p = tok(r["instruction"] + "\n")["input_ids"]
+        seqs.append(p + tok(r["output"])["input_ids"] + [eos])
+        n_prompt.append(len(p))
+
+    def evaluate(step: int) -> None:
+        if step not in evals:
+            return
+        model.eval()
+        right = {k: 0 for k in kinds}
+        tok.padding_side = "left"
+        for i in range(0, len(val), 64):
+            chunk = val[i:i + 64]
+            enc = tok([r["instruction"] + "\n" for r in chunk], return_tensors="pt",
+                      padding=True)
+            with torch.inference_mode():
+                out = model.generate(**enc, max_new_tokens=12, do_sample=False,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=eos)
+            for r, gen in zip(chunk, out[:, enc["input_ids"].shape[1]:].tolist()):
+                answer = data.extract_final_answer(tok.decode(gen, skip_special_tokens=True))
+                right[r["kind"]] += answer == data.extract_final_answer(r["output"])
+        em = {k: round(right[k] / 25, 2) for k in kinds}
+        print(f"validation EM at step {step}: {json.dumps(em)} macro "
+              f"{sum(em.values()) / len(em):.3f}", flush=True)
+        model.train()
+
+    t0 = time.time()
+    train(seqs, n_prompt, steps, bs, lr, hook=evaluate)
+    print(f"fine-tuning: {len(rows)} rows, {steps} steps in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
