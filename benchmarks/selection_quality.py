@@ -198,9 +198,9 @@ def main() -> None:
                     "and one seed (see SMALL); results go to selection_quality_<scale>_small")
     ap.add_argument("--variants", default="global,per_source,no_source",
                     help="comma-separated subset of global,per_source,no_source")
-    ap.add_argument("--kind-key", default="metadata.kind",
+    ap.add_argument("--kind-key", default="kind",
                     help="dotted JSON key of each row's kind of problem (the generator's mark)")
-    ap.add_argument("--wrong-key", default="metadata.wrong",
+    ap.add_argument("--wrong-key", default="wrong",
                     help="dotted JSON key marking a row whose answer is wrong")
     ap.add_argument("--out", default=None, help="run folder (default /tmp/s2l_quality_<tag>)")
     ap.add_argument("overrides", nargs="*", metavar="key=value")

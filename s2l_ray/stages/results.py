@@ -128,8 +128,8 @@ def _dotted(row: dict[str, Any], key: str) -> Any:
     return v
 
 
-def marks_from_raw(ids: list[str], raws: list[str], kind_key: str = "metadata.kind",
-                   wrong_key: str = "metadata.wrong") -> dict[str, tuple[str | None, bool | None]]:
+def marks_from_raw(ids: list[str], raws: list[str], kind_key: str = "kind",
+                   wrong_key: str = "wrong") -> dict[str, tuple[str | None, bool | None]]:
     """id -> (kind, wrong) from each row's original JSON; dotted keys reach nested fields."""
     import json
 

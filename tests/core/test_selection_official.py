@@ -202,7 +202,11 @@ def test_marks_tables_on_a_hand_built_table():
             for k, w in [("add", False), ("add", True), ("mul", False), ("mul", False)]]
     raws.append(json.dumps({"instruction": "no marks"}))
     ids = ["a", "b", "c", "d", "e"]
-    marks = marks_from_raw(ids, raws)
+    # The demo's rows carry kind/wrong at the top level (the default keys); dotted keys reach
+    # nested fields.
+    marks = marks_from_raw(ids, raws, kind_key="metadata.kind", wrong_key="metadata.wrong")
+    top = [json.dumps({"kind": "add", "wrong": True}), json.dumps({"instruction": "x"})]
+    assert marks_from_raw(["p", "q"], top) == {"p": ("add", True), "q": (None, None)}
     assert marks == {"a": ("add", False), "b": ("add", True), "c": ("mul", False),
                      "d": ("mul", False), "e": (None, None)}
     comp = subset_composition(["b", "c", "e"], marks)
