@@ -21,11 +21,14 @@ from tests.conftest import copy_upstream, small_cfg
 pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.slow]
 
 # method -> (selected, sha256 of the ids in selection order, one per line); budget 0.2 of the
-# 294 valid examples. Computed with the code of commit 5da4e32 (before the stage registry).
+# 294 valid examples. First computed with the code of commit 5da4e32 (before the stage
+# registry); re-pinned on branch h11 (issue 11), which deliberately changed the inputs: the demo
+# data (new kinds and sources) and the reference's batch order (chunked Ray Data reads, later
+# epochs shuffled in memory). Values from this test's own run on the 2-core x86-64 machine.
 PINNED = {
-    "s2l": (59, "e79d9c7adb2e73965974fa4fe1936c0c7e619f39591416c625fe2a7dad652816"),
-    "random": (59, "f35a09d4313f2b724f49a92bc1a50e84b25386bc3bdc922d377ddc79e29c6f7a"),
-    "least_confidence": (59, "29f2d4b829fc8d80ecbfd277209ba37469149673be761bc97940be85b91943cd"),
+    "s2l": (59, "3d4fd4e29d02b661d92a851feb99bffbc4832019096209324a2721adc0f4282d"),
+    "random": (59, "691b9d7bf6480805c78abdac2f45dd99637e7832cda6863a44dbda9eeb1b4bde"),
+    "least_confidence": (59, "73ce81e437b2eb88810af74a0a1897ee7a101d45d4183f723c6f5ad4d458f57a"),
 }
 
 
