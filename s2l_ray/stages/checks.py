@@ -20,18 +20,24 @@ def check_counts(cfg: S2LConfig, ingest_dir: Path, last_stage: str) -> None:
     in `ingest_dir`."""
     from s2l_ray.stages.base import read_report
 
-    check_counts_for(cfg, int(read_report(ingest_dir)["valid"]), last_stage)
+    valid = read_report(ingest_dir).get("valid")
+    if valid is not None:  # an ingest folder made by hand (tests, other tools) may not say
+        check_counts_for(cfg, int(valid), last_stage)
 
 
 def check_counts_for(cfg: S2LConfig, n_examples: int, last_stage: str) -> None:
     """The same checks the stages make once they start, made with `n_examples` now."""
     from s2l_ray.core.schedule import make_plan
+    from s2l_ray.errors import config_keys
 
     reach = ORDER.index(last_stage) if last_stage in ORDER else len(ORDER) - 1
-    if reach >= ORDER.index("train-ref"):
-        r = cfg.reference  # raises on num_checkpoints > steps, or a batch larger than the data
-        make_plan(n_examples, r.num_workers, r.batch_size, r.grad_accum, r.epochs, r.max_steps,
-                  r.num_checkpoints, r.checkpoint_steps, "reference", r.train_steps)
+    r = cfg.reference
+    trains = not (r.checkpoints or cfg.trajectories.source)  # given checkpoints: no training
+    if reach >= ORDER.index("train-ref") and trains:
+        # raises on num_checkpoints > steps, or a batch larger than the data
+        with config_keys("reference"):
+            make_plan(n_examples, r.num_workers, r.batch_size, r.grad_accum, r.epochs,
+                      r.max_steps, r.num_checkpoints, r.checkpoint_steps, r.train_steps)
     if reach >= ORDER.index("cluster") and cfg.cluster.k > n_examples:
         raise ConfigError(
             f"config key 'cluster.k': {cfg.cluster.k} clusters for {n_examples} examples (the "
