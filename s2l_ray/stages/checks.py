@@ -29,9 +29,12 @@ def check_counts_for(cfg: S2LConfig, n_examples: int, last_stage: str) -> None:
 
     reach = ORDER.index(last_stage) if last_stage in ORDER else len(ORDER) - 1
     if reach >= ORDER.index("train-ref"):
+        from s2l_ray.errors import config_keys
+
         r = cfg.reference  # raises on num_checkpoints > steps, or a batch larger than the data
-        make_plan(n_examples, r.num_workers, r.batch_size, r.grad_accum, r.epochs, r.max_steps,
-                  r.num_checkpoints, r.checkpoint_steps, "reference", r.train_steps)
+        with config_keys("reference"):
+            make_plan(n_examples, r.num_workers, r.batch_size, r.grad_accum, r.epochs,
+                      r.max_steps, r.num_checkpoints, r.checkpoint_steps, r.train_steps)
     if reach >= ORDER.index("cluster") and cfg.cluster.k > n_examples:
         raise ConfigError(
             f"config key 'cluster.k': {cfg.cluster.k} clusters for {n_examples} examples (the "
