@@ -33,6 +33,17 @@ def _seed(cfg: S2LConfig) -> tuple[str, ...]:
     return (f"seed={cfg.run.seed}",)
 
 
+def _select_options(cfg: S2LConfig) -> tuple[str, ...]:
+    """The select options a sweep's trials inherit: all of cfg.select but the method and the
+    budget, which the sweep sets per trial (so `s2l select budget=...` leaves a sweep current)."""
+    import dataclasses
+    import json
+
+    opts = {k: v for k, v in dataclasses.asdict(cfg.select).items()
+            if k not in ("method", "budget")}
+    return (f"select={json.dumps(opts, sort_keys=True, default=str)}",)
+
+
 def _tokenizer(cfg: S2LConfig) -> tuple[str, ...]:
     from s2l_ray.models.specs import tokenizer_spec
 
@@ -80,11 +91,11 @@ STAGES = (
     StageSpec("select", "select", ("select",), ("cluster",), "s2l_ray.stages.select:run",
               "spend the budget evenly across clusters (or a baseline)",
               "select/selected.jsonl", "select", extra=_seed),
-    StageSpec("sweep", "sweep", ("sweep", "target", "eval", "select"), ("cluster",),
+    StageSpec("sweep", "sweep", ("sweep", "target", "eval"), ("cluster",),
               "s2l_ray.stages.sweep:run",
               "Ray Tune: methods x budgets x seeds, fine-tune + evaluate the target",
               "sweep/results.csv, summary.md, trials/*/model", "sweep",
-              check="s2l_ray.stages.sweep:check", resumable=True),
+              check="s2l_ray.stages.sweep:check", extra=_select_options, resumable=True),
 )
 BY_NAME = {s.name: s for s in STAGES}
 

@@ -386,7 +386,10 @@ def _score(cfg: S2LConfig, examples: Path, tmp: Path, paths: list[str], groups: 
     ds = ds.repartition(groups, keys=["group"])  # a group's rows meet in one block
     ds = ds.map_batches(
         TrajectoryScorer, batch_size=None, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=t.concurrency), num_cpus=t.cpus_per_actor,
+        # One block (a whole length group) per actor at a time: queueing several on the first
+        # actor up would leave the others idle when there are few groups.
+        compute=ray.data.ActorPoolStrategy(size=t.concurrency, max_tasks_in_flight_per_actor=1),
+        num_cpus=t.cpus_per_actor,
         **({"num_gpus": 1} if use_gpu else {}),
         # No retry arguments: Ray Data already restarts pool actors lost with their node and
         # reruns their blocks (max_restarts=-1, max_task_retries=-1), and the ray_remote_args

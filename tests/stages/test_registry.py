@@ -44,6 +44,8 @@ def test_fingerprints_follow_the_sections_and_the_upstream(tmp_path) -> None:
     assert [n for n in base if base[n] != k[n]] == ["cluster", "select", "sweep"]
     budget = fps("select.budget=0.3")
     assert [n for n in base if base[n] != budget[n]] == ["select"]
+    noise = fps("select.noise_cap=true")  # an option the sweep's trials inherit
+    assert [n for n in base if base[n] != noise[n]] == ["select", "sweep"]
     seed = fps("run.seed=1")  # the seed enters at train-ref
     assert [n for n in base if base[n] != seed[n]] == ["train-ref", "trajectories", "cluster",
                                                        "select", "sweep"]
