@@ -17,33 +17,14 @@ from s2l_ray.core.losses import (
     score_sorted,
 )
 from s2l_ray.core.tokens import labels_for
+from tests.lm_models import llama, neox
 
 VOCAB = 301  # not a multiple of anything: chunk edges land mid-row
 
 
-def _neox() -> torch.nn.Module:
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, rotary_pct=0.25,
-                        max_position_embeddings=256, tie_word_embeddings=False)
-    return GPTNeoXForCausalLM(cfg).eval()
-
-
-def _llama() -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                      max_position_embeddings=256)
-    return LlamaForCausalLM(cfg).eval()
-
-
 @pytest.fixture(scope="module")
 def models() -> list[torch.nn.Module]:
-    return [_neox(), _llama()]
+    return [neox(VOCAB), llama(VOCAB)]
 
 
 @pytest.fixture(scope="module")

@@ -15,33 +15,14 @@ from s2l_ray.core.packed_loss import (
     segment_means,
 )
 from s2l_ray.core.tokens import labels_for
+from tests.lm_models import llama, neox
 
 VOCAB = 301
 
 
-def _neox() -> torch.nn.Module:
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, rotary_pct=0.25,
-                        max_position_embeddings=256, tie_word_embeddings=False)
-    return GPTNeoXForCausalLM(cfg).eval()
-
-
-def _llama() -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                      max_position_embeddings=256)
-    return LlamaForCausalLM(cfg).eval()
-
-
 @pytest.fixture(scope="module")
 def models() -> list[torch.nn.Module]:
-    return [_neox(), _llama()]
+    return [neox(VOCAB), llama(VOCAB)]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +86,7 @@ def test_varlen_really_attends_per_sequence(models, window, monkeypatch) -> None
 
 def test_several_checkpoints_in_one_pass(models, window) -> None:
     ids, n_prompt = window
-    other = _neox()
+    other = neox(VOCAB)
     with torch.no_grad():
         for p in other.parameters():
             p.add_(0.01 * torch.randn_like(p))

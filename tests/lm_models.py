@@ -1,0 +1,26 @@
+"""Two tiny causal LMs of different families (GPT-NeoX, Llama), random weights, seeded: the
+models the loss tests compare against Hugging Face's own loss."""
+
+from __future__ import annotations
+
+import torch
+
+
+def neox(vocab: int) -> torch.nn.Module:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, rotary_pct=0.25,
+                        max_position_embeddings=256, tie_word_embeddings=False)
+    return GPTNeoXForCausalLM(cfg).eval()
+
+
+def llama(vocab: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                      max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
