@@ -109,15 +109,10 @@ def check_given_checkpoints(paths: list[str], data_tokenizer: str | None,
 
 def check_tokenizers(paths: list[str], trust_remote_code: bool = False) -> None:
     """Every checkpoint has the first one's tokenizer (no model is loaded)."""
-    from s2l_ray.stages.trajectories import TrajectoryError, tokenizer_fingerprint
+    from s2l_ray.stages.trajectories import same_tokenizer
 
-    first = tokenizer_fingerprint(paths[0], trust_remote_code)
-    for p in paths[1:]:
-        if tokenizer_fingerprint(p, trust_remote_code) != first:
-            raise TrajectoryError(
-                f"checkpoint {p} has another tokenizer than {paths[0]}: their losses are over "
-                "different token ids and cannot form one trajectory. Fix: list checkpoints of "
-                "one model family that share a tokenizer (reference.checkpoints)")
+    same_tokenizer(paths, trust_remote_code, "list checkpoints of one model family that share "
+                   "a tokenizer (reference.checkpoints)")
 
 
 def manifest_for(specs: list[str], paths: list[str]) -> list[dict[str, Any]]:

@@ -233,13 +233,8 @@ def check_checkpoints(paths: list[str], data_tokenizer: str | None,
     if not paths:
         raise TrajectoryError("the train_ref manifest lists no checkpoint. Fix: delete the "
                               "train_ref folder and rerun `s2l train-ref`")
-    first = tokenizer_fingerprint(paths[0], trust_remote_code)
-    for p in paths[1:]:
-        if tokenizer_fingerprint(p, trust_remote_code) != first:
-            raise TrajectoryError(
-                f"checkpoint {p} has another tokenizer than {paths[0]}: their losses are over "
-                "different token ids and cannot form one trajectory. Fix: save every checkpoint "
-                "with the tokenizer the data was tokenized with, or retrain the reference")
+    first = same_tokenizer(paths, trust_remote_code, "save every checkpoint with the tokenizer "
+                           "the data was tokenized with, or retrain the reference")
     if data_tokenizer:
         try:
             same = tokenizer_fingerprint(data_tokenizer, trust_remote_code) == first
@@ -263,6 +258,18 @@ def check_checkpoints(paths: list[str], data_tokenizer: str | None,
 
 # ---------------------------------------------------------------------------------------------
 # the actor
+
+
+def same_tokenizer(paths: list[str], trust_remote_code: bool, fix: str) -> str:
+    """Every checkpoint has the first one's tokenizer (no model loaded); returns its
+    fingerprint. `fix` ends the error, as the caller knows where the checkpoints came from."""
+    first = tokenizer_fingerprint(paths[0], trust_remote_code)
+    for p in paths[1:]:
+        if tokenizer_fingerprint(p, trust_remote_code) != first:
+            raise TrajectoryError(
+                f"checkpoint {p} has another tokenizer than {paths[0]}: their losses are over "
+                f"different token ids and cannot form one trajectory. Fix: {fix}")
+    return first
 
 
 class TrajectoryScorer:
