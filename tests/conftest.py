@@ -16,6 +16,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that reaches for the hub 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train's controller takes a worker's report (a queue of one) when it polls, every 2 s by
+# default: a worker that reports each step waits up to 2 s per step, which made the tests'
+# tiny trainings take ~2.4 s a step. Every Ray these tests start (in-process, `ray start`, the
+# pipelines run as subprocesses) inherits this environment.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 def _has_cuda() -> bool:
@@ -78,12 +83,14 @@ def make_cfg(tmp_path: Path, model: str, *overrides: str) -> S2LConfig:
                               f"target.model={model}", *overrides])
 
 
-# The small run: the demo data at 300 examples, 1 reference worker, 3 checkpoints, 4 clusters,
-# a target fine-tune of a few steps. Sized for a 2-CPU machine (Ray Data keeps 1 CPU).
+# The small run: the demo data at 300 examples, 1 reference worker trained for 12 steps (of
+# the epoch's 37: each step costs seconds on 2 CPUs, and 12 already lower the loss clearly),
+# 3 checkpoints, 4 clusters, a target fine-tune of a few steps. Sized for a 2-CPU machine (Ray
+# Data keeps 1 CPU).
 SMALL_RUN = (
     "demo.n_train=300", "demo.n_test_per_source=3", "data.template=plain", "data.max_length=128",
     "reference.num_workers=1", "reference.cpus_per_worker=0.5", "reference.batch_size=8",
-    "reference.grad_accum=1", "reference.epochs=1", "reference.lr=3e-3",
+    "reference.grad_accum=1", "reference.epochs=1", "reference.max_steps=12", "reference.lr=3e-3",
     "reference.zero_stage=1", "reference.num_checkpoints=3", "trajectories.cpus_per_actor=0.5",
     "cluster.k=4", "cluster.num_workers=1", "target.num_workers=1",
     "target.cpus_per_worker=0.5", "target.batch_size=8", "target.grad_accum=1",

@@ -109,7 +109,6 @@ def test_binary_garbage(tmp_path: Path, ray_local, tiny_ref: str,
     assert {Path(r["origin_file"]).name for r in rejects} == {"garbage.jsonl", "broken.parquet"}
 
 
-@pytest.mark.slow  # tokenizing a 5 MB row twice
 @pytest.mark.parametrize("policy", ["reject", "truncate"])
 def test_huge_row(tmp_path: Path, ray_local, tiny_ref: str, policy: str) -> None:
     d = tmp_path / "d"

@@ -81,10 +81,11 @@ MY_YAML = """\
 run: {output_dir: OUT}
 demo: {n_train: 160, n_test_per_source: 1}  # what is tested is the job, not the data
 data: {template: plain, max_length: 128}
-reference: {model: "tiny:nano", epochs: 1, num_checkpoints: 3}
+reference: {model: "tiny:nano", epochs: 1, max_steps: 4, num_checkpoints: 3}
 cluster: {k: 5}
 select: {budget: 0.2}
-target: {model: "tiny:nano", epochs: 1, num_checkpoints: 1, batch_size: 8, grad_accum: 1}
+target: {model: "tiny:nano", epochs: 1, max_steps: 2, num_checkpoints: 1, batch_size: 8,
+         grad_accum: 1}
 sweep: {methods: [s2l], budgets: [0.2], seeds: [0]}
 eval: {max_examples: 6, max_new_tokens: 8}
 """

@@ -24,11 +24,14 @@ pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.slow]
 # 294 valid examples. First computed with the code of commit 5da4e32 (before the stage
 # registry); re-pinned on branch h11 (issue 11), which deliberately changed the inputs: the demo
 # data (new kinds and sources) and the reference's batch order (chunked Ray Data reads, later
-# epochs shuffled in memory). Values from this test's own run on the 2-core x86-64 machine.
+# epochs shuffled in memory). Re-pinned on branch s2 (issue 13, suite time), which shortened the
+# small run's reference training to 12 steps (tests/conftest.py SMALL_RUN reference.max_steps);
+# the code then still gave the pins above for 37 steps, and random (training-free) kept its
+# digest. Values from this test's own run on the 2-core x86-64 machine.
 PINNED = {
-    "s2l": (59, "3d4fd4e29d02b661d92a851feb99bffbc4832019096209324a2721adc0f4282d"),
+    "s2l": (59, "8f978ce39b03f90036ad34358f2392e00588e33f7342ddec993a31e859610372"),
     "random": (59, "691b9d7bf6480805c78abdac2f45dd99637e7832cda6863a44dbda9eeb1b4bde"),
-    "least_confidence": (59, "73ce81e437b2eb88810af74a0a1897ee7a101d45d4183f723c6f5ad4d458f57a"),
+    "least_confidence": (59, "2fe6bd1ed6e38ae2ac2bf08217bc402237a3247f03f7fb5c7c0362178a4e8858"),
 }
 
 

@@ -37,7 +37,7 @@ def _dir(stage: str) -> str:
 def _overrides(tiny_ref: str, out: Path) -> list[str]:
     return overrides(out, tiny_ref, "run.num_cpus=2", "demo.n_train=120",
                      "demo.n_test_per_source=1", "reference.cpus_per_worker=1",
-                     "reference.max_steps=6", "trajectories.batch_tokens=1024", "cluster.k=5",
+                     "reference.max_steps=3", "trajectories.batch_tokens=1024", "cluster.k=5",
                      "cluster.max_iter=10", "select.budget=0.2")
 
 

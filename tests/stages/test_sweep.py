@@ -21,8 +21,9 @@ BUDGETS = [45]  # a count; fractions and the full-data trials: tests/stages/test
 
 
 def _overrides(model: str, out: Path) -> list[str]:
+    # both trials at once, as the demo runs them (2 x 0.5 CPU of training)
     return overrides(out, model, "sweep.methods=[s2l,random]", f"sweep.budgets={BUDGETS}",
-                     "sweep.seeds=[0]")
+                     "sweep.seeds=[0]", "sweep.max_concurrent_trials=2")
 
 
 @pytest.fixture(scope="module")

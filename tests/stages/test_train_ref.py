@@ -124,8 +124,9 @@ def test_bad_configs_fail_before_training(tmp_path: Path, ray_local, tiny_ref: s
 def test_resume_after_kill(tmp_path: Path, ray_local, tiny_ref: str) -> None:
     """Kill a 2-worker training run after its 2nd checkpoint; the rerun does only the rest."""
     out = tmp_path / "out"
+    # 4 steps between the 2nd checkpoint and the 3rd: the window the kill must land in
     overrides = [*_overrides(tiny_ref, out), "reference.batch_size=2",
-                 "reference.max_steps=40", "reference.checkpoint_steps=[5, 10, 30, 40]"]
+                 "reference.max_steps=10", "reference.checkpoint_steps=[2, 4, 8, 10]"]
     cfg = load_config(None, overrides)
     cfg_file = tmp_path / "cfg.yaml"
     dump_config(cfg, cfg_file)
@@ -138,7 +139,7 @@ def test_resume_after_kill(tmp_path: Path, ray_local, tiny_ref: str) -> None:
     snapshot = out / ".train_ref.tmp" / "ray_train" / "checkpoint_manager_snapshot.json"
 
     def registered() -> bool:
-        return snapshot.exists() and "step_0000010" in snapshot.read_text()
+        return snapshot.exists() and "step_0000004" in snapshot.read_text()
 
     try:
         deadline = time.time() + 240
@@ -154,8 +155,8 @@ def test_resume_after_kill(tmp_path: Path, ray_local, tiny_ref: str) -> None:
     killed_at = time.time()
     stage = run_stage(cfg, "train-ref")
     manifest = load_manifest(stage.path)
-    assert [m["step"] for m in manifest] == [5, 10, 30, 40]
+    assert [m["step"] for m in manifest] == [2, 4, 8, 10]
     assert [m["attempt_start_step"] for m in manifest[:2]] == [0, 0]  # from the killed run
-    assert all(m["attempt_start_step"] >= 10 for m in manifest[2:])  # resumed, not redone
+    assert all(m["attempt_start_step"] >= 4 for m in manifest[2:])  # resumed, not redone
     first = Path(manifest[0]["path"]) / "model.safetensors"
     assert first.stat().st_mtime < killed_at
