@@ -166,10 +166,7 @@ def test_kmeans_on_gpu_within_2pct_of_faiss() -> None:
     gpu_index = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     assert (not isinstance(shards[0].index(), faiss.IndexFlat)) == gpu_index
 
-    def call(method, *args):
-        return [getattr(s, method)(*args) for s in shards]
-
-    res = km.fit_shards(call, 16, seed=123, max_iter=15, tol=0)
+    res = km.fit_shards(km.LocalShards(shards), 16, seed=123, max_iter=15, tol=0)
     ref = faiss.Kmeans(10, 16, niter=15, seed=123, max_points_per_centroid=len(x))
     ref.train(x)
     assert km.objective(x, res.centroids) <= 1.02 * km.objective(x, ref.centroids)
