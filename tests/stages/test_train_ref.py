@@ -45,7 +45,7 @@ def _hf_loss(path: str, probe: dict) -> float:
         return float(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
 
 
-@pytest.mark.slow  # the session's upstream run: ~40 s on 2 CPUs, shared with later tests
+@pytest.mark.slow  # the session's upstream run: 30-60 s on 2 CPUs, shared with later tests
 def test_t_checkpoints_and_loss_goes_down(trained) -> None:
     _, stage = trained
     manifest = load_manifest(stage.path)
