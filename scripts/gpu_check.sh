@@ -11,8 +11,8 @@
 #
 # Where Ray/DeepSpeed/faiss/datasets are not installed (the lent GPU machine), it installs
 # .device-bundle/ first (made by `bash ../shared/device/make-bundle.sh` from the project root).
-# Results: $OUT/summary.md (step, exit code, seconds), $OUT/*.log, $OUT/results/*_gpu.md (copy
-# these into benchmarks/results/), $OUT/pytest_gpu.xml.
+# Results: $OUT/summary.md (step, exit code, seconds), $OUT/results/*_gpu.md (copy these into
+# benchmarks/results/), $OUT/logs.tar.gz (each step's log and the pytest XML reports).
 set -u
 cd "$(dirname "$0")/.."
 DRY=0
@@ -99,6 +99,10 @@ else
 fi
 { echo; echo "device $DEV, total $(( $(date +%s) - START ))s, $FAILED step(s) failed"; } \
   >> "$OUT/summary.md"
+# The device tool returns at most 8 files: keep summary.md, environment.txt and the tables,
+# and pack every log and XML report into one archive (tar xzf logs.tar.gz to read them).
+( cd "$OUT" && shopt -s nullglob && logs=(*.log *.xml) && (( ${#logs[@]} )) \
+  && tar czf logs.tar.gz "${logs[@]}" && rm -f "${logs[@]}" )
 cat "$OUT/summary.md"
 for f in "$OUT"/results/*.md; do [[ -f $f ]] && { echo; cat "$f"; }; done
 exit $(( FAILED > 0 ))
