@@ -16,12 +16,10 @@ the first occurrence (by file and row number, whatever the parallelism); the res
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -225,23 +223,6 @@ def _columns(table: Any, names: list[str]) -> Any:
     return table.select(names).cast(pa.schema([schema.field(n) for n in names]))
 
 
-@contextlib.contextmanager
-def _tokenizer_threads_off() -> Iterator[None]:
-    """A task holds one CPU, but a fast tokenizer encodes a batch on every core (Rust threads):
-    tasks side by side then contend for the cores (two processes on 2 cores: ~4% fewer rows/s
-    than with one thread each, measured). One thread while the task runs, as Ray sets
-    OMP_NUM_THREADS=1; the worker's setting is restored afterwards."""
-    old = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = old
-
-
 def normalize_part(batch: Any, out_dir: str, origins: dict[str, int], tokenizer_path: str,
                    data_cfg: dict[str, Any], trust_remote_code: bool = False) -> Any:
     """One task's rows: normalize (in tokenizer batches), write examples/ and rejects/ parts,
@@ -254,10 +235,9 @@ def normalize_part(batch: Any, out_dir: str, origins: dict[str, int], tokenizer_
     if batch.num_rows == 0:
         return pa.table({"part": pa.array([], pa.string()), "stats": pa.array([], pa.string()),
                          "hashes": pa.array([], pa.list_(pa.uint64()))})
-    with _tokenizer_threads_off():
-        norm = pa.concat_tables([
-            normalize_batch(batch.slice(i, NORMALIZE_BATCH), tokenizer_path, data_cfg,
-                            trust_remote_code) for i in range(0, batch.num_rows, NORMALIZE_BATCH)])
+    norm = pa.concat_tables([
+        normalize_batch(batch.slice(i, NORMALIZE_BATCH), tokenizer_path, data_cfg,
+                        trust_remote_code) for i in range(0, batch.num_rows, NORMALIZE_BATCH)])
     name = part_name(norm["origin_file"][0].as_py(), norm["origin_row"][0].as_py(), origins)
     valid = pc.is_null(norm["reject_reason"])
     good, bad = norm.filter(valid), norm.filter(pc.invert(valid))
