@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -211,7 +212,9 @@ def demo_overrides(out: Path, gpu: bool = True) -> list[str]:
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`s2l demo` in a fresh process (its own local Ray, which sees the GPU)."""
     out = tmp_path_factory.mktemp("gpu_demo") / "out"
-    log = out.parent / "demo.log"
+    # scripts/gpu_check.sh sets S2L_GPU_LOG_DIR to its $OUT: the demo's log comes back with
+    # the results even when the step runs out of time (pytest prints nothing until then).
+    log = Path(os.environ.get("S2L_GPU_LOG_DIR") or out.parent) / "gpu_demo.log"
     with log.open("wb") as f:
         proc = subprocess.run([sys.executable, "-m", "s2l_ray", "demo",
                                *demo_overrides(out, DEV == "cuda")],
