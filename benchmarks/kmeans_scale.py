@@ -13,6 +13,17 @@ whether the labels are identical across worker counts.
     python benchmarks/kmeans_scale.py --cases 1000000:20:1000:5 --workers 1,2,4
 
 The markdown table goes to benchmarks/results/kmeans_scale_cpu.md (and stdout).
+
+With --pipeline it measures the whole cluster + select stages instead (`fit_files` then
+`select_from`, what the two stages run; select.method=s2l, --budget of the rows, the selected
+rows' original text looked up in a synthetic ingest/examples folder), global and per-source
+(--modes), against the same work in one process (faiss.Kmeans on all rows, per source with
+per-source, then `core.selection.select` in memory): wall time of each step, peak RSS of every
+process (the k-means actors, the select tasks, the driver). Results accumulate over runs (same
+--data-dir) into benchmarks/results/selection_scale_cpu.md:
+
+    python benchmarks/kmeans_scale.py --pipeline --cases 10000000:10:100:10 --workers 1,2,4 \
+        --modes global --keep-data
 """
 
 from __future__ import annotations
@@ -70,6 +81,145 @@ def make_data(folder: Path, n: int, t: int, seed: int = 0) -> list[str]:
         }), folder / f"part-{f:04d}.parquet", row_group_size=ROW_GROUP)
     stamp.write_text(json.dumps(params))
     return sorted(str(p) for p in folder.glob("*.parquet"))
+
+
+def make_examples(folder: Path, n: int) -> str:
+    """The ingest stage's examples folder for make_data's ids (id, raw): what select reads to
+    write selected.jsonl. One file per ROWS_PER_FILE rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    stamp = folder / "params.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == {"n": n}:
+        return str(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for f, start in enumerate(range(0, n, ROWS_PER_FILE)):
+        rows = range(start, min(start + ROWS_PER_FILE, n))
+        pq.write_table(pa.table({
+            "id": pa.array([f"{i:012x}" for i in rows], pa.string()),
+            "raw": pa.array([f'{{"instruction": "q{i}", "output": "a{i}"}}' for i in rows],
+                            pa.string())}), folder / f"part-{f:04d}.parquet")
+    stamp.write_text(json.dumps({"n": n}))
+    return str(folder)
+
+
+def faiss_pipeline(files: list[str], k: int, iters: int, seed: int, per_source: bool,
+                   budget: float) -> dict[str, Any]:
+    """Cluster + select in one process, all in memory: faiss.Kmeans on all rows (within each
+    source with per_source, min(k, rows) clusters each, as the official code), the labels by
+    its index, then core.selection.select (s2l) on the Python ids. Run in a fresh process."""
+    import faiss
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from s2l_ray.core.selection import select
+    from s2l_ray.stages.cluster import losses_matrix
+
+    t0 = time.perf_counter()
+    tables = [pq.read_table(f, columns=["id", "source", "losses"]) for f in files]
+    x = np.concatenate([losses_matrix(t["losses"], f) for t, f in zip(tables, files)])
+    ids = [i for t in tables for i in t["id"].to_pylist()]
+    sources = pa.concat_arrays([c for t in tables for c in t["source"].cast(pa.string()).chunks])
+    del tables
+    t1 = time.perf_counter()
+    labels = np.zeros(len(x), np.int64)
+    names = [None] if not per_source else sorted(set(sources.to_pylist()),
+                                                key=lambda v: (v is not None, v or ""))
+    src = np.asarray(sources.to_pylist(), dtype=object) if per_source else None
+    offset = 0
+    for name in names:
+        rows = np.arange(len(x)) if src is None else np.flatnonzero(src == name)
+        part = np.ascontiguousarray(x[rows])
+        kp = min(k, len(part))
+        km = faiss.Kmeans(x.shape[1], kp, niter=iters, seed=seed,
+                          max_points_per_centroid=len(part) // kp + 1, verbose=False)
+        km.train(part)
+        labels[rows] = km.index.search(part, 1)[1][:, 0] + offset
+        offset += kp
+    t2 = time.perf_counter()
+    chosen = select("s2l", ids, budget, seed, labels=labels,
+                    sources=sources.to_pylist() if per_source else None, per_source=per_source)
+    t3 = time.perf_counter()
+    return {"read_s": t1 - t0, "cluster_s": t2 - t1, "select_s": t3 - t2, "wall_s": t3 - t0,
+            "selected": len(chosen), "peak_rss_mb": _peak_mb(),
+            "threads": faiss.omp_get_max_threads()}
+
+
+def pipeline_case(spec: str, workers: list[int], per_source: bool, data_dir: Path, seed: int,
+                  budget: float) -> list[dict[str, Any]]:
+    """One case and mode: the in-memory pipeline, then the two stages with each actor count."""
+    import ray
+
+    from benchmarks.memwatch import PeakRSS
+    from s2l_ray.config import ClusterConfig, SelectConfig
+    from s2l_ray.stages.cluster import fit_files
+    from s2l_ray.stages.select import select_from
+
+    n, t, k, iters = (int(float(v)) for v in spec.split(":"))
+    mode = "per-source" if per_source else "global"
+    t0 = time.perf_counter()
+    files = in_subprocess(make_data, data_dir / f"n{n}_t{t}", n, t)
+    examples = in_subprocess(make_examples, data_dir / f"n{n}_examples", n)
+    log.info("case %s %s: data ready in %.1f s", spec, mode, time.perf_counter() - t0)
+    ref = in_subprocess(faiss_pipeline, files, k, iters, seed, per_source, budget)
+    log.info("one process: %s", ref)
+    case = {"n": n, "t": t, "k": k, "iters": iters, "mode": mode, "budget": budget}
+    rows = [{**case, "engine": "faiss.Kmeans + select(), 1 process",
+             "procs": f"1 x {ref['threads']} threads", "read_s": ref["read_s"],
+             "cluster_s": ref["cluster_s"], "select_s": ref["select_s"], "wall_s": ref["wall_s"],
+             "selected": ref["selected"], "actor_mb": [], "task_mb": None,
+             "driver_mb": ref["peak_rss_mb"]}]
+    cpus = ray.cluster_resources()["CPU"]
+    for w in workers:
+        out = data_dir / f"out_{n}_{mode}_w{w}"
+        shutil.rmtree(out, ignore_errors=True)
+        c = ClusterConfig(k=k, max_iter=iters, tol=0, num_workers=w, cpus_per_worker=cpus / w,
+                          per_source=per_source)
+        with PeakRSS() as m_cluster:
+            t0 = time.perf_counter()
+            rep = fit_files(files, out / "cluster", c, seed)
+            t1 = time.perf_counter()
+        with PeakRSS() as m_select:
+            t2 = time.perf_counter()
+            sel = select_from(out / "cluster", Path(files[0]).parent, examples, out / "select",
+                              SelectConfig(method="s2l", budget=budget), seed)
+            t3 = time.perf_counter()
+        log.info("%d actors: cluster %.1f s, select %.1f s, actors %s MiB, select tasks %.0f "
+                 "MiB, driver %.0f MiB", w, t1 - t0, t3 - t2, rep["actor_peak_rss_mb"],
+                 m_select.worker_peak_mb(), max(m_cluster.driver_peak_mb(),
+                                                m_select.driver_peak_mb()))
+        rows.append({**case, "engine": "cluster + select stages, local Ray",
+                     "procs": f"{w} actor{'s' if w > 1 else ''} x {max(1, int(cpus / w))} "
+                              f"threads", "read_s": None, "cluster_s": t1 - t0,
+                     "select_s": t3 - t2, "wall_s": t3 - t0, "selected": sel["selected"],
+                     "actor_mb": rep["actor_peak_rss_mb"], "task_mb": m_select.worker_peak_mb(),
+                     "driver_mb": max(m_cluster.driver_peak_mb(), m_select.driver_peak_mb())})
+        shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+def pipeline_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| N | T | K | iters | mode | engine | processes | cluster s | select s | "
+             "wall s | vs 1 process | selected | peak RSS per k-means actor, MiB | "
+             "peak RSS of a select task, MiB | driver peak RSS, MiB |", "|" + " --- |" * 15]
+    ref: dict[tuple[Any, ...], float] = {}
+    for r in rows:
+        key = (r["n"], r["t"], r["k"], r["iters"], r["mode"])
+        if r["read_s"] is not None:
+            ref[key] = r["wall_s"]
+    for r in rows:
+        key = (r["n"], r["t"], r["k"], r["iters"], r["mode"])
+        cluster = (f"{r['cluster_s']:.1f}" if r["read_s"] is None else
+                   f"{r['cluster_s']:.1f} (+ read {r['read_s']:.1f})")
+        ratio = f"{r['wall_s'] / ref[key]:.2f}x" if key in ref else "-"
+        actors = "/".join(f"{m:.0f}" for m in r["actor_mb"]) or "-"
+        task = "-" if r["task_mb"] is None else f"{r['task_mb']:.0f}"
+        lines.append(f"| {r['n']:,} | {r['t']} | {r['k']} | {r['iters']} | {r['mode']} | "
+                     f"{r['engine']} | {r['procs']} | {cluster} | {r['select_s']:.1f} | "
+                     f"{r['wall_s']:.1f} | {ratio} | {r['selected']:,} | {actors} | {task} | "
+                     f"{r['driver_mb']:.0f} |")
+    return "\n".join(lines)
 
 
 def faiss_run(files: list[str], k: int, iters: int, seed: int) -> dict[str, Any]:
@@ -175,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kmeans_scale_cpu.md"))
     p.add_argument("--keep-data", action="store_true", help="keep the generated Parquet")
+    p.add_argument("--pipeline", action="store_true",
+                   help="measure the whole cluster + select stages (see the module docstring)")
+    p.add_argument("--modes", default="global,per_source",
+                   help="with --pipeline: global and/or per_source clustering")
+    p.add_argument("--budget", type=float, default=0.1, help="with --pipeline: select.budget")
     args = p.parse_args(argv)
 
     import faiss
@@ -190,8 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = Path(args.data_dir)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
+    workers = [int(w) for w in args.workers.split(",")]
+    if args.pipeline:
+        return pipeline_main(args, argv, workers, data_dir)
     for spec in args.cases:
-        rows += run_case(spec, [int(w) for w in args.workers.split(",")], data_dir, args.seed)
+        rows += run_case(spec, workers, data_dir, args.seed)
     ray.shutdown()
     if not args.keep_data:
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -229,6 +387,59 @@ def main(argv: list[str] | None = None) -> int:
     ])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+def pipeline_main(args: Any, argv: list[str] | None, workers: list[int], data_dir: Path) -> int:
+    """--pipeline: every case x mode, merged into the results of earlier runs (same data
+    dir) so that long cases can run one per invocation."""
+    import faiss
+    import ray
+
+    saved = data_dir / "pipeline_results.json"
+    rows = json.loads(saved.read_text()) if saved.is_file() else []
+    t0 = time.perf_counter()
+    for spec in args.cases:
+        for mode in args.modes.split(","):
+            new = pipeline_case(spec, workers, mode == "per_source", data_dir, args.seed,
+                                args.budget)
+            done = {(r["n"], r["t"], r["k"], r["iters"], r["mode"]) for r in new}
+            rows = [r for r in rows if (r["n"], r["t"], r["k"], r["iters"], r["mode"])
+                    not in done] + new
+            saved.write_text(json.dumps(rows, indent=1))
+    ray.shutdown()
+    if not args.keep_data:
+        for p in data_dir.glob("n*"):
+            shutil.rmtree(p, ignore_errors=True)
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    out = Path(args.out)
+    if out.name == "kmeans_scale_cpu.md":
+        out = out.with_name("selection_scale_cpu.md")
+    text = "\n".join([
+        "# Selection at scale: the cluster + select stages vs one process (CPU)", "",
+        f"Last run: `python benchmarks/kmeans_scale.py {' '.join(argv or sys.argv[1:])}` "
+        f"({time.perf_counter() - t0:.0f} s); rows from earlier runs of other cases/modes are "
+        "kept.", "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{mem_gib:.0f} GiB; faiss {faiss.__version__}, ray {ray.__version__}, numpy "
+        f"{np.__version__}. Local Ray with every core; the one-process baseline runs in its "
+        "own process.", "",
+        "Data: N synthetic trajectories (T losses around 64 seeded curves, 5 sources, Parquet "
+        "files of 1M rows) and an examples folder (id, raw). Both engines: s2l with "
+        "select.budget of the rows, K clusters (per source: K per source, min(K, rows)), the "
+        "same iterations with tol=0 on ALL rows. One process: faiss.Kmeans + index search for "
+        "the labels, then `core.selection.select` on the Python ids, all in memory (cluster s "
+        "excludes reading, shown apart; wall s includes it). Stages: `fit_files` (reading its "
+        "shard is part of each actor's start, so of cluster s) then `select_from` (counts, "
+        "per-file candidates, the ranking, and selected.parquet + selected.jsonl written with "
+        "the rows' text: work the baseline does not do). Peak RSS: the k-means actors' own "
+        "ru_maxrss; select tasks and the driver sampled every 0.1 s (the driver's during the "
+        "two stages only).", "",
+        pipeline_table(rows), "",
+    ])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
     print(text)
     return 0
 

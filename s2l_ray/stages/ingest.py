@@ -66,46 +66,71 @@ def _tokenizer(path: str, trust_remote_code: bool) -> Any:
 
 def normalize_batch(batch: Any, tokenizer_path: str, data_cfg: dict[str, Any],
                     trust_remote_code: bool = False) -> Any:
-    """Raw rows -> examples (or rejects with reason): parse, template, id, tokenize."""
+    """Raw rows -> examples (or rejects with reason): parse, template, id, tokenize.
+
+    Each row's JSON is decoded once; the token ids come back as flat arrays
+    (core.tokens.tokenize_arrays) and become the Arrow list column without per-row lists."""
+    import numpy as np
     import pyarrow as pa
 
     from s2l_ray.core import formats as formats
-    from s2l_ray.core.tokens import tokenize_batch
+    from s2l_ray.core.tokens import tokenize_arrays
 
     tok = _tokenizer(tokenizer_path, trust_remote_code)
     c = data_cfg
-    out: dict[str, list[Any]] = {f.name: [] for f in _schema()}
-    pending: list[tuple[int, formats.Example]] = []
-    for r in batch.to_pylist():
-        rec = {k: None for k in out}
-        rec.update(origin_file=r["origin_file"], origin_row=r["origin_row"], raw=r["raw"],
-                   reject_reason=r["reject_reason"], reject_detail=r["reject_detail"],
-                   input_ids=[], n_prompt_tokens=0, n_tokens=0, truncated=False)
-        if rec["reject_reason"] is None:
-            try:
-                row = json.loads(r["raw"])
-                ex = formats.to_example(row, c["format"], c["template"])
-                rec["id"] = (formats.given_id(row, c["id_column"]) if c["id_column"]
-                             else formats.content_id(ex.content))
-                rec["source"] = formats.row_source(row, c["source_column"])
-                rec.update(format=ex.format, prompt=ex.prompt, response=ex.response)
-                pending.append((len(out["id"]), ex))
-            except formats.RowError as e:
-                rec.update(reject_reason=e.reason, reject_detail=e.detail)
-        for k, v in rec.items():
-            out[k].append(v)
+    n = batch.num_rows
+    raws = batch["raw"].to_pylist()
+    reason = batch["reject_reason"].to_pylist()
+    detail = batch["reject_detail"].to_pylist()
+    ids: list[str | None] = [None] * n
+    sources: list[str | None] = [None] * n
+    fmts: list[str | None] = [None] * n
+    prompts: list[str | None] = [None] * n
+    responses: list[str | None] = [None] * n
+    pending: list[int] = []  # rows parsed into an example, to tokenize
+    for i, raw in enumerate(raws):
+        if reason[i] is not None:
+            continue
+        try:
+            row = json.loads(raw)
+            ex = formats.to_example(row, c["format"], c["template"])
+            ids[i] = (formats.given_id(row, c["id_column"]) if c["id_column"]
+                      else formats.content_id(ex.content))
+            sources[i] = formats.row_source(row, c["source_column"])
+            fmts[i], prompts[i], responses[i] = ex.format, ex.prompt, ex.response
+            pending.append(i)
+        except formats.RowError as e:
+            reason[i], detail[i] = e.reason, e.detail
+    lengths = np.zeros(n, np.int64)
+    n_prompt = np.zeros(n, np.int32)
+    truncated = np.zeros(n, bool)
+    values = np.zeros(0, np.int32)
     if pending:
-        tk = tokenize_batch(tok, [e.prompt for _, e in pending],
-                            [e.response for _, e in pending], c["max_length"], c["overlong"])
-        for (i, _), ids, npr, cut, err in zip(pending, tk.input_ids, tk.n_prompt,
-                                              tk.truncated, tk.errors):
+        tk = tokenize_arrays(tok, [prompts[i] for i in pending],
+                             [responses[i] for i in pending], c["max_length"], c["overlong"])
+        at = np.asarray(pending, np.int64)
+        ok = np.array([e is None for e in tk.errors])
+        lengths[at] = np.diff(tk.offsets)  # 0 for a row the tokenizing rejected
+        n_prompt[at[ok]] = tk.n_prompt[ok]
+        truncated[at] = tk.truncated
+        values = tk.values
+        for i, err in zip(pending, tk.errors):
             if err:
-                reason, _, detail = err.partition(": ")
-                out["reject_reason"][i], out["reject_detail"][i] = reason, detail
-            else:
-                out["input_ids"][i], out["n_prompt_tokens"][i] = ids, npr
-                out["n_tokens"][i], out["truncated"][i] = len(ids), cut
-    return pa.table(out, schema=_schema())
+                reason[i], _, detail[i] = err.partition(": ")
+    offsets = np.zeros(n + 1, np.int32)  # < 2^31 ids: a part holds ROWS_PER_PART rows
+    np.cumsum(lengths, out=offsets[1:])
+    cols = {"id": ids, "source": sources, "format": fmts, "prompt": prompts,
+            "response": responses,
+            "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
+            "n_prompt_tokens": n_prompt, "n_tokens": lengths.astype(np.int32),
+            "truncated": truncated, "raw": batch["raw"], "origin_file": batch["origin_file"],
+            "origin_row": batch["origin_row"], "reject_reason": reason,
+            "reject_detail": detail}
+    schema = _schema()
+    return pa.Table.from_arrays([
+        v.cast(f.type) if isinstance(v, pa.ChunkedArray) else pa.chunked_array(
+            [v if isinstance(v, pa.Array) else pa.array(v, f.type)], f.type)
+        for f, v in ((f, cols[f.name]) for f in schema)], schema=schema)
 
 
 def _stats(batch: Any) -> Any:

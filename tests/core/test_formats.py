@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import pytest
 
 from s2l_ray.core import formats as formats
@@ -148,3 +149,26 @@ def test_pad_batch_shapes(tiny_tokenizer) -> None:
     assert ids.shape == mask.shape == labels.shape == (2, 8)
     assert mask.sum().item() == 5
     assert labels[0, :3].tolist() == [IGNORE_INDEX, 6, 7] and (labels[1, 2:] == IGNORE_INDEX).all()
+
+
+def test_fast_path_ids_match_the_tokenizer_call(tiny_tokenizer) -> None:
+    """encode_texts calls the Rust tokenizer directly: the ids must be those of the ordinary
+    transformers call, special-token text, non-ASCII, blank and empty texts included."""
+    from s2l_ray.core.tokens import encode_texts, tokenize_arrays
+
+    tok = tiny_tokenizer
+    texts = ["What is 12+30?\n", "", "   ", "a <|endoftext|> b", "café 中文 😀\n\n### x",
+             "The answer is 42. " * 40]
+    assert encode_texts(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]
+    t = tokenize_arrays(tok, texts, texts[::-1], max_length=64)
+    lists = tokenize_batch(tok, texts, texts[::-1], max_length=64)
+    assert t.values.dtype == np.int32 and len(t.offsets) == len(texts) + 1
+    for i, ids in enumerate(lists.input_ids):
+        assert t.values[t.offsets[i]:t.offsets[i + 1]].tolist() == ids
+        p = tok(texts[i], add_special_tokens=False)["input_ids"]
+        r = tok(texts[::-1][i], add_special_tokens=False)["input_ids"]
+        if lists.errors[i] is None:  # prompt + response + eos, cut at max_length
+            assert ids == (p + r + [tok.eos_token_id])[:64]
+            assert lists.truncated[i] == (len(p) + len(r) + 1 > 64)
+        else:
+            assert ids == [] and (not r or len(p) >= 64)
