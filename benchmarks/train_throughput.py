@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
                         "two step counts")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--zero-stage", type=int, default=1, help="--ray-train: target.zero_stage")
+    p.add_argument("--log-lines", type=int, default=20,
+                   help="--ray-train: fit's log_lines (20: train-ref's; a sweep trial uses 4)")
     p.add_argument("--label", default="", help="--ray-train: a name for this code version")
     p.add_argument("--out-name", default=None,
                    help="--ray-train: append the row to benchmarks/results/<NAME>.md")
@@ -297,20 +299,22 @@ def ray_train_main(args: argparse.Namespace, overrides: list[str]) -> None:
             work.mkdir()
             t = time.perf_counter()
             fit(cfg, cfg.target, "target", root / "examples", plan, work, model_dir,
-                log_lines=4)
+                log_lines=args.log_lines)
             walls.append(time.perf_counter() - t)
     per_step = (walls[1] - walls[0]) / (args.steps[1] - args.steps[0])
-    row = (f"| {args.label or '-'} | ZeRO-{args.zero_stage} | {args.cpus_per_worker:g} | "
+    row = (f"| {args.label or '-'} | {args.log_lines} | ZeRO-{args.zero_stage} | "
+           f"{args.cpus_per_worker:g} | "
            f"{plain * 1e3:.1f} | {per_step * 1e3:.1f} | {per_step / plain:.1f}x | "
            f"{args.steps[0]}: {walls[0]:.1f} s, {args.steps[1]}: {walls[1]:.1f} s |")
     head = [f"# Target training step inside Ray Train (cpu x{torch.get_num_threads()}, "
             f"{platform.processor() or platform.machine()})", "",
             f"`benchmarks/train_throughput.py --ray-train`: `training.driver.fit` on "
             f"{DEMO_ROWS} demo-shaped rows, batch {DEMO_BATCH}, `tiny:small`, one worker, "
-            "one checkpoint; step = slope between the two fits' wall times; plain = PyTorch "
+            "one checkpoint, `log lines` progress lines logged (before the fix each was also a "
+            "`ray.train.report`); step = slope between the two fits' wall times; plain = PyTorch "
             f"AdamW in the benchmark process on {threads} thread(s), same batches.", "",
-            "| code | DeepSpeed | CPUs/worker | plain ms/step | fit ms/step | vs plain | "
-            "fit wall (steps: s) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+            "| code | log lines | DeepSpeed | CPUs/worker | plain ms/step | fit ms/step | "
+            "vs plain | fit wall (steps: s) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     print("\n".join([*head, row]))
     if args.out_name:
         out = Path(args.out) / f"{args.out_name}.md"
