@@ -107,7 +107,7 @@ def bare(examples: Path, paths: list[str], groups: int, batch_tokens: int, use_g
 
 
 def stage(examples: Path, tmp: Path, paths: list[str], groups: int, cfg: Any,
-          use_gpu: bool) -> tuple[float, float, int]:
+          use_gpu: bool, n: int) -> tuple[float, float, int]:
     """(stage seconds, seconds after the actor was ready, rows written)."""
     import pyarrow.parquet as pq
     import ray
@@ -115,6 +115,7 @@ def stage(examples: Path, tmp: Path, paths: list[str], groups: int, cfg: Any,
     from s2l_ray.stages import trajectories as traj
 
     ready = tmp.parent / "actor_ready"
+    tmp.mkdir(parents=True, exist_ok=True)  # the stage's actors publish one file per group here
 
     class TimedScorer(traj.TrajectoryScorer):
         """The stage's actor, noting when its models are loaded (defined here, so Ray ships
@@ -129,7 +130,10 @@ def stage(examples: Path, tmp: Path, paths: list[str], groups: int, cfg: Any,
     original, traj.TrajectoryScorer = traj.TrajectoryScorer, TimedScorer
     try:
         started = time.time()
-        _, wall = traj._score(cfg, examples, tmp, paths, groups, use_gpu, sink)
+        # No group done by an earlier run: every group is scored, as in a first run.
+        _, progress = traj._score(cfg, examples, tmp, paths, groups, {},
+                                  traj.checkpoints_key(paths), use_gpu, sink, n)
+        wall = progress["seconds"]
         ended = time.time()
     finally:
         traj.TrajectoryScorer = original
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         groups = n_groups(n, tokens, batch_tokens)
         init_ray(num_cpus=None if gpu else 2)
         quiet_ray_data()
-        s_wall, s_warm, s_rows = stage(examples, work / "out", paths, groups, cfg, gpu)
+        s_wall, s_warm, s_rows = stage(examples, work / "out", paths, groups, cfg, gpu, n)
         b_wall, b_rows = bare(examples, paths, groups, batch_tokens, gpu, t.scorer, t.compile,
                               max(1, int(t.cpus_per_actor)))
         if not s_rows == b_rows == n:

@@ -7,12 +7,12 @@
 #   bash scripts/gpu_check.sh --dry-run   # on CPU: the same steps at tiny size (gpu tests' code
 #                                         # included), so the GPU call cannot fail on typos
 #   ONLY="ray_overhead train_throughput" bash scripts/gpu_check.sh   # rerun some steps only
-#   (steps: pytest_gpu trajectory_throughput pytest_gpu_e2e train_throughput ray_overhead)
+#   (steps: pytest_gpu trajectory_throughput train_throughput ray_overhead pytest_gpu_e2e)
 #
 # Where Ray/DeepSpeed/faiss/datasets are not installed (the lent GPU machine), it installs
 # .device-bundle/ first (made by `bash ../shared/device/make-bundle.sh` from the project root).
-# Results: $OUT/summary.md (step, exit code, seconds), $OUT/*.log, $OUT/results/*_gpu.md (copy
-# these into benchmarks/results/), $OUT/pytest_gpu.xml.
+# Results: $OUT/summary.md (step, exit code, seconds), $OUT/results/*_gpu.md (copy these into
+# benchmarks/results/), $OUT/logs.tar.gz (each step's log and the pytest XML reports).
 set -u
 cd "$(dirname "$0")/.."
 DRY=0
@@ -89,16 +89,22 @@ else
   step trajectory_throughput 150 $PY benchmarks/trajectory_throughput.py --device cuda \
     --examples 2048 --examples-a 256 --max-length 512 --mean-length 200 --checkpoints 4 \
     --compile default --out "$OUT/results"
-  step pytest_gpu_e2e 240 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
-    -k "not ($QUICK)" --junitxml="$OUT/pytest_gpu_e2e.xml"
   step train_throughput 90 $PY benchmarks/train_throughput.py --device cuda \
     --models pythia-70m pythia-160m --steps 20 --batch 16 --max-len 512 --zero-stages 2 0 \
     --out "$OUT/results"
   step ray_overhead 80 $PY benchmarks/ray_overhead.py --device cuda --examples 20000 \
     --model pythia-70m --checkpoints 4 --out "$OUT/results"
+  # last: the longest step (over 171 s on an H200 at commit f261b79, when a step of the micro
+  # model still cost ~0.5 s), its demo log in $OUT/gpu_demo.log whatever happens
+  S2L_GPU_LOG_DIR="$OUT" step pytest_gpu_e2e 240 $PY -m pytest -m gpu -q -p no:cacheprovider \
+    tests/test_gpu.py -k "not ($QUICK)" --junitxml="$OUT/pytest_gpu_e2e.xml"
 fi
 { echo; echo "device $DEV, total $(( $(date +%s) - START ))s, $FAILED step(s) failed"; } \
   >> "$OUT/summary.md"
+# The device tool returns at most 8 files: keep summary.md, environment.txt and the tables,
+# and pack every log and XML report into one archive (tar xzf logs.tar.gz to read them).
+( cd "$OUT" && shopt -s nullglob && logs=(*.log *.xml) && (( ${#logs[@]} )) \
+  && tar czf logs.tar.gz "${logs[@]}" && rm -f "${logs[@]}" )
 cat "$OUT/summary.md"
 for f in "$OUT"/results/*.md; do [[ -f $f ]] && { echo; cat "$f"; }; done
 exit $(( FAILED > 0 ))

@@ -223,8 +223,14 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     else:
         max_len = int(kwargs[_MAX_KEY])
     fn = _torch_varlen() if query.device.type == "cuda" else None
-    if fn is not None and query.dtype in (torch.bfloat16, torch.float16):  # flash: half only
-        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (N, H, D)
+    half = query.dtype
+    if fn is not None and half == torch.float32 and torch.is_autocast_enabled("cuda"):
+        # Under autocast, rotary embeddings (fp32 cos/sin) leave q and k in fp32 although
+        # the projections ran in bf16; SDPA would cast them to the autocast dtype, so do the
+        # same and take the fused kernel, not the per-sequence loop (one sync per layer).
+        half = torch.get_autocast_dtype("cuda")
+    if fn is not None and half in (torch.bfloat16, torch.float16):  # flash: half only
+        q, k, v = (x[0].transpose(0, 1).to(half) for x in (query, key, value))  # (N, H, D)
         extra = _VARLEN_EXTRA or _varlen_extra(fn)
         out = fn(q, k, v, cu, cu, max_len, max_len, scale=scale, **extra)  # (N, H, D)
         return out.unsqueeze(0), None

@@ -81,11 +81,15 @@ def _add_group(batch: Any, groups: int, sink: Any, done: frozenset[int] = frozen
     import pyarrow.compute as pc
     import ray
 
-    ray.get(sink.add.remote("input", id_digest(batch["id"].to_pylist())))
+    digest = id_digest(batch["id"].to_pylist())
     out = with_groups(batch, groups)
     if done:
         skip = pa.array(sorted(done), pa.int64())
         out = out.filter(pc.invert(pc.is_in(out["group"], value_set=skip)))
+    # Rows per group still to score: the scorer knows a group is whole when it has them all.
+    # Sent before the shuffle ends (an all-to-all barrier), so complete when scoring starts.
+    vc = pc.value_counts(out["group"]).to_pylist()
+    ray.get(sink.add.remote("input", digest, {int(x["values"]): x["counts"] for x in vc}))
     return out
 
 
@@ -273,12 +277,17 @@ def same_tokenizer(paths: list[str], trust_remote_code: bool, fix: str) -> str:
 
 
 class TrajectoryScorer:
-    """Ray Data callable class: all T checkpoints on one device; scores whole groups per call
-    and publishes each group's file itself (`write_group`). Returns one small summary row per
-    group (its metadata as JSON): only those reach the driver."""
+    """Ray Data callable class: all T checkpoints on one device; scores whole groups and
+    publishes each group's file itself (`write_group`). Returns one small summary row per
+    group (its metadata as JSON): only those reach the driver.
+
+    A group's rows are in one block, and Ray Data hands a block's batches to one actor call
+    in order, but a batch can hold part of a group (Ray Data needs an integer batch_size
+    when an actor asks for a GPU): rows wait in `pending` until their group is whole (its
+    row count, from the sink), and a group is scored once, whole."""
 
     def __init__(self, paths: list[str], batch_tokens: int, dtype: str, use_gpu: bool,
-                 cpus: float, out_dir: str, groups: int, key: str,
+                 cpus: float, out_dir: str, groups: int, key: str, sink: Any = None,
                  trust_remote_code: bool = False, scorer: str = "padded",
                  compile_mode: str = "off") -> None:
         import torch
@@ -294,6 +303,28 @@ class TrajectoryScorer:
         self.out_dir, self.groups, self.key = Path(out_dir), groups, key
         self.scorer = make_scorer(scorer, self.models, self.device, batch_tokens, self.amp,
                                   compile_mode)
+        self.sink, self.expected = sink, None
+        self.pending: dict[int, list[Any]] = {}  # group -> its rows seen so far (tables)
+
+    def _whole_groups(self, batch: Any) -> list[tuple[int, Any]]:
+        """Add the batch's rows to their groups; pop and return the groups now whole."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import ray
+
+        if self.expected is None:
+            self.expected = ray.get(self.sink.group_rows.remote())
+        whole = []
+        for g in sorted(pc.unique(batch["group"]).to_pylist()) if batch.num_rows else []:
+            parts = self.pending.setdefault(g, [])
+            parts.append(batch.filter(pc.equal(batch["group"], g)))
+            have, want = sum(t.num_rows for t in parts), self.expected.get(g)
+            if want is None or have > want:
+                raise RuntimeError(f"group {g}: {have} rows reached the scorer, {want} were "
+                                   "read; Ray Data split or duplicated a group")
+            if have == want:
+                whole.append((g, pa.concat_tables(self.pending.pop(g))))
+        return whole
 
     def __call__(self, block: Any) -> Any:
         import pyarrow as pa
@@ -302,11 +333,16 @@ class TrajectoryScorer:
         from s2l_ray.core.losses import score_block
 
         summaries = []
-        for g in sorted(pc.unique(block["group"]).to_pylist()) if block.num_rows else []:
+        if self.sink is not None:
+            ready = self._whole_groups(block)
+        else:  # called with whole groups (tests, benchmarks)
+            ready = [(g, block.filter(pc.equal(block["group"], g)))
+                     for g in sorted(pc.unique(block["group"]).to_pylist())
+                     ] if block.num_rows else []
+        for g, rows in ready:
             # One group per score_block call: its own window, whatever else shares the block.
-            out, stats = score_block(self.models, block.filter(pc.equal(block["group"], g)),
-                                     self.batch_tokens, self.device, self.amp,
-                                     self.scorer)
+            out, stats = score_block(self.models, rows, self.batch_tokens, self.device,
+                                     self.amp, self.scorer)
             meta = write_group(self.out_dir, g, self.groups, out, self.key, stats)
             summaries.append(json.dumps({**meta, "pid": os.getpid(),
                                          "seconds_per_checkpoint": stats.seconds_per_checkpoint}))
@@ -333,12 +369,26 @@ class _StatsSink:
 
     def __init__(self) -> None:
         self.parts: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self.counts: dict[tuple[Any, ...], dict[int, int]] = {}
 
-    def add(self, side: str, part: dict[str, Any]) -> None:
-        self.parts[(side, part["rows"], part["h1"], part["h2"])] = {"side": side, **part}
+    def add(self, side: str, part: dict[str, Any], counts: dict[int, int] | None = None
+            ) -> None:
+        """counts: for an input block, its rows per group to score (after resume's drop)."""
+        key = (side, part["rows"], part["h1"], part["h2"])
+        self.parts[key] = {"side": side, **part}
+        if counts is not None:
+            self.counts[key] = counts
 
     def get(self) -> list[dict[str, Any]]:
         return list(self.parts.values())
+
+    def group_rows(self) -> dict[int, int]:
+        """Rows per group over every input block (each block once, however often retried)."""
+        total: dict[int, int] = {}
+        for c in self.counts.values():
+            for g, n in c.items():
+                total[g] = total.get(g, 0) + n
+        return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,8 +441,12 @@ def _score(cfg: S2LConfig, examples: Path, tmp: Path, paths: list[str], groups: 
     ds = ds.map_batches(_add_group, batch_format="pyarrow",
                         fn_kwargs={"groups": groups, "sink": sink, "done": frozenset(done)})
     ds = ds.repartition(groups, keys=["group"])  # a group's rows meet in one block
+    # An integer batch (Ray Data requires one for GPU actors) of about half a group: each
+    # bundle is then one block, so blocks spread over the actors; the scorer joins a group's
+    # batches before scoring it.
+    rows_per_batch = max(1, total // max(1, groups) // 2)
     ds = ds.map_batches(
-        TrajectoryScorer, batch_size=None, batch_format="pyarrow",
+        TrajectoryScorer, batch_size=rows_per_batch, batch_format="pyarrow",
         # One block (a whole length group) per actor at a time: queueing several on the first
         # actor up would leave the others idle when there are few groups.
         compute=ray.data.ActorPoolStrategy(size=t.concurrency, max_tasks_in_flight_per_actor=1),
@@ -403,7 +457,8 @@ def _score(cfg: S2LConfig, examples: Path, tmp: Path, paths: list[str], groups: 
         # that would set them are deprecated. tests/e2e/test_fault_tolerance.py guards this.
         fn_constructor_kwargs={"paths": paths, "batch_tokens": t.batch_tokens, "dtype": t.dtype,
                                "use_gpu": use_gpu, "cpus": t.cpus_per_actor, "out_dir": str(tmp),
-                               "groups": groups, "key": key, "trust_remote_code": trust,
+                               "groups": groups, "key": key, "sink": sink,
+                               "trust_remote_code": trust,
                                "scorer": t.scorer, "compile_mode": t.compile})
     scored: list[dict[str, Any]] = []
     # Summaries stream back as groups finish: the progress count, at no extra cost.
