@@ -7,6 +7,8 @@ weights or after the same pre-training as `tiny-pre:small`, is fine-tuned and sc
 exact match per kind at a few step counts.
 
     python benchmarks/demo_design.py [pre=300] [steps=2000] [lr=2e-3] [evals=250,500,1000,2000]
+    python benchmarks/demo_design.py mix=demo n_train=2000 pre=200 steps=2000 lr=2e-3
+      (the demo's own kinds and proportions: picks its steps and learning rate)
 
 The figures it gave are in benchmarks/results/demo_cpu.md. Run it under the CPU lock on a shared
 machine.
@@ -36,13 +38,18 @@ def main() -> int:
     pre_steps, steps = int(args.get("pre", 300)), int(args.get("steps", 2000))
     lr, bs = float(args.get("lr", 2e-3)), int(args.get("bs", 16))
     evals = sorted(int(x) for x in args.get("evals", "250,500,1000,2000").split(","))
-    torch.set_num_threads(2)
-    # Equal shares for every candidate kind (the generator reads these module globals).
-    data.KIND_PROPORTIONS.clear()
-    data.KIND_PROPORTIONS.update({k: 1 / len(kinds) for k in kinds})
-    data.KINDS = tuple(kinds)
-    for k in kinds:
-        data.SOURCE_MIX.setdefault(k, {"drills": 1.0})
+    # mix=demo: the demo's own kinds and proportions, n_train rows (default 2000), to pick the
+    # demo's steps and learning rate; otherwise equal shares of the candidate kinds.
+    demo_mix = args.get("mix") == "demo"
+    torch.set_num_threads(int(args.get("threads", 2)))
+    if demo_mix:
+        kinds = list(data.KINDS)
+    else:  # equal shares for every candidate kind (the generator reads these module globals)
+        data.KIND_PROPORTIONS.clear()
+        data.KIND_PROPORTIONS.update({k: 1 / len(kinds) for k in kinds})
+        data.KINDS = tuple(kinds)
+        for k in kinds:
+            data.SOURCE_MIX.setdefault(k, {"drills": 1.0})
 
     tok_dir = tempfile.mkdtemp(prefix="demo-design-tok-")
     build_tokenizer(tok_dir)
@@ -94,7 +101,8 @@ def main() -> int:
         train(seqs, [0] * len(seqs), pre_steps, 32, 3e-3)
         print(f"pre-training: {pre_steps} steps in {time.time() - t0:.0f} s", flush=True)
 
-    train_rows, _ = data.generate_mathmix(n_train=300 * len(kinds), n_test_per_source=0)
+    n_train = int(args.get("n_train", 2000)) if demo_mix else 300 * len(kinds)
+    train_rows, _ = data.generate_mathmix(n_train=n_train, n_test_per_source=0)
     seen: set[str] = set()
     unique = [r for r in train_rows if not (r["instruction"] in seen or seen.add(r["instruction"]))]
     val = [r for k in kinds for r in [x for x in unique if x["kind"] == k and not x["wrong"]][:25]]

@@ -10,6 +10,15 @@ time against the matmul peak (bf16 on GPU) measured here in the same run (or giv
     python benchmarks/train_throughput.py --device cpu --models nano micro --steps 20
     python benchmarks/train_throughput.py --device cuda --models pythia-70m pythia-160m
       -> benchmarks/results/train_throughput_gpu.md (the card's name in its title)
+
+`--ray-train` times the whole training path instead, as a demo trial runs it: the project's
+`training.driver.fit` (Ray Train TorchTrainer, one worker, DeepSpeed, Ray Data shard, reports and
+checkpoints) on synthetic demo-shaped rows (16-27 tokens) with the `tiny:small` target, against a
+plain PyTorch AdamW loop on the same model shape and batches in this process, on as many torch
+threads as the worker gets. A step's cost is the slope between two runs of different lengths
+(fixed costs such as starting the workers cancel), and the whole fit's wall time is shown too:
+
+    python benchmarks/train_throughput.py --ray-train --steps 100 400 [--out-name NAME]
 """
 
 from __future__ import annotations
@@ -135,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--models", nargs="+", default=["nano", "micro", "base"],
                    choices=list(SHAPES))
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, nargs="+", default=[20],
+                   help="timed steps (--ray-train: two step counts, e.g. 100 400)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--peak", type=float, default=None,
@@ -144,6 +154,19 @@ def main(argv: list[str] | None = None) -> None:
                    help="DeepSpeed ZeRO stages to time (default: reference.zero_stage's)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"),
                    help="folder for train_throughput_<cpu|gpu>.md")
+    p.add_argument("--ray-train", action="store_true",
+                   help="time training.driver.fit inside Ray Train (see above); --steps takes "
+                        "two step counts")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--zero-stage", type=int, default=1, help="--ray-train: target.zero_stage")
+    p.add_argument("--log-lines", type=int, default=20,
+                   help="--ray-train: fit's log_lines (20: train-ref's; a sweep trial uses 4)")
+    p.add_argument("--label", default="", help="--ray-train: a name for this code version")
+    p.add_argument("--out-name", default=None,
+                   help="--ray-train: append the row to benchmarks/results/<NAME>.md")
+    args, rest = p.parse_known_args(argv)
+    if args.ray_train:
+        return ray_train_main(args, rest)
     args = p.parse_args(argv)
     import torch
     import torch.distributed as dist
@@ -156,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     peak_dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     peak = args.peak or matmul_peak(args.device, peak_dtype)
+    args.steps = args.steps[0]
     rows = [run(m, args.device, args.steps, args.batch, args.max_len, args.zero_stages)
             for m in args.models]
     dev = (torch.cuda.get_device_name() if args.device == "cuda"
@@ -185,6 +209,119 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table)
     dist.destroy_process_group()
+
+
+DEMO_ROWS, DEMO_BATCH = 1960, 16  # the demo's training set and target batch
+
+
+def demo_rows(n: int, vocab: int, seed: int = 0) -> list[dict]:
+    """Tokenized rows shaped like the demo's: 16-27 tokens, the last 8 the response."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        length = rng.randint(16, 27)
+        out.append({"id": f"r{i:05d}", "input_ids": [rng.randrange(2, vocab)
+                                                     for _ in range(length)],
+                    "n_prompt_tokens": length - 8})
+    return out
+
+
+def plain_seconds_per_step(model_dir: str, rows: list[dict], steps: int, threads: int) -> float:
+    """The baseline: plain AdamW (clipping as DeepSpeed's config does) on the demo batches."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from s2l_ray.core.tokens import pad_batch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        n = len(rows) // DEMO_BATCH
+        t = 0.0
+        for i in range(steps + 5):
+            if i == 5:  # five warm-up steps
+                t = time.perf_counter()
+            chunk = rows[(i % n) * DEMO_BATCH:(i % n + 1) * DEMO_BATCH]
+            ids, mask, labels = pad_batch([r["input_ids"] for r in chunk],
+                                          [r["n_prompt_tokens"] for r in chunk], pad_id=0)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return (time.perf_counter() - t) / steps
+    finally:
+        torch.set_num_threads(old)
+
+
+def ray_train_main(args: argparse.Namespace, overrides: list[str]) -> None:
+    """`--ray-train`: fit() inside Ray Train at two step counts vs the plain loop."""
+    import json
+    import platform
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from s2l_ray.config import load_config
+    from s2l_ray.models.tiny import build_tiny_model
+    from s2l_ray.runtime import init_ray
+    from s2l_ray.training.driver import fit, plan_training
+
+    if len(args.steps) != 2 or args.steps[0] >= args.steps[1]:
+        raise SystemExit("--ray-train needs --steps SHORT LONG, e.g. --steps 100 400")
+    threads = max(1, int(args.cpus_per_worker))  # what Ray sets OMP_NUM_THREADS to
+    with tempfile.TemporaryDirectory(prefix="s2l-train-bench-") as tmp:
+        root = Path(tmp)
+        model_dir = build_tiny_model(root / "model", preset="small")
+        vocab = json.loads((root / "model" / "config.json").read_text())["vocab_size"]
+        rows = demo_rows(DEMO_ROWS, vocab)
+        (root / "examples").mkdir()
+        pq.write_table(pa.Table.from_pylist(rows), root / "examples" / "part-0.parquet")
+        plain = plain_seconds_per_step(model_dir, rows, 100, threads)
+        init_ray(num_cpus=2)
+        walls = []
+        for steps in args.steps:
+            cfg = load_config(None, [
+                f"run.output_dir={root / 'run'}", f"target.model={model_dir}",
+                f"target.train_steps={steps}", f"target.batch_size={DEMO_BATCH}",
+                "target.grad_accum=1", "target.num_checkpoints=1", "target.lr=1e-3",
+                f"target.zero_stage={args.zero_stage}",
+                f"target.cpus_per_worker={args.cpus_per_worker}", *overrides])
+            plan = plan_training(cfg.target, "target", len(rows))
+            work = root / f"work{steps}"
+            work.mkdir()
+            t = time.perf_counter()
+            fit(cfg, cfg.target, "target", root / "examples", plan, work, model_dir,
+                log_lines=args.log_lines)
+            walls.append(time.perf_counter() - t)
+    per_step = (walls[1] - walls[0]) / (args.steps[1] - args.steps[0])
+    row = (f"| {args.label or '-'} | {args.log_lines} | ZeRO-{args.zero_stage} | "
+           f"{args.cpus_per_worker:g} | "
+           f"{plain * 1e3:.1f} | {per_step * 1e3:.1f} | {per_step / plain:.1f}x | "
+           f"{args.steps[0]}: {walls[0]:.1f} s, {args.steps[1]}: {walls[1]:.1f} s |")
+    head = [f"# Target training step inside Ray Train (cpu x{torch.get_num_threads()}, "
+            f"{platform.processor() or platform.machine()})", "",
+            f"`benchmarks/train_throughput.py --ray-train`: `training.driver.fit` on "
+            f"{DEMO_ROWS} demo-shaped rows, batch {DEMO_BATCH}, `tiny:small`, one worker, "
+            "one checkpoint, `log lines` progress lines logged (before the fix each was also a "
+            "`ray.train.report`); step = slope between the two fits' wall times; plain = PyTorch "
+            f"AdamW in the benchmark process on {threads} thread(s), same batches.", "",
+            "| code | log lines | DeepSpeed | CPUs/worker | plain ms/step | fit ms/step | "
+            "vs plain | fit wall (steps: s) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    print("\n".join([*head, row]))
+    if args.out_name:
+        out = Path(args.out) / f"{args.out_name}.md"
+        if not out.is_file():
+            out.write_text("\n".join(head) + "\n")
+        with open(out, "a") as f:
+            f.write(row + "\n")
 
 
 if __name__ == "__main__":

@@ -257,7 +257,10 @@ def run(cfg: S2LConfig, inputs: dict[str, Path], work: Path) -> dict[str, Any]:
                                                  for t in trials})
     progress.start()
     try:
-        _tune(cfg, work, [t.name for t in trials], sink)
+        # Longest first: with trials run a few at a time, the full-data trial started last
+        # would train alone at the end while the other slots idle.
+        longest = sorted(trials, key=lambda t: -plans[t.name].total_steps)
+        _tune(cfg, work, [t.name for t in longest], sink)
     finally:
         speed = progress.stop()
         import ray

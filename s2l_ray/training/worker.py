@@ -256,7 +256,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          plan.epochs, metrics["train_loss"], metrics["lr"],
                          metrics["tokens_per_s_per_worker"], *divmod(int(eta), 60))
             if not is_ckpt:
-                ray.train.report(metrics)
+                # Logged, not reported: each ray.train.report waits until Ray Train's controller
+                # has taken the previous one, and it polls workers every 2 s
+                # (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so reports a few steps apart held a tiny
+                # model's worker ~1.6 s each: 70% of a demo trial's time
+                # (benchmarks/results/train_throughput_cpu.md). Checkpoints carry the history.
                 continue
             metrics["probe_loss"] = probe_loss(engine.module, config["probe"], device)
             history.append({**metrics, "index": len(history), "attempt_start_step": start_step})
