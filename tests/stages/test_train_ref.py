@@ -124,10 +124,12 @@ def test_bad_configs_fail_before_training(tmp_path: Path, ray_local, tiny_ref: s
 def test_resume_after_kill(tmp_path: Path, ray_local, tiny_ref: str) -> None:
     """Kill a 2-worker training run after its 2nd checkpoint; the rerun does only the rest."""
     out = tmp_path / "out"
-    # 12 steps between the 2nd checkpoint and the 3rd: the window the kill must land in (a
-    # step takes ~0.2 s here; Ray Train registers a checkpoint a poll after it is reported)
+    # 56 steps between the 2nd checkpoint and the 3rd: the window the kill must land in. A
+    # step takes ~0.05 s here since the worker stopped reporting every log line, and Ray Train
+    # registers a checkpoint a poll (0.2 s in tests) after it is reported; 12 steps were too
+    # few once (the killed run had passed its 3rd checkpoint when the kill landed).
     overrides = [*_overrides(tiny_ref, out), "reference.batch_size=2",
-                 "reference.max_steps=20", "reference.checkpoint_steps=[2, 4, 16, 20]"]
+                 "reference.max_steps=64", "reference.checkpoint_steps=[2, 4, 60, 64]"]
     cfg = load_config(None, overrides)
     cfg_file = tmp_path / "cfg.yaml"
     dump_config(cfg, cfg_file)
@@ -156,7 +158,7 @@ def test_resume_after_kill(tmp_path: Path, ray_local, tiny_ref: str) -> None:
     killed_at = time.time()
     stage = run_stage(cfg, "train-ref")
     manifest = load_manifest(stage.path)
-    assert [m["step"] for m in manifest] == [2, 4, 16, 20]
+    assert [m["step"] for m in manifest] == [2, 4, 60, 64]
     assert [m["attempt_start_step"] for m in manifest[:2]] == [0, 0]  # from the killed run
     assert all(m["attempt_start_step"] >= 4 for m in manifest[2:])  # resumed, not redone
     first = Path(manifest[0]["path"]) / "model.safetensors"
