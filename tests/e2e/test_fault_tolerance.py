@@ -134,7 +134,11 @@ def test_train_ref_resumes_after_a_worker_dies(tmp_path: Path, ray_local, tiny_r
 
     out = tmp_path / "out"
     cfg = load_config(None, [*_overrides(tiny_ref, out), "reference.max_failures=1",
-                             "reference.max_steps=12", "reference.checkpoint_steps=[2, 10, 12]"])
+                             "reference.batch_size=2",  # 50 steps per epoch
+                             # 40 steps after the first checkpoint for the kill to land in
+                             # (a step takes ~0.05 s once the worker no longer waits on Ray
+                             # Train's poll at every log line)
+                             "reference.max_steps=44", "reference.checkpoint_steps=[2, 42, 44]"])
     snapshot = out / ".train_ref.tmp" / "ray_train" / "checkpoint_manager_snapshot.json"
     killed: list[int] = []
 
@@ -157,8 +161,8 @@ def test_train_ref_resumes_after_a_worker_dies(tmp_path: Path, ray_local, tiny_r
     killer.join(timeout=5)
     assert killed, "no Ray Train worker was found to kill"
     manifest = load_manifest(stage.path)
-    assert [m["step"] for m in manifest] == [2, 10, 12]
+    assert [m["step"] for m in manifest] == [2, 42, 44]
     assert manifest[0]["attempt_start_step"] == 0
-    # The last checkpoint came from the restarted group, resumed from a checkpoint (2, or 10
+    # The last checkpoint came from the restarted group, resumed from a checkpoint (2, or 42
     # if training got there before the kill landed), not from step 0.
-    assert manifest[-1]["attempt_start_step"] in (2, 10)
+    assert manifest[-1]["attempt_start_step"] in (2, 42)
