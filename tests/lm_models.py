@@ -24,3 +24,15 @@ def llama(vocab: int) -> torch.nn.Module:
                       num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
                       max_position_embeddings=256)
     return LlamaForCausalLM(cfg).eval()
+
+
+def scorer_block(ids, n_prompt, names, groups):
+    """A block as the trajectory scorer receives it: token rows, their prompt lengths and groups."""
+    import pyarrow as pa
+
+    return pa.table({
+        "id": names, "source": pa.nulls(len(ids), pa.string()),
+        "input_ids": pa.array(ids, pa.list_(pa.int32())),
+        "n_prompt_tokens": pa.array(n_prompt, pa.int32()),
+        "n_tokens": pa.array([len(r) for r in ids], pa.int32()),
+        "group": pa.array(groups, pa.int64())})

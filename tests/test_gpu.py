@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.lm_models import scorer_block
+
 pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 1021
@@ -82,17 +84,6 @@ def _scorers(models, batch_tokens: int):
                                         row_tokens=512, amp_dtype=amp).score_sorted}
 
 
-def _block(ids, n_prompt, names, groups):
-    import pyarrow as pa
-
-    return pa.table({
-        "id": names, "source": pa.nulls(len(ids), pa.string()),
-        "input_ids": pa.array(ids, pa.list_(pa.int32())),
-        "n_prompt_tokens": pa.array(n_prompt, pa.int32()),
-        "n_tokens": pa.array([len(r) for r in ids], pa.int32()),
-        "group": pa.array(groups, pa.int64())})
-
-
 def _run_blocks(models, blocks, batch_tokens, scorer) -> dict[str, bytes]:
     import torch
 
@@ -131,7 +122,7 @@ def test_packed_scorer_under_bf16_autocast_never_falls_back_to_the_loop(monkeypa
     monkeypatch.setattr(packed_loss, "_per_sequence_sdpa", loop)
     models = [_model(0)]
     ids, n_prompt = _window()
-    block = _block(ids, n_prompt, [f"e{i:03d}" for i in range(len(ids))], [0] * len(ids))
+    block = scorer_block(ids, n_prompt, [f"e{i:03d}" for i in range(len(ids))], [0] * len(ids))
     _run_blocks(models, [block], 4096, _scorers(models, 4096)["packed-varlen"])
 
 
@@ -139,7 +130,7 @@ def test_trajectories_on_gpu_equal_hf_one_example_loss() -> None:
     models = [_model(0), _model(1)]
     ids, n_prompt = _window()
     names = [f"e{i:03d}" for i in range(len(ids))]
-    block = _block(ids, n_prompt, names, [0] * len(ids))
+    block = scorer_block(ids, n_prompt, names, [0] * len(ids))
     ref_bf16 = np.stack([_hf(m, ids, n_prompt, amp=True) for m in models], axis=1)
     ref_fp32 = np.stack([_hf(m, ids, n_prompt, amp=False) for m in models], axis=1)
     assert np.abs(ref_bf16 - ref_fp32).max() < 0.1  # the tolerance below is bf16's, not looser
@@ -158,16 +149,17 @@ def test_trajectories_on_gpu_bitwise_stable_across_runs_and_layouts(name: str) -
     rng = np.random.default_rng(2)
     groups = rng.integers(0, 3, size=len(ids)).tolist()
     scorer = _scorers(models, 2048)[name]
-    whole = _run_blocks(models, [_block(ids, n_prompt, names, groups)], 2048, scorer)
+    whole = _run_blocks(models, [scorer_block(ids, n_prompt, names, groups)], 2048, scorer)
     order = rng.permutation(len(ids))
-    shuffled = _run_blocks(models, [_block([ids[i] for i in order], [n_prompt[i] for i in order],
-                                           [names[i] for i in order],
-                                           [groups[i] for i in order])], 2048, scorer)
+    shuffled = _run_blocks(models, [scorer_block([ids[i] for i in order],
+                                                 [n_prompt[i] for i in order],
+                                                 [names[i] for i in order],
+                                                 [groups[i] for i in order])], 2048, scorer)
     members = [[i for i in range(len(ids)) if groups[i] == g] for g in range(3)]
-    split = _run_blocks(models, [_block([ids[i] for i in m], [n_prompt[i] for i in m],
-                                        [names[i] for i in m], [g] * len(m))
+    split = _run_blocks(models, [scorer_block([ids[i] for i in m], [n_prompt[i] for i in m],
+                                              [names[i] for i in m], [g] * len(m))
                                  for g, m in enumerate(members)], 2048, scorer)
-    again = _run_blocks(models, [_block(ids, n_prompt, names, groups)], 2048, scorer)
+    again = _run_blocks(models, [scorer_block(ids, n_prompt, names, groups)], 2048, scorer)
     assert whole == shuffled == split == again
 
 

@@ -287,7 +287,7 @@ class TrajectoryScorer:
     row count, from the sink), and a group is scored once, whole."""
 
     def __init__(self, paths: list[str], batch_tokens: int, dtype: str, use_gpu: bool,
-                 cpus: float, out_dir: str, groups: int, key: str, sink: Any = None,
+                 cpus: float, out_dir: str, groups: int, key: str, sink: Any,
                  trust_remote_code: bool = False, scorer: str = "padded",
                  compile_mode: str = "off") -> None:
         import torch
@@ -328,18 +328,11 @@ class TrajectoryScorer:
 
     def __call__(self, block: Any) -> Any:
         import pyarrow as pa
-        import pyarrow.compute as pc
 
         from s2l_ray.core.losses import score_block
 
         summaries = []
-        if self.sink is not None:
-            ready = self._whole_groups(block)
-        else:  # called with whole groups (tests, benchmarks)
-            ready = [(g, block.filter(pc.equal(block["group"], g)))
-                     for g in sorted(pc.unique(block["group"]).to_pylist())
-                     ] if block.num_rows else []
-        for g, rows in ready:
+        for g, rows in self._whole_groups(block):
             # One group per score_block call: its own window, whatever else shares the block.
             out, stats = score_block(self.models, rows, self.batch_tokens, self.device,
                                      self.amp, self.scorer)

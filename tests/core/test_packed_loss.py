@@ -15,7 +15,7 @@ from s2l_ray.core.packed_loss import (
     segment_means,
 )
 from s2l_ray.core.tokens import labels_for
-from tests.lm_models import llama, neox
+from tests.lm_models import llama, neox, scorer_block
 
 VOCAB = 301
 
@@ -96,17 +96,6 @@ def test_several_checkpoints_in_one_pass(models, window) -> None:
                                                      ids, n_prompt)[:, 0])
 
 
-def _block(ids, n_prompt, names, groups):
-    import pyarrow as pa
-
-    return pa.table({
-        "id": names, "source": pa.nulls(len(ids), pa.string()),
-        "input_ids": pa.array(ids, pa.list_(pa.int32())),
-        "n_prompt_tokens": pa.array(n_prompt, pa.int32()),
-        "n_tokens": pa.array([len(r) for r in ids], pa.int32()),
-        "group": pa.array(groups, pa.int64())})
-
-
 @pytest.mark.parametrize("attention", ["varlen", "mask"])
 def test_bitwise_stable_across_runs_and_block_layouts(models, window, attention) -> None:
     """Same groups in one block, in reversed order, or one block per group: same bits."""
@@ -123,14 +112,15 @@ def test_bitwise_stable_across_runs_and_block_layouts(models, window, attention)
             out.update(zip(table["id"].to_pylist(), table["losses"].to_pylist()))
         return out
 
-    whole = run([_block(ids, n_prompt, names, groups)])
+    whole = run([scorer_block(ids, n_prompt, names, groups)])
     order = rng.permutation(len(ids))
-    shuffled = run([_block([ids[i] for i in order], [n_prompt[i] for i in order],
-                           [names[i] for i in order], [groups[i] for i in order])])
+    shuffled = run([scorer_block([ids[i] for i in order], [n_prompt[i] for i in order],
+                                 [names[i] for i in order], [groups[i] for i in order])])
     members = [[i for i in range(len(ids)) if groups[i] == g] for g in range(3)]
-    split = run([_block([ids[i] for i in m], [n_prompt[i] for i in m], [names[i] for i in m],
-                        [g] * len(m)) for g, m in enumerate(members)])
-    again = run([_block(ids, n_prompt, names, groups)])
+    split = run([scorer_block([ids[i] for i in m], [n_prompt[i] for i in m],
+                              [names[i] for i in m], [g] * len(m))
+                 for g, m in enumerate(members)])
+    again = run([scorer_block(ids, n_prompt, names, groups)])
     for other in (shuffled, split, again):
         assert other.keys() == whole.keys()
         for k in whole:

@@ -22,6 +22,7 @@ from s2l_ray.core.tokens import labels_for
 from s2l_ray.stages.registry import run_stage, stage_for
 from s2l_ray.stages.trajectories import TrajectoryError, check_checkpoints
 from tests.conftest import small_cfg
+from tests.small_run import perturbed_checkpoint
 
 pytestmark = pytest.mark.ray
 T = 3
@@ -32,19 +33,6 @@ def _cfg(out: Path, tiny_ref: str, *extra: str):
                      "trajectories.batch_tokens=256", *extra)
 
 
-def _checkpoint(tiny_ref: str, out: Path, seed: int, tokenizer: str | None = None) -> None:
-    """The tiny model with seeded noise on every weight: a stand-in for a training checkpoint."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_ref)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * seed * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(str(out))
-    AutoTokenizer.from_pretrained(tokenizer or tiny_ref).save_pretrained(str(out))
-
-
 def _publish_ref(cfg, tiny_ref: str, tokenizers: dict[int, str] | None = None) -> list[Path]:
     """A published train_ref stage with T checkpoints, as run_train_ref would leave it."""
     stage = stage_for(cfg, "train-ref")
@@ -52,7 +40,7 @@ def _publish_ref(cfg, tiny_ref: str, tokenizers: dict[int, str] | None = None) -
     manifest = []
     for i in range(T):
         rel = f"checkpoints/step_{10 * (i + 1):07d}"
-        _checkpoint(tiny_ref, tmp / rel, seed=i, tokenizer=(tokenizers or {}).get(i))
+        perturbed_checkpoint(tiny_ref, tmp / rel, seed=i, tokenizer=(tokenizers or {}).get(i))
         manifest.append({"index": i, "step": 10 * (i + 1), "epoch": 0, "train_loss": 1.0,
                          "probe_loss": 1.0, "lr": 1e-3, "attempt_start_step": 0, "path": rel})
     (tmp / "manifest.json").write_text(json.dumps(manifest))
@@ -178,7 +166,7 @@ def test_missing_weights_are_an_error(tmp_path: Path, tiny_ref: str) -> None:
     from safetensors.torch import load_file, save_file
 
     ck = tmp_path / "ck"
-    _checkpoint(tiny_ref, ck, seed=1)
+    perturbed_checkpoint(tiny_ref, ck, seed=1)
     tensors = load_file(str(ck / "model.safetensors"))
     name = next(k for k in tensors if "layers.1." in k)
     del tensors[name]
@@ -201,7 +189,7 @@ def test_mismatched_tokenizers_fail(base, tmp_path: Path, tiny_ref: str) -> None
         run_stage(cfg, "trajectories")
     # every checkpoint agrees, but the data was tokenized with another tokenizer
     ck = tmp_path / "ck"
-    _checkpoint(tiny_ref, ck, seed=0, tokenizer=str(other_tok))
+    perturbed_checkpoint(tiny_ref, ck, seed=0, tokenizer=str(other_tok))
     with pytest.raises(TrajectoryError, match=r"examples were tokenized with .*Fix:"):
         check_checkpoints([str(ck)], tiny_ref)
 
