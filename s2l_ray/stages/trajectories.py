@@ -38,6 +38,7 @@ from s2l_ray.stages.base import read_report
 
 log = logging.getLogger(__name__)
 WINDOW_BATCHES = 16  # a group holds about this many batches: enough rows to sort by length
+ACTOR_START_TIMEOUT_S = 900  # an autoscaler may need minutes to add GPU nodes
 MIN_GROUPS = 16  # small data sets: at least this many groups (work units for the actors)
 INPUT_COLUMNS = ["id", "source", "input_ids", "n_prompt_tokens", "n_tokens"]
 
@@ -305,6 +306,9 @@ class TrajectoryScorer:
                                   compile_mode)
         self.sink, self.expected = sink, None
         self.pending: dict[int, list[Any]] = {}  # group -> its rows seen so far (tables)
+        import ray
+
+        ray.get(sink.actor_ready.remote(os.getpid()))  # counted in the report
 
     def _whole_groups(self, batch: Any) -> list[tuple[int, Any]]:
         """Add the batch's rows to their groups; pop and return the groups now whole."""
@@ -363,6 +367,13 @@ class _StatsSink:
     def __init__(self) -> None:
         self.parts: dict[tuple[Any, ...], dict[str, Any]] = {}
         self.counts: dict[tuple[Any, ...], dict[int, int]] = {}
+        self.actors: set[int] = set()  # pids of scorer actors that loaded their checkpoints
+
+    def actor_ready(self, pid: int) -> None:
+        self.actors.add(pid)
+
+    def actors_ready(self) -> int:
+        return len(self.actors)
 
     def add(self, side: str, part: dict[str, Any], counts: dict[int, int] | None = None
             ) -> None:
@@ -429,7 +440,11 @@ def _score(cfg: S2LConfig, examples: Path, tmp: Path, paths: list[str], groups: 
     t, trust = cfg.trajectories, cfg.reference.trust_remote_code
     # A block that keeps failing fails the stage, never skipped (Ray Data's default, restated
     # in case something in this process raised it).
-    ray.data.DataContext.get_current().max_errored_blocks = 0
+    ctx = ray.data.DataContext.get_current()
+    ctx.max_errored_blocks = 0
+    # Start scoring only once every actor has loaded its T checkpoints: otherwise the first
+    # actor up takes the blocks while the others are still loading.
+    ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     ds = ray.data.read_parquet(str(examples)).select_columns(INPUT_COLUMNS)
     ds = ds.map_batches(_add_group, batch_format="pyarrow",
                         fn_kwargs={"groups": groups, "sink": sink, "done": frozenset(done)})
@@ -456,9 +471,16 @@ def _score(cfg: S2LConfig, examples: Path, tmp: Path, paths: list[str], groups: 
     scored: list[dict[str, Any]] = []
     # Summaries stream back as groups finish: the progress count, at no extra cost.
     with stage_progress(cfg, "trajectories", total, rate_unit="ex/s") as progress:
-        for row in ds.iter_rows():
-            scored.append(json.loads(row["summary"]))
-            progress.add(scored[-1]["rows"])
+        try:
+            for row in ds.iter_rows():
+                scored.append(json.loads(row["summary"]))
+                progress.add(scored[-1]["rows"])
+        except ray.exceptions.GetTimeoutError as e:
+            raise TrajectoryError(
+                f"the {t.concurrency} scoring actors did not all start within "
+                f"{ACTOR_START_TIMEOUT_S} s ({e}). Fix: lower trajectories.concurrency to what "
+                "the cluster has room for (each actor takes trajectories.cpus_per_actor CPUs, "
+                "and one GPU on GPU runs), or add nodes.") from e
     return scored, progress.stop()
 
 
@@ -541,6 +563,7 @@ def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
         scored, progress = _score(cfg, inputs["ingest"] / "examples", tmp, paths, groups,
                                   reused, key, use_gpu, sink, todo)
         parts = digests(scored, reused, ray.get(sink.get.remote()))
+        started = ray.get(sink.actors_ready.remote())
     finally:
         ray.kill(sink)
     wall = progress["seconds"]
@@ -571,6 +594,10 @@ def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
         "seconds_per_checkpoint": stats.seconds_per_checkpoint,
         "batches": stats.batches, **resume, "actors": t.concurrency,
         "blocks_read": sum(p["side"] == "input" for p in parts),
+        # actor processes that loaded the checkpoints (a restarted actor counts again), and
+        # those that scored a group: Ray Data hands each block to the least busy actor, so
+        # when groups score faster than the shuffle emits them, one actor may do them all.
+        "actors_started": started,
         "actors_used": len({m["pid"] for m in scored if m["rows"]}),
         "device": "GPU" if use_gpu else "CPU",
         "compute_dtype": "fp32" if autocast_dtype(t.dtype, use_gpu) is None else "bf16",

@@ -145,7 +145,11 @@ def test_same_output_whatever_the_parallelism(base, tmp_path: Path, tiny_ref: st
     assert b["id"].to_pylist() == a["id"].to_pylist()  # every id once, none lost
     assert len(set(b["id"].to_pylist())) == b.num_rows
     assert a.equals(b)  # bitwise: ids, sources, counts and every loss
-    assert two.report()["actors"] == two.report()["actors_used"] == 2
+    # Both actors loaded the checkpoints before any scoring began (wait_for_min_actors_s);
+    # which of them scores a group is Ray Data's choice (least busy first, ties to the same
+    # one), and a toy group scores (~10 ms) faster than the shuffle emits the next (~30 ms).
+    assert two.report()["actors"] == two.report()["actors_started"] == 2
+    assert 1 <= two.report()["actors_used"] <= 2
     assert two.report()["blocks_read"] > stage.report()["blocks_read"]
 
 
