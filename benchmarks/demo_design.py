@@ -31,7 +31,7 @@ def main() -> int:
     from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
     import s2l_ray.demo.data as data
-    from s2l_ray.models.tiny import PRESETS, build_tokenizer
+    from s2l_ray.models.tiny import PRESETS, build_tokenizer, pretrain
 
     args = dict(a.split("=", 1) for a in sys.argv[1:])
     kinds = args.get("kinds", CANDIDATES).split(",")
@@ -41,6 +41,13 @@ def main() -> int:
     # mix=demo: the demo's own kinds and proportions, n_train rows (default 2000), to pick the
     # demo's steps and learning rate; otherwise equal shares of the candidate kinds.
     demo_mix = args.get("mix") == "demo"
+    # top=count_on:199,double:99 and facts=after:2,plus:0.5: try other number ranges for the
+    # small kinds and other pre-training mixes (the module globals the generators read).
+    for key, table in (("top", data.NUMBER_TOP), ("facts", data.FACT_WEIGHTS),
+                       ("props", data.KIND_PROPORTIONS)):
+        for item in filter(None, args.get(key, "").split(",")):
+            name, value = item.split(":")
+            table[name] = type(table.get(name, 1.0))(float(value))
     torch.set_num_threads(int(args.get("threads", 2)))
     if demo_mix:
         kinds = list(data.KINDS)
@@ -92,20 +99,25 @@ def main() -> int:
             if hook is not None:
                 hook(step + 1)
 
-    if pre_steps:  # as models.tiny.pretrain: 4 statements per sequence, every token scored
+    if pre_steps:  # the tiny-pre:small pre-training itself (models.tiny.pretrain)
         t0 = time.time()
-        texts = data.pretraining_corpus(0, pre_steps * 32 * 4)
-        enc = tok(texts)["input_ids"]
-        seqs = [[eos] + [t for ids in enc[i:i + 4] for t in [*ids, eos]]
-                for i in range(0, len(enc), 4)]
-        train(seqs, [0] * len(seqs), pre_steps, 32, 3e-3)
-        print(f"pre-training: {pre_steps} steps in {time.time() - t0:.0f} s", flush=True)
+        losses = pretrain(model, tok, "small", steps=pre_steps)
+        print(f"pre-training: {pre_steps} steps in {time.time() - t0:.0f} s, loss "
+              f"{losses[0]:.2f} -> {losses[-1]:.2f}", flush=True)
 
     n_train = int(args.get("n_train", 2000)) if demo_mix else 300 * len(kinds)
     train_rows, _ = data.generate_mathmix(n_train=n_train, n_test_per_source=0)
     seen: set[str] = set()
     unique = [r for r in train_rows if not (r["instruction"] in seen or seen.add(r["instruction"]))]
-    val = [r for k in kinds for r in [x for x in unique if x["kind"] == k and not x["wrong"]][:25]]
+    n_val = int(args.get("n_val", 25))
+    if args.get("val", "extra") == "carve":  # 25 rows per kind carved out of the n_train rows
+        pool = unique                         # (the small kinds then train on 25 fewer rows)
+    else:  # "extra": from the same training stream at 2x the size (the first rows of a kind do
+        # not depend on n_train): the training rows stay exactly the demo's, and validation
+        # rows are training-distribution problems never seen in them (never the held-out ones)
+        more, _ = data.generate_mathmix(n_train=2 * n_train, n_test_per_source=0)
+        pool = [r for r in more if r["instruction"] not in seen]
+    val = [r for k in kinds for r in [x for x in pool if x["kind"] == k and not x["wrong"]][:n_val]]
     held = {r["instruction"] for r in val}
     rows = [r for r in unique if r["instruction"] not in held]
     seqs, n_prompt = [], []
@@ -130,7 +142,7 @@ def main() -> int:
             for r, gen in zip(chunk, out[:, enc["input_ids"].shape[1]:].tolist()):
                 answer = data.extract_final_answer(tok.decode(gen, skip_special_tokens=True))
                 right[r["kind"]] += answer == data.extract_final_answer(r["output"])
-        em = {k: round(right[k] / 25, 2) for k in kinds}
+        em = {k: round(right[k] / n_val, 2) for k in kinds}
         print(f"validation EM at step {step}: {json.dumps(em)} macro "
               f"{sum(em.values()) / len(em):.3f}", flush=True)
         model.train()

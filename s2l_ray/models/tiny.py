@@ -66,7 +66,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRETRAIN: dict[str, dict[str, Any]] = {
     "nano": {"steps": 400, "batch": 32, "lr": 3e-3, "statements": 4},
     "micro": {"steps": 200, "batch": 32, "lr": 3e-3, "statements": 4},
-    "small": {"steps": 200, "batch": 32, "lr": 3e-3, "statements": 4},
+    "small": {"steps": 400, "batch": 32, "lr": 3e-3, "statements": 4},
     "base": {"steps": 150, "batch": 32, "lr": 1e-3, "statements": 4},
 }
 EOS_TOKEN = "<|endoftext|>"  # eos and bos, as in Pythia
