@@ -64,7 +64,7 @@ def main() -> int:
     eos = tok.eos_token_id
     cfg = GPTNeoXConfig(vocab_size=-(-len(tok) // 8) * 8, bos_token_id=eos, eos_token_id=eos,
                         pad_token_id=tok.pad_token_id, **PRESETS["small"])
-    torch.manual_seed(0)
+    torch.manual_seed(int(args.get("seed", 0)))  # the model's init, pre-training and fine-tuning
     model = GPTNeoXForCausalLM(cfg)
 
     def batch(seqs: list[list[int]], n_prompt: list[int]) -> tuple:
@@ -80,7 +80,7 @@ def main() -> int:
     def train(seqs: list[list[int]], n_prompt: list[int], n_steps: int, size: int, peak: float,
               hook: object = None) -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=peak, weight_decay=0.0)
-        rng, order, warm = random.Random(0), [], max(1, n_steps // 20)
+        rng, order, warm = random.Random(args.get("seed", "0")), [], max(1, n_steps // 20)
         model.train()
         for step in range(n_steps):
             if len(order) < size:
