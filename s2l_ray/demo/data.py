@@ -6,6 +6,10 @@ by digit by the tiny tokenizer), and it keeps what makes MathInstruct a fair tes
 * kinds of problem of very different size and difficulty: three large, redundant, easy kinds
   (`KIND_PROPORTIONS`: 75% of the rows) and five small, harder ones; the largest kind is >= 10x
   the smallest;
+* a pre-training corpus (`pretraining_corpus`, what the `tiny-pre:*` models read) that states
+  the facts the small kinds need in other words ("Two times 213 is 426." for "What is twice
+  213?"), as an LLM has read arithmetic before it is fine-tuned: fine-tuning then teaches the
+  question format and which known fact it asks for, the paper's setting;
 * sources that each mix several kinds (`SOURCE_MIX`), as MathInstruct's source datasets do, so
   that balancing sources is not the same as balancing kinds;
 * a few percent of train rows with a wrong final answer and a few exact duplicates;
@@ -44,7 +48,10 @@ logger = logging.getLogger(__name__)
 # each, the pre-trained tiny-pre:small target fine-tuned 2000 steps; benchmarks/results/
 # demo_cpu.md): the three it learned best are the large easy kinds, the next five the small
 # harder ones. Arithmetic that needs carries across digits (adding or subtracting two-digit
-# numbers, digit sums) stayed near 0 and is left out: a tiny CPU model does not learn it.
+# numbers, digit sums) stayed near 0 and is left out: a tiny CPU model does not learn it. A
+# second study (same file) made the small kinds carry-free (double, half, count on digit by
+# digit; two-digit compare and min3) and the pre-training state their facts: with all the data
+# the target then learns them from 60-140 rows each (validation macro EM 0.81-0.86, was 0.44).
 KIND_PROPORTIONS: dict[str, float] = {
     "first_digit": 0.32,  # easy, large, redundant (copying one digit)
     "last_digit": 0.26,

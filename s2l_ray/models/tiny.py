@@ -63,6 +63,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Pre-training of the tiny-pre:* presets: steps of `batch` packed sequences (each a few
 # statements), AdamW at peak `lr` (warmup 5%, linear decay to 10%). Sized to take tens of seconds
 # on a 2-core laptop CPU: small presets read more statements in that time than large ones.
+# "small" (the demo's target) takes 400 steps (~60 s): at 200 or 300 it had not yet learned the
+# doubling/halving facts, and fine-tuning did not teach them from the demo's few rows
+# (validation study in benchmarks/results/demo_cpu.md).
 PRETRAIN: dict[str, dict[str, Any]] = {
     "nano": {"steps": 400, "batch": 32, "lr": 3e-3, "statements": 4},
     "micro": {"steps": 200, "batch": 32, "lr": 3e-3, "statements": 4},
