@@ -1,14 +1,19 @@
 """How the demo's kinds were chosen: what a tiny CPU model learns, on a validation split.
 
 Plain torch, no Ray (a design study, not the pipeline): every candidate kind of problem gets the
-same number of training rows; 25 correct rows per kind are carved out of the TRAINING data as the
-validation split (the held-out split is never looked at); a `tiny:small`-shaped model, from random
-weights or after the same pre-training as `tiny-pre:small`, is fine-tuned and scored by greedy
-exact match per kind at a few step counts.
+same number of training rows (or, with mix=demo, the demo's own kinds and proportions); 25
+correct rows per kind of the TRAINING stream form the validation split (val=extra, the default:
+drawn from the training stream at twice the size, never among the rows trained on; val=carve:
+carved out of those rows), and the held-out split is never looked at; a `tiny:small`-shaped
+model, from random weights or after the `tiny-pre:small` pre-training itself
+(`models.tiny.pretrain`, `pre` steps), is fine-tuned and scored by greedy exact match per kind at
+a few step counts.
 
     python benchmarks/demo_design.py [pre=300] [steps=2000] [lr=2e-3] [evals=250,500,1000,2000]
-    python benchmarks/demo_design.py mix=demo n_train=2000 pre=200 steps=2000 lr=2e-3
-      (the demo's own kinds and proportions: picks its steps and learning rate)
+    python benchmarks/demo_design.py mix=demo pre=400 steps=1000 lr=2e-3 threads=1 [seed=1]
+      (the demo's own kinds and proportions: picks its pre-training, steps and learning rate;
+      top=count_on:299 / facts=split:2 / props=half:0.05 try other number ranges, pre-training
+      fact weights and kind proportions)
 
 The figures it gave are in benchmarks/results/demo_cpu.md. Run it under the CPU lock on a shared
 machine.
