@@ -1,14 +1,19 @@
 """How the demo's kinds were chosen: what a tiny CPU model learns, on a validation split.
 
 Plain torch, no Ray (a design study, not the pipeline): every candidate kind of problem gets the
-same number of training rows; 25 correct rows per kind are carved out of the TRAINING data as the
-validation split (the held-out split is never looked at); a `tiny:small`-shaped model, from random
-weights or after the same pre-training as `tiny-pre:small`, is fine-tuned and scored by greedy
-exact match per kind at a few step counts.
+same number of training rows (or, with mix=demo, the demo's own kinds and proportions); 25
+correct rows per kind of the TRAINING stream form the validation split (val=extra, the default:
+drawn from the training stream at twice the size, never among the rows trained on; val=carve:
+carved out of those rows), and the held-out split is never looked at; a `tiny:small`-shaped
+model, from random weights or after the `tiny-pre:small` pre-training itself
+(`models.tiny.pretrain`, `pre` steps), is fine-tuned and scored by greedy exact match per kind at
+a few step counts.
 
     python benchmarks/demo_design.py [pre=300] [steps=2000] [lr=2e-3] [evals=250,500,1000,2000]
-    python benchmarks/demo_design.py mix=demo n_train=2000 pre=200 steps=2000 lr=2e-3
-      (the demo's own kinds and proportions: picks its steps and learning rate)
+    python benchmarks/demo_design.py mix=demo pre=400 steps=1000 lr=2e-3 threads=1 [seed=1]
+      (the demo's own kinds and proportions: picks its pre-training, steps and learning rate;
+      top=count_on:299 / facts=split:2 / props=half:0.05 try other number ranges, pre-training
+      fact weights and kind proportions)
 
 The figures it gave are in benchmarks/results/demo_cpu.md. Run it under the CPU lock on a shared
 machine.
@@ -31,7 +36,7 @@ def main() -> int:
     from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
     import s2l_ray.demo.data as data
-    from s2l_ray.models.tiny import PRESETS, build_tokenizer
+    from s2l_ray.models.tiny import PRESETS, build_tokenizer, pretrain
 
     args = dict(a.split("=", 1) for a in sys.argv[1:])
     kinds = args.get("kinds", CANDIDATES).split(",")
@@ -41,6 +46,13 @@ def main() -> int:
     # mix=demo: the demo's own kinds and proportions, n_train rows (default 2000), to pick the
     # demo's steps and learning rate; otherwise equal shares of the candidate kinds.
     demo_mix = args.get("mix") == "demo"
+    # top=count_on:199,double:99 and facts=after:2,plus:0.5: try other number ranges for the
+    # small kinds and other pre-training mixes (the module globals the generators read).
+    for key, table in (("top", data.NUMBER_TOP), ("facts", data.FACT_WEIGHTS),
+                       ("props", data.KIND_PROPORTIONS)):
+        for item in filter(None, args.get(key, "").split(",")):
+            name, value = item.split(":")
+            table[name] = type(table.get(name, 1.0))(float(value))
     torch.set_num_threads(int(args.get("threads", 2)))
     if demo_mix:
         kinds = list(data.KINDS)
@@ -57,7 +69,7 @@ def main() -> int:
     eos = tok.eos_token_id
     cfg = GPTNeoXConfig(vocab_size=-(-len(tok) // 8) * 8, bos_token_id=eos, eos_token_id=eos,
                         pad_token_id=tok.pad_token_id, **PRESETS["small"])
-    torch.manual_seed(0)
+    torch.manual_seed(int(args.get("seed", 0)))  # the model's init, pre-training and fine-tuning
     model = GPTNeoXForCausalLM(cfg)
 
     def batch(seqs: list[list[int]], n_prompt: list[int]) -> tuple:
@@ -73,7 +85,7 @@ def main() -> int:
     def train(seqs: list[list[int]], n_prompt: list[int], n_steps: int, size: int, peak: float,
               hook: object = None) -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=peak, weight_decay=0.0)
-        rng, order, warm = random.Random(0), [], max(1, n_steps // 20)
+        rng, order, warm = random.Random(args.get("seed", "0")), [], max(1, n_steps // 20)
         model.train()
         for step in range(n_steps):
             if len(order) < size:
@@ -92,20 +104,25 @@ def main() -> int:
             if hook is not None:
                 hook(step + 1)
 
-    if pre_steps:  # as models.tiny.pretrain: 4 statements per sequence, every token scored
+    if pre_steps:  # the tiny-pre:small pre-training itself (models.tiny.pretrain)
         t0 = time.time()
-        texts = data.pretraining_corpus(0, pre_steps * 32 * 4)
-        enc = tok(texts)["input_ids"]
-        seqs = [[eos] + [t for ids in enc[i:i + 4] for t in [*ids, eos]]
-                for i in range(0, len(enc), 4)]
-        train(seqs, [0] * len(seqs), pre_steps, 32, 3e-3)
-        print(f"pre-training: {pre_steps} steps in {time.time() - t0:.0f} s", flush=True)
+        losses = pretrain(model, tok, "small", steps=pre_steps)
+        print(f"pre-training: {pre_steps} steps in {time.time() - t0:.0f} s, loss "
+              f"{losses[0]:.2f} -> {losses[-1]:.2f}", flush=True)
 
     n_train = int(args.get("n_train", 2000)) if demo_mix else 300 * len(kinds)
     train_rows, _ = data.generate_mathmix(n_train=n_train, n_test_per_source=0)
     seen: set[str] = set()
     unique = [r for r in train_rows if not (r["instruction"] in seen or seen.add(r["instruction"]))]
-    val = [r for k in kinds for r in [x for x in unique if x["kind"] == k and not x["wrong"]][:25]]
+    n_val = int(args.get("n_val", 25))
+    if args.get("val", "extra") == "carve":  # 25 rows per kind carved out of the n_train rows
+        pool = unique                         # (the small kinds then train on 25 fewer rows)
+    else:  # "extra": from the same training stream at 2x the size (the first rows of a kind do
+        # not depend on n_train): the training rows stay exactly the demo's, and validation
+        # rows are training-distribution problems never seen in them (never the held-out ones)
+        more, _ = data.generate_mathmix(n_train=2 * n_train, n_test_per_source=0)
+        pool = [r for r in more if r["instruction"] not in seen]
+    val = [r for k in kinds for r in [x for x in pool if x["kind"] == k and not x["wrong"]][:n_val]]
     held = {r["instruction"] for r in val}
     rows = [r for r in unique if r["instruction"] not in held]
     seqs, n_prompt = [], []
@@ -130,7 +147,7 @@ def main() -> int:
             for r, gen in zip(chunk, out[:, enc["input_ids"].shape[1]:].tolist()):
                 answer = data.extract_final_answer(tok.decode(gen, skip_special_tokens=True))
                 right[r["kind"]] += answer == data.extract_final_answer(r["output"])
-        em = {k: round(right[k] / 25, 2) for k in kinds}
+        em = {k: round(right[k] / n_val, 2) for k in kinds}
         print(f"validation EM at step {step}: {json.dumps(em)} macro "
               f"{sum(em.values()) / len(em):.3f}", flush=True)
         model.train()

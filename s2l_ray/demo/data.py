@@ -6,6 +6,10 @@ by digit by the tiny tokenizer), and it keeps what makes MathInstruct a fair tes
 * kinds of problem of very different size and difficulty: three large, redundant, easy kinds
   (`KIND_PROPORTIONS`: 75% of the rows) and five small, harder ones; the largest kind is >= 10x
   the smallest;
+* a pre-training corpus (`pretraining_corpus`, what the `tiny-pre:*` models read) that states
+  the facts the small kinds need in other words ("Two times 213 is 426." for "What is twice
+  213?"), as an LLM has read arithmetic before it is fine-tuned: fine-tuning then teaches the
+  question format and which known fact it asks for, the paper's setting;
 * sources that each mix several kinds (`SOURCE_MIX`), as MathInstruct's source datasets do, so
   that balancing sources is not the same as balancing kinds;
 * a few percent of train rows with a wrong final answer and a few exact duplicates;
@@ -44,7 +48,10 @@ logger = logging.getLogger(__name__)
 # each, the pre-trained tiny-pre:small target fine-tuned 2000 steps; benchmarks/results/
 # demo_cpu.md): the three it learned best are the large easy kinds, the next five the small
 # harder ones. Arithmetic that needs carries across digits (adding or subtracting two-digit
-# numbers, digit sums) stayed near 0 and is left out: a tiny CPU model does not learn it.
+# numbers, digit sums) stayed near 0 and is left out: a tiny CPU model does not learn it. A
+# second study (same file) made the small kinds carry-free (double, half, count on digit by
+# digit; two-digit compare and min3) and the pre-training state their facts: with all the data
+# the target then learns them from 60-140 rows each (validation macro EM 0.81-0.86, was 0.44).
 KIND_PROPORTIONS: dict[str, float] = {
     "first_digit": 0.32,  # easy, large, redundant (copying one digit)
     "last_digit": 0.26,
@@ -75,6 +82,10 @@ SOURCES: tuple[str, ...] = ("drills", "worksheets", "quizzes", "contest")
 # (instruction, correct answer)
 Problem = tuple[str, int]
 
+# The largest number in each small kind's problems (times the widening factor `s` once a range
+# is used up). The pre-training corpus states facts over the same ranges.
+NUMBER_TOP: dict[str, int] = {"count_on": 999, "compare": 99, "min3": 99}
+
 
 def format_answer(value: Fraction | int, style: str = "fraction") -> str:
     """Canonical answer string: "85", "-7/12" (style "fraction") or "36.5" (style "decimal")."""
@@ -96,12 +107,14 @@ def _add_small(rng: random.Random, s: int) -> Problem:
 
 
 def _compare(rng: random.Random, s: int) -> Problem:
-    a, b = rng.sample(range(1, 1000 * s), 2)
+    a, b = rng.sample(range(1, NUMBER_TOP["compare"] * s + 1), 2)
     return f"Which is larger, {a} or {b}?", max(a, b)
 
 
 def _count_on(rng: random.Random, s: int) -> Problem:
-    n = rng.randint(1, 999 * s)
+    n = rng.randint(1, NUMBER_TOP["count_on"] * s)
+    while n % 10 == 9:  # no carry: the answer is the number with its last digit counted on
+        n = rng.randint(1, NUMBER_TOP["count_on"] * s)
     return f"What number comes after {n}?", n + 1
 
 
@@ -116,8 +129,14 @@ def _subtract(rng: random.Random, s: int) -> Problem:
     return f"What is {a} - {b}?", a - b
 
 
+def _spelled(rng: random.Random, n_digits: int, first: str, rest: str) -> int:
+    """A number of n_digits digits: the first drawn from `first`, the others from `rest`."""
+    return int(rng.choice(first) + "".join(rng.choice(rest) for _ in range(n_digits - 1)))
+
+
 def _double(rng: random.Random, s: int) -> Problem:
-    n = rng.randint(10, 499 * s)
+    # digits 0-4 only: doubling never carries, so the answer is a digit-by-digit fact
+    n = _spelled(rng, rng.randint(2, 3 + s), "1234", "01234")
     return f"What is twice {n}?", 2 * n
 
 
@@ -127,7 +146,8 @@ def _digit_sum(rng: random.Random, s: int) -> Problem:
 
 
 def _half(rng: random.Random, s: int) -> Problem:
-    n = 2 * rng.randint(5, 499 * s)
+    # even digits only: halving never borrows, so the answer is a digit-by-digit fact
+    n = _spelled(rng, rng.randint(2, 3 + s), "2468", "02468")
     return f"What is half of {n}?", n // 2
 
 
@@ -154,7 +174,7 @@ def _add_1digit(rng: random.Random, s: int) -> Problem:
 
 
 def _min3(rng: random.Random, s: int) -> Problem:
-    a, b, c = rng.sample(range(10, 100 * s), 3)
+    a, b, c = rng.sample(range(10, NUMBER_TOP["min3"] * s + 1), 3)
     return f"What is the smallest of {a}, {b} and {c}?", min(a, b, c)
 
 
@@ -327,44 +347,58 @@ def write_mathmix(out_dir: str | os.PathLike, **kwargs: object) -> dict[str, str
 
 
 # The pretraining corpus: plain statements of number facts in forms that never occur in the
-# demo's instructions ("12 plus 7 is 19.", "After 58 comes 59."), as a pretrained LLM has read
-# arithmetic in running text before it is fine-tuned on question/answer pairs.
-def _fact(rng: random.Random) -> str:
-    form = rng.randrange(9)
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
-    if form == 0:
-        return f"{a} plus {b} is {a + b}."
-    if form == 1:
-        c = rng.randint(0, 999)
-        return f"{c} plus {b % 10} is {c + b % 10}."
-    if form == 2:
-        hi, lo = max(a, b), min(a, b)
-        return f"{hi} minus {lo} is {hi - lo}."
-    if form == 3:
-        x, y = rng.sample(range(1, 1000), 2)
+# demo's instructions ("After 58 comes 59.", "Of 41, 17 and 66, the least is 17."), as a
+# pretrained LLM has read arithmetic in running text before it is fine-tuned on question/answer
+# pairs. FACT_WEIGHTS: how often each form is drawn; the forms behind the small kinds state their
+# facts over those kinds' number ranges (NUMBER_TOP), so the pre-trained target knows them.
+FACT_WEIGHTS: dict[str, float] = {"after": 1, "counting": 0.5, "order": 1, "least": 1.5,
+                                  "two_times": 1.5, "split": 2, "digits": 0.5, "backwards": 1,
+                                  "plus": 0.5}
+
+
+def _fact(form: str, rng: random.Random) -> str:
+    top = NUMBER_TOP
+    if form == "after":
+        n = rng.randint(1, top["count_on"])
+        n -= 1 if n % 10 == 9 else 0  # as the count_on problems: no carry
+        return f"After {n} comes {n + 1}." if rng.random() < 0.5 else \
+            f"{n + 1} follows {n}."
+    if form == "counting":
+        n = rng.randint(1, top["count_on"])
+        return f"Counting: {n}, {n + 1}, {n + 2}, {n + 3}."
+    if form == "order":
+        x, y = rng.sample(range(1, top["compare"] + 1), 2)
         return f"{max(x, y)} is more than {min(x, y)}." if rng.random() < 0.5 else \
             f"{min(x, y)} is less than {max(x, y)}."
-    if form == 4:
-        n = rng.randint(1, 996)
-        return f"Counting: {n}, {n + 1}, {n + 2}, {n + 3}."
-    if form == 5:
-        n = rng.randint(1, 999)
-        return f"After {n} comes {n + 1}."
-    if form == 6:
-        n = rng.randint(0, 499)
+    if form == "least":
+        a, b, c = rng.sample(range(10, top["min3"] + 1), 3)
+        return f"Of {a}, {b} and {c}, the least is {min(a, b, c)}."
+    if form == "two_times":
+        n = _spelled(rng, rng.randint(1, 4), "1234", "01234")
         return f"Two times {n} is {2 * n}." if rng.random() < 0.5 else \
-            f"{2 * n} split in two is {n}."
-    if form == 7:
+            f"{n} plus {n} is {2 * n}."
+    if form == "split":
+        n = _spelled(rng, rng.randint(1, 4), "1234", "01234")
+        return f"{2 * n} split in two is {n}." if rng.random() < 0.5 else \
+            f"{2 * n} is {n} and {n}."
+    if form == "digits":
+        n = rng.randint(10, 9999)
+        d = ", ".join(str(n)[:-1]) + f" and {str(n)[-1]}"
+        return f"The digits of {n} are {d}."
+    if form == "backwards":
         n = rng.randint(100, 999)
-        d = [int(c) for c in str(n)]
-        return f"The digits of {n} are {d[0]}, {d[1]} and {d[2]}; together they make {sum(d)}."
-    return f"{a} and {b} make {a + b}."
+        return f"Read backwards, {n} is {str(n)[::-1]}."
+    if form == "plus":
+        a, b = rng.randint(0, 99), rng.randint(0, 9)
+        return f"{a} plus {b} is {a + b}."
+    raise ValueError(f"unknown fact form {form!r}; one of {sorted(FACT_WEIGHTS)}")
 
 
 def pretraining_corpus(seed: int = 0, n: int = 20000) -> list[str]:
     """n short statements of number facts, seeded: what the `tiny-pre:*` models read."""
     rng = random.Random(f"mathmix:{seed}:pretrain")
-    return [_fact(rng) for _ in range(n)]
+    forms, weights = list(FACT_WEIGHTS), list(FACT_WEIGHTS.values())
+    return [_fact(rng.choices(forms, weights=weights)[0], rng) for _ in range(n)]
 
 
 def tokenizer_corpus(seed: int = 0, n: int = 3000) -> list[str]:

@@ -24,6 +24,9 @@ that never occur in the demo's instructions. Like the LLMs of the S2L paper, suc
 knows the easy things before fine-tuning, so fine-tuning teaches the task rather than arithmetic
 from scratch. It is built once per machine (seeded, deterministic on a given machine and thread
 count) into the shared cache (`S2L_RAY_CACHE`, default ~/.cache/s2l_ray), logging its progress.
+Cached folders are named by the preset and a digest of its recipe (`cache_name`), so a release
+that changes the shapes, the pre-training or the corpora builds new models instead of reusing
+stale ones.
 
 torch, transformers and tokenizers are imported inside the functions so that importing this
 module (for example from the CLI) stays cheap.
@@ -32,6 +35,7 @@ module (for example from the CLI) stays cheap.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import json
 import logging
@@ -63,12 +67,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Pre-training of the tiny-pre:* presets: steps of `batch` packed sequences (each a few
 # statements), AdamW at peak `lr` (warmup 5%, linear decay to 10%). Sized to take tens of seconds
 # on a 2-core laptop CPU: small presets read more statements in that time than large ones.
+# "small" (the demo's target) takes 400 steps (~60 s): at 200 or 300 it had not yet learned the
+# doubling/halving facts, and fine-tuning did not teach them from the demo's few rows
+# (validation study in benchmarks/results/demo_cpu.md).
 PRETRAIN: dict[str, dict[str, Any]] = {
     "nano": {"steps": 400, "batch": 32, "lr": 3e-3, "statements": 4},
     "micro": {"steps": 200, "batch": 32, "lr": 3e-3, "statements": 4},
-    "small": {"steps": 200, "batch": 32, "lr": 3e-3, "statements": 4},
+    "small": {"steps": 400, "batch": 32, "lr": 3e-3, "statements": 4},
     "base": {"steps": 150, "batch": 32, "lr": 1e-3, "statements": 4},
 }
+# Bump when build_tiny_model, build_tokenizer or pretrain change what they build in a way the
+# digest's inputs (shapes, PRETRAIN, samples of both corpora) do not show.
+RECIPE_VERSION = 1
 EOS_TOKEN = "<|endoftext|>"  # eos and bos, as in Pythia
 PAD_TOKEN = "<|padding|>"
 MODEL_MAX_LENGTH = 1024
@@ -297,6 +307,22 @@ def parse_spec(spec: str) -> tuple[str, str] | None:
     return None
 
 
+def cache_name(family: str, preset: str) -> str:
+    """The cache folder of `tiny:<preset>` (family "tiny") or `tiny-pre:<preset>` ("tiny-pre"):
+    "tiny-pre-small-<digest>", the digest over everything that decides the weights (the recipe
+    version, the preset's shape, its pre-training settings, and the start of the tokenizer's
+    and the pre-training's corpora, whose streams change whenever the generator does)."""
+    from s2l_ray.demo.data import pretraining_corpus, tokenizer_corpus
+
+    pre = family == "tiny-pre"
+    h = hashlib.sha256(json.dumps(
+        {"version": RECIPE_VERSION, "shape": PRESETS[preset],
+         "pretrain": PRETRAIN[preset] if pre else None}, sort_keys=True).encode())
+    for text in tokenizer_corpus(0, 64) + (pretraining_corpus(0, 256) if pre else []):
+        h.update(text.encode() + b"\0")
+    return f"{family}-{preset}-{h.hexdigest()[:10]}"
+
+
 def resolve_model(spec: str, cache_dir: str | os.PathLike | None = None) -> str:
     """'tiny:<preset>' -> a built model directory under cache_dir; 'tiny-pre:<preset>' -> one
     under the shared cache (`default_cache_dir()`: it takes a pre-training, so it is built once
@@ -313,7 +339,7 @@ def resolve_model(spec: str, cache_dir: str | os.PathLike | None = None) -> str:
     _check_preset(preset)
     if family == "tiny-pre":
         cache = default_cache_dir()
-        name = f"tiny-pre-{preset}"
+        name = cache_name(family, preset)
 
         def build(d: Path) -> None:
             build_pretrained_model(d, preset=preset)
@@ -322,7 +348,7 @@ def resolve_model(spec: str, cache_dir: str | os.PathLike | None = None) -> str:
             return _is_complete(d) and (d / "pretraining.json").is_file()
     else:
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        name = f"tiny-{preset}"
+        name = cache_name(family, preset)
 
         def build(d: Path) -> None:
             build_tiny_model(d, preset=preset)

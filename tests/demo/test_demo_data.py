@@ -11,6 +11,7 @@ import pytest
 
 from s2l_ray.demo.data import (
     EASY_KINDS,
+    FACT_WEIGHTS,
     KIND_PROPORTIONS,
     KINDS,
     SOURCE_MIX,
@@ -217,6 +218,75 @@ def test_pretraining_corpus_never_asks_the_demo_questions() -> None:
     assert not any("?" in t or "answer" in t for t in corpus)
     train, test = generate_mathmix(n_train=2000, n_test_per_source=40)
     assert not {r["instruction"] for r in train + test} & set(corpus)
+
+
+def _true_statement(text: str) -> str:
+    """The form of a pre-training statement, after checking that what it states is true."""
+    def ints(*groups: str) -> list[int]:
+        return [int(g) for g in groups]
+
+    if m := re.fullmatch(r"After (\d+) comes (\d+)\.|(\d+) follows (\d+)\.", text):
+        a, b = ints(m[1], m[2]) if m[1] else ints(m[4], m[3])
+        assert b == a + 1 and a % 10 != 9, text  # the count_on facts, no carry
+        return "after"
+    if m := re.fullmatch(r"Counting: (\d+), (\d+), (\d+), (\d+)\.", text):
+        n = ints(*m.groups())
+        assert n == list(range(n[0], n[0] + 4)), text
+        return "counting"
+    if m := re.fullmatch(r"(\d+) is (more|less) than (\d+)\.", text):
+        a, b = ints(m[1], m[3])
+        assert (a > b) == (m[2] == "more") and a != b, text
+        return "order"
+    if m := re.fullmatch(r"Of (\d+), (\d+) and (\d+), the least is (\d+)\.", text):
+        *abc, least = ints(*m.groups())
+        assert least == min(abc) and len(set(abc)) == 3, text
+        return "least"
+    if m := re.fullmatch(r"Two times (\d+) is (\d+)\.|(\d+) plus \3 is (\d+)\.", text):
+        n, d = ints(m[1], m[2]) if m[1] else ints(m[3], m[4])
+        assert d == 2 * n and set(str(n)) <= set("01234"), text  # the double facts: no carry
+        return "two_times"
+    if m := re.fullmatch(r"(\d+) split in two is (\d+)\.|(\d+) is (\d+) and \4\.", text):
+        d, n = ints(m[1], m[2]) if m[1] else ints(m[3], m[4])
+        assert d == 2 * n and set(str(d)) <= set("02468"), text  # the half facts: no borrow
+        return "split"
+    if m := re.fullmatch(r"The digits of (\d+) are ((?:\d, )*\d) and (\d)\.", text):
+        assert m[2].replace(", ", "") + m[3] == m[1], text
+        return "digits"
+    if m := re.fullmatch(r"Read backwards, (\d+) is (\d+)\.", text):
+        assert m[1][::-1] == m[2], text
+        return "backwards"
+    if m := re.fullmatch(r"(\d+) plus (\d+) is (\d+)\.", text):
+        a, b, c = ints(*m.groups())
+        assert a + b == c, text
+        return "plus"
+    raise AssertionError(f"unexpected statement {text!r}")
+
+
+def test_pretraining_corpus_states_true_facts_for_every_kind() -> None:
+    corpus = pretraining_corpus(seed=0, n=4000)
+    forms = Counter(_true_statement(t) for t in corpus)
+    assert set(forms) == set(FACT_WEIGHTS)
+    total = sum(FACT_WEIGHTS.values())
+    for form, weight in FACT_WEIGHTS.items():  # drawn in proportion to its weight
+        assert abs(forms[form] / len(corpus) - weight / total) < 0.03, (form, forms)
+    # in other words than the demo's questions: never one of its instructions
+    train, test = generate_mathmix(n_train=2000, n_test_per_source=40)
+    statements = set(corpus)
+    assert statements.isdisjoint(r["instruction"] for r in train + test)
+
+
+def test_small_kinds_need_no_carry(big: tuple[list[dict], list[dict]]) -> None:
+    train, test = big
+    for r in train + test:
+        n = re.findall(r"\d+", r["instruction"])
+        if r["kind"] == "double":  # doubled digit by digit
+            assert set(n[0]) <= set("01234") and len(n[0]) >= 2, r
+        elif r["kind"] == "half":
+            assert set(n[0]) <= set("02468") and len(n[0]) >= 2, r
+        elif r["kind"] == "count_on":
+            assert not n[0].endswith("9"), r
+        elif r["kind"] in ("compare", "min3"):  # two-digit numbers
+            assert all(1 <= int(x) <= 99 for x in n), r
 
 
 @pytest.mark.parametrize(("value", "style", "text"), [

@@ -12,7 +12,7 @@ import pytest
 
 from s2l_ray.cli import main
 from s2l_ray.demo.data import KINDS
-from s2l_ray.models.tiny import PRETRAIN
+from s2l_ray.models.tiny import PRETRAIN, cache_name
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.slow]
 
@@ -51,7 +51,7 @@ def test_demo_runs_end_to_end_and_tells_its_result(
     assert summary.startswith("## Result") and sentence[0] in summary
     assert (out / "report" / "accuracy_vs_budget.png").is_file()
     built = sorted(p.name for p in (tmp_path / "cache" / "models").iterdir())
-    assert built == ["tiny-pre-micro", "tiny-pre-small"]
-    info = json.loads((tmp_path / "cache" / "models" / "tiny-pre-small" /
+    assert built == sorted(cache_name("tiny-pre", p) for p in ("micro", "small"))
+    info = json.loads((tmp_path / "cache" / "models" / cache_name("tiny-pre", "small") /
                        "pretraining.json").read_text())
     assert info["steps"] == 10

@@ -27,11 +27,14 @@ pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.slow]
 # epochs shuffled in memory). Re-pinned on branch s2 (issue 13, suite time), which shortened the
 # small run's reference training to 12 steps (tests/conftest.py SMALL_RUN reference.max_steps);
 # the code then still gave the pins above for 37 steps, and random (training-free) kept its
-# digest. Values from this test's own run on the 2-core x86-64 machine.
+# digest. Re-pinned again on branch h11 (issue 11, second pass), which changed the demo data
+# (carry-free small kinds) and the pre-training corpus that the tokenizer also reads: new
+# examples and ids, so every method's digest, random's included, changed. Values from this
+# test's own run on the 2-core x86-64 machine.
 PINNED = {
-    "s2l": (59, "8f978ce39b03f90036ad34358f2392e00588e33f7342ddec993a31e859610372"),
-    "random": (59, "691b9d7bf6480805c78abdac2f45dd99637e7832cda6863a44dbda9eeb1b4bde"),
-    "least_confidence": (59, "2fe6bd1ed6e38ae2ac2bf08217bc402237a3247f03f7fb5c7c0362178a4e8858"),
+    "s2l": (59, "eb5c3f1022ff7c9a43e8528da4d5ae96a2af93491a1b9c2022347e9eb3340f4c"),
+    "random": (59, "b061ece4105282f5cc9348ac5ad87ff9561e4b29eafbfd7b03722a1920323166"),
+    "least_confidence": (59, "65b5bf547bd6c61b43ed35f195cda9be6a25104e4932891cd4013de0729c3ff4"),
 }
 
 

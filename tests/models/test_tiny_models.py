@@ -20,6 +20,7 @@ from s2l_ray.models.tiny import (  # noqa: E402  (after the importorskip guards)
     build_pretrained_model,
     build_tiny_model,
     build_tokenizer,
+    cache_name,
     resolve_model,
 )
 
@@ -121,22 +122,22 @@ def test_existing_dir_of_other_preset_is_refused(nano_dir: str) -> None:
 def test_resolve_model_builds_once(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     path = resolve_model("tiny:nano", cache)
-    assert path == str(cache / "tiny-nano")
+    assert path == str(cache / cache_name("tiny", "nano"))
     weights = Path(path) / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
     assert resolve_model("tiny:nano", cache) == path
     assert weights.stat().st_mtime_ns == mtime
-    assert sorted(os.listdir(cache)) == ["tiny-nano"]  # no temp dirs left behind
+    assert sorted(os.listdir(cache)) == [cache_name("tiny", "nano")]  # no temp dirs left behind
     transformers.AutoModelForCausalLM.from_pretrained(path)
 
 
 def test_resolve_model_replaces_incomplete_dir(tmp_path: Path) -> None:
-    target = tmp_path / "tiny-nano"
+    target = tmp_path / cache_name("tiny", "nano")
     target.mkdir()
     (target / "config.json").write_text("{}")  # a crashed build from before
     assert resolve_model("tiny:nano", tmp_path) == str(target)
     assert (target / "model.safetensors").is_file()
-    assert sorted(os.listdir(tmp_path)) == ["tiny-nano"]
+    assert sorted(os.listdir(tmp_path)) == [cache_name("tiny", "nano")]
 
 
 def test_resolve_model_passes_other_specs_through(tmp_path: Path,
@@ -204,13 +205,29 @@ def test_resolve_pretrained_preset_uses_the_shared_cache(tmp_path: Path,
     monkeypatch.setenv("S2L_RAY_CACHE", str(tmp_path / "shared"))
     run_cache = tmp_path / "run" / "models"
     path = resolve_model("tiny-pre:nano", run_cache)
-    assert path == str(tmp_path / "shared" / "models" / "tiny-pre-nano")
+    assert path == str(tmp_path / "shared" / "models" / cache_name("tiny-pre", "nano"))
     assert not run_cache.exists()  # built once per machine, not per run
     model = transformers.AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
     assert model.config.hidden_size == PRESETS["nano"]["hidden_size"]
     mtime = os.stat(Path(path) / "model.safetensors").st_mtime_ns
     assert resolve_model("tiny-pre:nano", run_cache) == path  # reused, not rebuilt
     assert os.stat(Path(path) / "model.safetensors").st_mtime_ns == mtime
-    assert sorted(os.listdir(tmp_path / "shared" / "models")) == ["tiny-pre-nano"]
+    assert sorted(os.listdir(tmp_path / "shared" / "models")) == [cache_name("tiny-pre", "nano")]
     with pytest.raises(ValueError, match="nano"):
         resolve_model("tiny-pre:huge", run_cache)
+
+
+def test_cache_name_follows_the_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A cached model is reused only if it was built by the same recipe: a release that changes
+    # the pre-training (or the corpora, or the shapes) must not load yesterday's weights.
+    name, micro = cache_name("tiny-pre", "small"), cache_name("tiny-pre", "micro")
+    assert name.startswith("tiny-pre-small-") and name == cache_name("tiny-pre", "small")
+    assert cache_name("tiny", "small").startswith("tiny-small-")
+    assert len({cache_name(f, p) for f in ("tiny", "tiny-pre") for p in PRESETS}) == 8
+    monkeypatch.setitem(PRETRAIN, "small", {**PRETRAIN["small"], "steps": 7})
+    assert cache_name("tiny-pre", "small") != name
+    assert cache_name("tiny-pre", "micro") == micro  # only the changed preset moves
+    import s2l_ray.demo.data as data
+
+    monkeypatch.setattr(data, "pretraining_corpus", lambda seed, n: ["1 plus 1 is 2."] * n)
+    assert cache_name("tiny-pre", "micro") != micro  # a changed corpus: a new model
