@@ -531,11 +531,11 @@ def _file_rows(files: list[str], max_row_bytes: int) -> Any:
     """A Ray Data source of the files' raw rows: one read task per file, which streams its
     rows out as parse_file's blocks (about CHUNK rows each) while it reads.
 
-    A read, not a map over file names: Ray Data does not fuse a read with the map that follows
-    when that map asks for batches of N rows, so the blocks are re-bundled into batches of the
-    map's size, however many files hold them. (A map over a data set of file names, fused with
-    a batch_size=N map, gathered N *file names* into one task: every file in one task, one core
-    busy, and nothing reported until it ended.)"""
+    A read, not a map over file names: Ray Data does not fuse a read with a map that asks for
+    batches of N rows, so that map gets the blocks re-bundled into N-row batches, however many
+    files hold them (read_raw also keeps the blocks small for that). A map over a data set of
+    file names, fused with a batch_size=N map, gathered N *file names* into one task: every
+    file in one task, one core busy, and nothing reported until it ended."""
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 

@@ -1,13 +1,15 @@
 """Stage `ingest`: instruction data -> validated, tokenized examples with stable ids (Parquet).
 
-    files / HF data set --parse (tasks)--> raw rows --normalize+tokenize+write (tasks, one
-        streaming pass)--> examples/part-*.parquet + rejects/part-*.parquet
+    files / HF data set --parse (a read task per file, streaming blocks)--> raw rows
+        --normalize+tokenize+write (a task per part of ROWS_PER_PART rows, whatever the files;
+        one streaming pass)--> examples/part-*.parquet + rejects/part-*.parquet
     driver: per part, its counts and 8-byte id hashes --> repeated ids --> the few parts holding
         them rewritten in place (later rows moved to rejects/, reason duplicate_id)
 
 The driver never holds the rows: its memory grows by 8 bytes per valid row (the id hashes), and
 each task holds one part (ROWS_PER_PART rows). Part files are named by their first row's origin
 (file rank, row number), so their sorted order is the input order whatever the parallelism.
+A part's counts reach the driver (and its progress line) as soon as the part is written.
 
 Every input row ends in exactly one of `examples/` or `rejects/` (with a reason code and a
 detail), and the report counts both, so nothing is dropped silently. Rows whose id repeats keep
