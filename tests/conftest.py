@@ -123,10 +123,11 @@ def upstream(tmp_path_factory: pytest.TempPathFactory, ray_local, tiny_ref: str)
     return out
 
 
-def copy_upstream(upstream: Path, out: Path) -> Path:
-    """A private copy of the published upstream stages in `out` (a new run.output_dir): a
-    config with the small run's data, reference and trajectories sections finds them done."""
-    for name in UPSTREAM:
+def copy_upstream(upstream: Path, out: Path, names: tuple[str, ...] = UPSTREAM) -> Path:
+    """A private copy of the published upstream stages (`names`: folder names, by default all
+    three) in `out` (a new run.output_dir): a config with the small run's data, reference and
+    trajectories sections finds them done."""
+    for name in names:
         shutil.copytree(upstream / name, out / name)
     return out
 

@@ -26,7 +26,7 @@ import torch
 from s2l_ray.config import dump_config, load_config
 from s2l_ray.stages.registry import run_stage, stage_for
 from s2l_ray.stages.train_ref import load_manifest
-from tests.conftest import overrides
+from tests.conftest import copy_upstream, overrides
 from tests.ray_procs import REPO, clean_env, kill_run, short_tmpdir
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -126,15 +126,17 @@ def test_trajectories_survive_losing_a_worker_node(tmp_path: Path, ray_local,
     assert info["report"]["examples"] == len(ids)
 
 
-def test_train_ref_resumes_after_a_worker_dies(tmp_path: Path, ray_local, tiny_ref: str) -> None:
+def test_train_ref_resumes_after_a_worker_dies(tmp_path: Path, upstream: Path,
+                                               tiny_ref: str) -> None:
     """SIGKILL one Ray Train worker after the first checkpoint: with max_failures=1 Ray Train
     restarts the worker group, which resumes from that checkpoint and finishes the plan."""
     import ray
     from ray._private import state
 
-    out = tmp_path / "out"
-    cfg = load_config(None, [*_overrides(tiny_ref, out), "reference.max_failures=1",
-                             "reference.batch_size=2",  # 50 steps per epoch
+    out = copy_upstream(upstream, tmp_path / "out", ("ingest",))  # the small run's data
+    cfg = load_config(None, [*overrides(out, tiny_ref, "reference.num_workers=2"),
+                             "reference.max_failures=1",
+                             "reference.batch_size=2",  # 73 steps per epoch
                              # 40 steps after the first checkpoint for the kill to land in
                              # (a step takes ~0.05 s once the worker no longer waits on Ray
                              # Train's poll at every log line)

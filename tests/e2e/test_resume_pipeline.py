@@ -1,6 +1,12 @@
 """Kill-and-resume across the whole pipeline: a run is SIGKILLed inside each stage in turn (each
-run a fresh process with its own local Ray), and the final uninterrupted run ends with the same
-selected ids as a clean run, without redoing any stage that had finished before a kill.
+run a fresh process with its own local Ray, killed with it), and the final uninterrupted run (a
+new driver: this process, on the session's Ray) ends with the same selected ids as a clean run,
+without redoing any stage that had finished before a kill.
+
+The runs use the small run's sizes (tests/conftest.py SMALL_RUN), so the clean run is the
+session's published `upstream` (ingest, train-ref, trajectories: computed once per test session
+and shared with other tests) plus its own cluster and select. Training and scoring are
+deterministic, so a chain that recomputes every stage in its own Rays must match it bitwise.
 
 The stages come from `s2l_ray.stages.registry.STAGES`, so a stage added there is covered without
 editing this test; `sweep` is left out (it fine-tunes target models under Ray Tune: minutes per
@@ -21,7 +27,7 @@ import pytest
 
 from s2l_ray.config import dump_config, load_config
 from s2l_ray.stages.registry import BY_NAME, STAGES, run_stage
-from tests.conftest import overrides
+from tests.conftest import UPSTREAM, copy_upstream, overrides
 from tests.ray_procs import REPO, clean_env, kill_run, short_tmpdir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -35,10 +41,9 @@ def _dir(stage: str) -> str:
 
 
 def _overrides(tiny_ref: str, out: Path) -> list[str]:
-    return overrides(out, tiny_ref, "run.num_cpus=2", "demo.n_train=120",
-                     "demo.n_test_per_source=1", "reference.cpus_per_worker=1",
-                     "reference.max_steps=3", "trajectories.batch_tokens=1024", "cluster.k=5",
-                     "cluster.max_iter=10", "select.budget=0.2")
+    # data, reference and trajectories exactly as the session's `upstream` (the clean run)
+    return overrides(out, tiny_ref, "run.num_cpus=2", "cluster.k=5", "cluster.max_iter=10",
+                     "select.budget=0.2")
 
 
 def _selected(out: Path) -> list[str]:
@@ -65,9 +70,10 @@ def _started(out: Path, stage: str) -> bool:
         return False
 
 
-def _run(cfg_file: Path, log: Path, stop_in: str | None) -> subprocess.CompletedProcess | None:
-    """Run the pipeline up to its last stage in a new process group with its own Ray; with
-    stop_in, SIGKILL the group once that stage has started. Its Ray goes with it either way."""
+def _run(cfg_file: Path, log: Path, stop_in: str) -> subprocess.CompletedProcess | None:
+    """Run the pipeline up to its last stage in a new process group with its own Ray; SIGKILL
+    the group, and its Ray, once stage `stop_in` has started: None, or how the run ended if it
+    ended before that."""
     out = Path(load_config(cfg_file, []).run.output_dir)
     ray_tmp = short_tmpdir("s2l_rs_")
     with log.open("wb") as f:
@@ -76,7 +82,7 @@ def _run(cfg_file: Path, log: Path, stop_in: str | None) -> subprocess.Completed
                                 start_new_session=True, stdout=f, stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + 600
-            while stop_in and proc.poll() is None and time.time() < deadline:
+            while proc.poll() is None and time.time() < deadline:
                 if _started(out, stop_in):
                     return None  # killed in `finally`
                 time.sleep(0.02)
@@ -90,11 +96,16 @@ def _run(cfg_file: Path, log: Path, stop_in: str | None) -> subprocess.Completed
             shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_killed_in_every_stage_then_resumed(tmp_path: Path, ray_local, tiny_ref: str) -> None:
+def test_killed_in_every_stage_then_resumed(tmp_path: Path, upstream: Path,
+                                            tiny_ref: str) -> None:
     assert NAMES[:2] == ["ingest", "train-ref"] and len(NAMES) >= 5, NAMES
-    # The clean run, on the session's Ray.
-    clean = tmp_path / "clean"
+    # The clean run, on the session's Ray: the shared upstream stages, then the rest here.
+    clean = copy_upstream(upstream, tmp_path / "clean")
+    copied = _finished(clean)
+    assert [_dir(s) for s in copied] == list(UPSTREAM)
     run_stage(load_config(None, _overrides(tiny_ref, clean)), NAMES[-1])
+    done = _finished(clean)
+    assert all(done[s] == v for s, v in copied.items())  # the same config: reused as they are
     expected = _selected(clean)
     assert expected
 
@@ -115,9 +126,8 @@ def test_killed_in_every_stage_then_resumed(tmp_path: Path, ray_local, tiny_ref:
             assert done[s] == seen, f"{s} was redone in run {i}"  # marker and mtime unchanged
         first_seen.update({s: v for s, v in done.items() if s not in first_seen})
 
-    log = tmp_path / "final.log"
-    final = _run(cfg_file, log, stop_in=None)
-    assert final is not None and final.returncode == 0, log.read_text(errors="replace")[-4000:]
+    # The final run, uninterrupted: a new driver (this process) on the session's Ray.
+    run_stage(load_config(cfg_file, []), NAMES[-1])
     done = _finished(out)
     assert list(done) == NAMES
     for s, seen in first_seen.items():

@@ -121,9 +121,9 @@ def test_bad_configs_fail_before_training(tmp_path: Path, ray_local, tiny_ref: s
 
 
 @pytest.mark.slow
-def test_resume_after_kill(tmp_path: Path, ray_local, tiny_ref: str) -> None:
+def test_resume_after_kill(tmp_path: Path, upstream: Path, tiny_ref: str) -> None:
     """Kill a 2-worker training run after its 2nd checkpoint; the rerun does only the rest."""
-    out = tmp_path / "out"
+    out = copy_upstream(upstream, tmp_path / "out", ("ingest",))  # the small run's data
     # 56 steps between the 2nd checkpoint and the 3rd: the window the kill must land in. A
     # step takes ~0.05 s here since the worker stopped reporting every log line, and Ray Train
     # registers a checkpoint a poll (0.2 s in tests) after it is reported; 12 steps were too

@@ -2,7 +2,9 @@
 once, bitwise the same output with 1 or 2 actors and other block counts, clear checkpoint errors.
 
 The reference checkpoints are built directly (perturbed copies of the tiny model, published as a
-train_ref stage) instead of trained: the stage only needs T loadable checkpoints.
+train_ref stage) instead of trained: the stage only needs T loadable checkpoints. The stage run
+checked here is the session's `small_run` (tests/small_run.py: the demo data plus planted
+HTML rows, T such checkpoints, trajectories with 1 actor), shared with the tests that read a run.
 """
 
 from __future__ import annotations
@@ -20,15 +22,17 @@ import torch
 
 from s2l_ray.core.tokens import labels_for
 from s2l_ray.stages.registry import run_stage, stage_for
+from s2l_ray.stages.train_ref import load_manifest
 from s2l_ray.stages.trajectories import TrajectoryError, check_checkpoints
 from tests.conftest import small_cfg
-from tests.small_run import perturbed_checkpoint
+from tests.small_run import perturbed_checkpoint, small_run_cfg
 
 pytestmark = pytest.mark.ray
 T = 3
 
 
 def _cfg(out: Path, tiny_ref: str, *extra: str):
+    """The demo data at 240 examples, T checkpoints, small batches (tests that make their own)."""
     return small_cfg(out, tiny_ref, "demo.n_train=240", f"reference.num_checkpoints={T}",
                      "trajectories.batch_tokens=256", *extra)
 
@@ -83,14 +87,18 @@ def _table(stage) -> pa.Table:
     return pa.concat_tables([pq.read_table(f) for f in files]).sort_by("id")
 
 
+def _like(cfg, out: Path, *extra: str):
+    """`cfg` (the small run's config) writing to `out`: copies of its stages there are done."""
+    return small_run_cfg(out, cfg.reference.model, Path(cfg.data.source).parent, *extra)
+
+
 @pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory, ray_local, tiny_ref: str):
-    """One ingest + T checkpoints + a trajectories run with 1 actor."""
-    out = tmp_path_factory.mktemp("traj") / "out"
-    cfg = _cfg(out, tiny_ref)
-    run_stage(cfg, "ingest")
-    paths = _publish_ref(cfg, tiny_ref)
-    return cfg, paths, run_stage(cfg, "trajectories")
+def base(small_run):
+    """The session's small run (read-only): its ingest, T checkpoints and a trajectories run
+    with 1 actor (its own config: trajectories.batch_tokens=256, concurrency 1)."""
+    paths = [Path(m["path"]) for m in load_manifest(stage_for(small_run, "train-ref").path)]
+    assert len(paths) == T and small_run.trajectories.concurrency == 1
+    return small_run, paths, stage_for(small_run, "trajectories")
 
 
 def test_losses_equal_hf_one_example_at_a_time(base) -> None:
@@ -139,7 +147,7 @@ def test_same_output_whatever_the_parallelism(base, tmp_path: Path, tiny_ref: st
     _copy_inputs(Path(cfg.run.output_dir), other)
     _relayout(other / "ingest" / "examples", 7)
     with _small_blocks(16 * 1024):
-        two = run_stage(_cfg(other, tiny_ref, "trajectories.concurrency=2"), "trajectories")
+        two = run_stage(_like(cfg, other, "trajectories.concurrency=2"), "trajectories")
     a, b = _table(stage), _table(two)
     assert b.num_rows == a.num_rows == stage.report()["examples"]
     assert b["id"].to_pylist() == a["id"].to_pylist()  # every id once, none lost
@@ -157,7 +165,7 @@ def test_broken_checkpoint_fails_before_the_pipeline(base, tmp_path: Path, tiny_
     cfg0 = base[0]
     out = tmp_path / "out"
     _copy_inputs(Path(cfg0.run.output_dir), out, ref=False)
-    cfg = _cfg(out, tiny_ref)
+    cfg = _like(cfg0, out)
     paths = _publish_ref(cfg, tiny_ref)
     weights = paths[1] / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated file
@@ -187,7 +195,7 @@ def test_mismatched_tokenizers_fail(base, tmp_path: Path, tiny_ref: str) -> None
     cfg0 = base[0]
     out = tmp_path / "out"
     _copy_inputs(Path(cfg0.run.output_dir), out, ref=False)
-    cfg = _cfg(out, tiny_ref)
+    cfg = _like(cfg0, out)
     _publish_ref(cfg, tiny_ref, tokenizers={2: str(other_tok)})
     with pytest.raises(TrajectoryError, match=r"step_0000030 has another tokenizer.*Fix:"):
         run_stage(cfg, "trajectories")
