@@ -195,6 +195,43 @@ def machine() -> str:
             f"RAM, Linux {platform.release()}, Python {platform.python_version()}")
 
 
+def table(rows: list[dict[str, Any]], cpus: int) -> str:
+    """The results (results.json's rows) as the markdown page."""
+    lines = [
+        "# Ingest throughput: the ingest stage vs `datasets` map (CPU)", "",
+        f"Machine: {machine()}. Ray local with {cpus} CPUs (started before timing); the "
+        "baseline is one process. Tokenizer: the offline `tiny:nano` BPE; data.max_length=512, "
+        "template alpaca, format mathinstruct. Rows: MathInstruct-shaped (seeded random words, "
+        f"{SHARDS} files, {DUP_FRACTION:.1%} repeated rows). Peak RSS: sampled every 0.1 s "
+        "(stage) / ru_maxrss (baseline, its own process).", "",
+        "| rows | format | stage s | stage rows/s | stage tokens/s | driver peak MB | "
+        "worker peak MB | datasets s | datasets rows/s | datasets cores used | "
+        "datasets peak MB | rows/s ratio | per-core ratio |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |"]
+    for r in sorted(rows, key=lambda r: (r["n"], r["fmt"])):
+        s, b, n_cpus = r["stage"], r["base"], r["cpus"]
+        base = "- | - | - | - | - | -"
+        if b:
+            per_core = (s["rows_per_s"] / n_cpus) / (b["rows_per_s"] / b["cores_used"])
+            base = (f"{b['seconds']:.1f} | {b['rows_per_s']:,.0f} | {b['cores_used']:.2f} | "
+                    f"{b['peak_mb']:,.0f} | {s['rows_per_s'] / b['rows_per_s']:.2f}x | "
+                    f"{per_core:.2f}x")
+        mark = " (b)" if r.get("base_earlier") else ""
+        lines.append(
+            f"| {r['n']:,} | {r['fmt']}{mark} | {s['seconds']:.1f} | {s['rows_per_s']:,.0f} | "
+            f"{s['tokens_per_s']:,.0f} | {s['driver_peak_mb']:,.0f} | "
+            f"{s['worker_peak_mb']:,.0f} | {base} |")
+    lines += ["", "rows/s ratio = stage rows/s / datasets rows/s, both on the whole machine. "
+              "per-core ratio = (stage rows/s / its CPUs) / (datasets rows/s / the cores it "
+              "used: its process's CPU seconds over its wall time; the fast tokenizer encodes "
+              "a batch on several threads). The stage also deduplicates ids, keeps rejects with "
+              "reasons and writes Parquet; the baseline does the same parsing, templating, ids "
+              "and tokenization only. (b): the baseline figures come from an earlier run of "
+              "this script (--keep, baseline skipped to save time), same machine and code.", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="262144,1000000")
@@ -208,6 +245,8 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true",
                     help="merge into the results of earlier runs (same --work) instead of "
                          "replacing them: the table then holds every (size, format) measured")
+    ap.add_argument("--table-only", action="store_true",
+                    help="only rewrite the markdown from the saved results (--work)")
     ap.add_argument("--baseline", nargs=5, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.baseline:
@@ -219,8 +258,11 @@ def main() -> None:
     from s2l_ray.models.tiny import resolve_model
     from s2l_ray.runtime import init_ray, setup_logging
 
-    setup_logging()
     work = Path(a.work)
+    if a.table_only:
+        Path(a.out).write_text(table(json.loads((work / "results.json").read_text()), a.cpus))
+        return
+    setup_logging()
     work.mkdir(parents=True, exist_ok=True)
     # The tiny model and the data are made in subprocesses: this process is the stage's
     # driver, and its peak RSS must be the stage's, not that of building 1M rows in memory.
@@ -248,39 +290,7 @@ def main() -> None:
             rows.append({"n": n, "fmt": fmt, "stage": st, "base": base or earlier_base,
                          "base_earlier": earlier_base is not None, "cpus": a.cpus})
             saved.write_text(json.dumps(rows, indent=1))
-    lines = [
-        "# Ingest throughput: the ingest stage vs `datasets` map (CPU)", "",
-        f"Machine: {machine()}. Ray local with {a.cpus} CPUs (started before timing); the "
-        "baseline is one process. Tokenizer: the offline `tiny:nano` BPE; data.max_length=512, "
-        "template alpaca, format mathinstruct. Rows: MathInstruct-shaped (seeded random words, "
-        f"{SHARDS} files, {DUP_FRACTION:.1%} repeated rows). Peak RSS: sampled every 0.1 s "
-        "(stage) / ru_maxrss (baseline, its own process).", "",
-        "| rows | format | stage s | stage rows/s | stage tokens/s | driver peak MB | "
-        "worker peak MB | datasets s | datasets rows/s | datasets cores used | "
-        "datasets peak MB | rows/s ratio | per-core ratio |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| ---: |"]
-    for r in sorted(rows, key=lambda r: (r["n"], r["fmt"])):
-        s, b, cpus = r["stage"], r["base"], r["cpus"]
-        base = "- | - | - | - | - | -"
-        if b:
-            per_core = (s["rows_per_s"] / cpus) / (b["rows_per_s"] / b["cores_used"])
-            base = (f"{b['seconds']:.1f} | {b['rows_per_s']:,.0f} | {b['cores_used']:.2f} | "
-                    f"{b['peak_mb']:,.0f} | {s['rows_per_s'] / b['rows_per_s']:.2f}x | "
-                    f"{per_core:.2f}x")
-        mark = " (b)" if r.get("base_earlier") else ""
-        lines.append(
-            f"| {r['n']:,} | {r['fmt']}{mark} | {s['seconds']:.1f} | {s['rows_per_s']:,.0f} | "
-            f"{s['tokens_per_s']:,.0f} | {s['driver_peak_mb']:,.0f} | "
-            f"{s['worker_peak_mb']:,.0f} | {base} |")
-    lines += ["", "rows/s ratio = stage rows/s / datasets rows/s, both on the whole machine. "
-              "per-core ratio = (stage rows/s / its CPUs) / (datasets rows/s / the cores it "
-              "used: its process's CPU seconds over its wall time; the fast tokenizer encodes "
-              "a batch on several threads). The stage also deduplicates ids, keeps rejects with "
-              "reasons and writes Parquet; the baseline does the same parsing, templating, ids "
-              "and tokenization only. (b): the baseline figures come from an earlier run of "
-              "this script (--keep, baseline skipped to save time), same machine and code.", ""]
-    text = "\n".join(lines)
+    text = table(rows, a.cpus)
     print(text)
     Path(a.out).write_text(text)
 

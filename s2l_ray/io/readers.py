@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,8 @@ from s2l_ray.config import ConfigError
 
 FILE_KINDS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 CHUNK = 4096  # rows per emitted block while parsing one file
-BLOCK_BYTES = 16 << 20  # ... or fewer, so that a block of large rows stays small too
+BLOCK_BYTES = 4 << 20  # ... or fewer, so that a block of large rows stays small too (and the
+# largest block Ray Data makes of them: read_raw sets its target_max_block_size to this)
 READ_BYTES = 1 << 20  # piece size when scanning a file (or skipping an over-large row)
 DEFAULT_MAX_ROW_BYTES = 1 << 20  # data.max_row_bytes' default, for callers without a config
 MAX_DEPTH = 100  # deepest JSON nesting accepted in a row; real rows nest 3-4 levels
@@ -525,9 +527,35 @@ def parse_file(path: str, data: bytes | None = None,
         yield out.flush()
 
 
-def _parse_files(batch: dict[str, Any], max_row_bytes: int) -> Any:
-    for path in batch["path"]:
-        yield from parse_file(str(path), max_row_bytes=max_row_bytes)
+def _file_rows(files: list[str], max_row_bytes: int) -> Any:
+    """A Ray Data source of the files' raw rows: one read task per file, which streams its
+    rows out as parse_file's blocks (about CHUNK rows each) while it reads.
+
+    A read, not a map over file names: Ray Data does not fuse a read with a map that asks for
+    batches of N rows, so that map gets the blocks re-bundled into N-row batches, however many
+    files hold them (read_raw also keeps the blocks small for that). A map over a data set of
+    file names, fused with a batch_size=N map, gathered N *file names* into one task: every
+    file in one task, one core busy, and nothing reported until it ended."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    sizes = [os.path.getsize(f) for f in files]
+
+    class FileRows(Datasource):
+        def estimate_inmemory_data_size(self) -> int | None:
+            return sum(sizes)
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context: Any = None) -> list[Any]:
+            def task(path: str) -> Any:
+                return lambda: parse_file(path, max_row_bytes=max_row_bytes)
+
+            return [ReadTask(task(f), BlockMetadata(num_rows=None, size_bytes=size,
+                                                    input_files=[f], exec_stats=None),
+                             schema=_raw_schema(), per_task_row_limit=per_task_row_limit)
+                    for f, size in zip(files, sizes)]
+
+    return FileRows()
 
 
 def _hf_rows(batch: Any, origin: str, max_row_bytes: int) -> Any:
@@ -617,11 +645,15 @@ def read_raw(source: str, split: str = "train",
         else:
             hf = datasets.load_dataset(name, split=split)
         hf = hf.add_column("__s2l_row", list(range(len(hf))))
-        return ray.data.from_huggingface(hf).map_batches(
+        return ray.data.from_huggingface(  # blocks of CHUNK rows, not one block of all
+            hf, override_num_blocks=max(1, -(-len(hf) // CHUNK))).map_batches(
             _hf_rows, batch_format="pyarrow",
             fn_kwargs={"origin": f"{source}:{split}", "max_row_bytes": max_row_bytes})
     files = list_files(source)
-    return ray.data.from_items([{"path": f} for f in files],
-                               override_num_blocks=min(len(files), 200)).map_batches(
-        _parse_files, batch_size=1, batch_format="numpy",
-        fn_kwargs={"max_row_bytes": max_row_bytes})
+    ds = ray.data.read_datasource(_file_rows(files, max_row_bytes),
+                                  override_num_blocks=len(files))
+    # Ray Data merges a task's output blocks up to target_max_block_size (128 MiB by default):
+    # a whole file of raw rows in one block, hence in one task of the next map, whatever its
+    # batch size. Blocks of a few MiB let that map cut the rows into its own batches.
+    ds.context.target_max_block_size = BLOCK_BYTES
+    return ds

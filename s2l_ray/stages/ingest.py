@@ -1,13 +1,15 @@
 """Stage `ingest`: instruction data -> validated, tokenized examples with stable ids (Parquet).
 
-    files / HF data set --parse (tasks)--> raw rows --normalize+tokenize+write (tasks, one
-        streaming pass)--> examples/part-*.parquet + rejects/part-*.parquet
+    files / HF data set --parse (a read task per file, streaming blocks)--> raw rows
+        --normalize+tokenize+write (a task per part of ROWS_PER_PART rows, whatever the files;
+        one streaming pass)--> examples/part-*.parquet + rejects/part-*.parquet
     driver: per part, its counts and 8-byte id hashes --> repeated ids --> the few parts holding
         them rewritten in place (later rows moved to rejects/, reason duplicate_id)
 
 The driver never holds the rows: its memory grows by 8 bytes per valid row (the id hashes), and
 each task holds one part (ROWS_PER_PART rows). Part files are named by their first row's origin
 (file rank, row number), so their sorted order is the input order whatever the parallelism.
+A part's counts reach the driver (and its progress line) as soon as the part is written.
 
 Every input row ends in exactly one of `examples/` or `rejects/` (with a reason code and a
 detail), and the report counts both, so nothing is dropped silently. Rows whose id repeats keep
@@ -339,11 +341,17 @@ def origin_order(source: str, split: str) -> dict[str, int]:
     return {f: i for i, f in enumerate(list_files(source))}
 
 
-def normalize_to_parts(cfg: S2LConfig, source: str, tok_path: str, out: Path
+def normalize_to_parts(cfg: S2LConfig, source: str, tok_path: str, out: Path,
+                       rows_per_part: int = ROWS_PER_PART
                        ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One streaming pass: read, normalize and write examples/ and rejects/ parts (in the
     tasks), then reject duplicated ids in place. The driver holds only per-part summaries (a
-    few numbers and 8 bytes per valid row), never the rows. Returns (stats, progress)."""
+    few numbers and 8 bytes per valid row), never the rows. Returns (stats, progress).
+
+    The files are read by one task each, streaming blocks of raw rows; the normalizing tasks
+    take them in batches of `rows_per_part` rows whatever the files (so every core works even
+    on one big file), and each part's counts reach the driver, hence the progress line, as soon
+    as that part is written."""
     import numpy as np
     import pyarrow.compute as pc
     import ray.data
@@ -354,8 +362,12 @@ def normalize_to_parts(cfg: S2LConfig, source: str, tok_path: str, out: Path
     ray.data.DataContext.get_current().max_errored_blocks = 0
     for sub in ("examples", "rejects"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    ds = read_raw(source, cfg.data.split, cfg.data.max_row_bytes).map_batches(
-        normalize_part, batch_format="pyarrow", batch_size=ROWS_PER_PART,
+    raw = read_raw(source, cfg.data.split, cfg.data.max_row_bytes)
+    # Blocks reach the parts in input order, so each part holds consecutive rows and the parts
+    # are cut at the same rows on every run (the bundling is by row counts alone).
+    raw.context.execution_options.preserve_order = True
+    ds = raw.map_batches(
+        normalize_part, batch_format="pyarrow", batch_size=rows_per_part,
         fn_kwargs={"out_dir": str(out), "origins": origin_order(source, cfg.data.split),
                    "tokenizer_path": tok_path, "data_cfg": vars(cfg.data),
                    "trust_remote_code": cfg.reference.trust_remote_code})

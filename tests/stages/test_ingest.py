@@ -162,3 +162,43 @@ def test_demo_rerun_skips_and_config_change_is_caught(tmp_path: Path, ray_local,
     changed = make_cfg(tmp_path, tiny_ref, "demo.n_train=301", "demo.n_test_per_source=5")
     with pytest.raises(ConfigError, match="run.overwrite=true"):
         run_stage(changed, "ingest")
+
+
+def test_progress_counts_parts_as_written(tmp_path: Path, ray_local, tiny_ref: str,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Ingest's progress lines advance while the parts are written (a short cadence), not only
+    at the end; and cutting the same rows into smaller parts changes neither the rows nor
+    their order (parts sorted by name are the input order)."""
+    import logging
+    import re
+
+    from s2l_ray.stages.ingest import normalize_to_parts
+
+    d = tmp_path / "d"
+    d.mkdir()
+    n_files, per_file = 6, 400
+    for k in range(n_files):
+        (d / f"p{k}.jsonl").write_text("\n".join(json.dumps(
+            {"instruction": f"What is {i} plus {k}? Show the steps " + "and more " * (i % 7),
+             "output": f"First {i}, then {k}: the answer is {i + k}."})
+            for i in range(per_file)))
+    total = n_files * per_file
+    cfg = make_cfg(tmp_path, tiny_ref, f"data.source={d}", "run.progress_seconds=0.02")
+    tok = cfg.reference.model
+    caplog.set_level(logging.INFO, logger="s2l_ray.stages.ingest")
+    stats, speed = normalize_to_parts(cfg, str(d), tok, tmp_path / "small", rows_per_part=200)
+    counts = [int(n.replace(",", "")) for n in re.findall(r"ingest: ([\d,]+) rows", caplog.text)]
+    assert stats["rows"] == speed["done"] == total == counts[-1]
+    assert any(0 < c < total for c in counts), counts  # counts arrived before the end
+    assert counts == sorted(counts)
+    whole, _ = normalize_to_parts(cfg, str(d), tok, tmp_path / "whole")
+    assert whole == stats
+
+    def rows(out: str) -> tuple[int, list[dict]]:
+        parts = sorted((tmp_path / out / "examples").glob("part-*.parquet"))
+        key = ["origin_file", "origin_row", "id", "input_ids"]
+        return len(parts), [r for p in parts for r in pq.read_table(p, columns=key).to_pylist()]
+
+    (n_small, small), (n_whole, every) = rows("small"), rows("whole")
+    assert (n_small, n_whole) == (total // 200, 1)  # a file's rows: one block, two parts
+    assert small == every and len(every) == total
