@@ -111,20 +111,11 @@ def main() -> int:
               f"{losses[0]:.2f} -> {losses[-1]:.2f}", flush=True)
 
     n_train = int(args.get("n_train", 2000)) if demo_mix else 300 * len(kinds)
-    train_rows, _ = data.generate_mathmix(n_train=n_train, n_test_per_source=0)
-    seen: set[str] = set()
-    unique = [r for r in train_rows if not (r["instruction"] in seen or seen.add(r["instruction"]))]
     n_val = int(args.get("n_val", 25))
-    if args.get("val", "extra") == "carve":  # 25 rows per kind carved out of the n_train rows
-        pool = unique                         # (the small kinds then train on 25 fewer rows)
-    else:  # "extra": from the same training stream at 2x the size (the first rows of a kind do
-        # not depend on n_train): the training rows stay exactly the demo's, and validation
-        # rows are training-distribution problems never seen in them (never the held-out ones)
-        more, _ = data.generate_mathmix(n_train=2 * n_train, n_test_per_source=0)
-        pool = [r for r in more if r["instruction"] not in seen]
-    val = [r for k in kinds for r in [x for x in pool if x["kind"] == k and not x["wrong"]][:n_val]]
-    held = {r["instruction"] for r in val}
-    rows = [r for r in unique if r["instruction"] not in held]
+    # val=extra (default): validation from the training stream at 2x the size, the training
+    # rows exactly the demo's; val=carve: carved out of the n_train rows
+    rows, val = data.validation_split(n_train, n_val, carve=args.get("val", "extra") == "carve",
+                                      kinds=kinds)
     seqs, n_prompt = [], []
     for r in rows:
         p = tok(r["instruction"] + "\n")["input_ids"]

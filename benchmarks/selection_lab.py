@@ -10,9 +10,10 @@ distributed k-means' exact semantics) and `core.selection.select` (every method'
 models the demo uses (`s2l_ray/configs/demo.yaml`: reference, target, epochs, lr, batch, K, T).
 
 What it does, from demo.yaml's settings:
-  1. generates the demo data (`demo.n_train` rows), drops exact duplicates (as ingest does) and
-     carves a validation split out of the TRAINING rows: `--val-per-kind` correct rows per kind
-     (their instructions leave the training set); the held-out split is never looked at;
+  1. generates the demo data (`demo.n_train` rows) and drops exact duplicates (as ingest does);
+     validation is `--val-per-kind` correct rows per kind drawn from the same training stream,
+     none of them among the training rows (`demo.data.validation_split`); the held-out split is
+     never looked at;
   2. for each reference setting (epochs, T, checkpoint placement) fine-tunes the reference once
      and records every example's loss at the T checkpoints;
   3. for each selection setting (K, normalisation, per-source rules, noise cap, the controls)
@@ -102,19 +103,11 @@ def study(cfg: Any, names: set[str]) -> list[Setting]:
 
 
 def demo_rows(cfg: Any, val_per_kind: int) -> tuple[list[dict], list[dict]]:
-    """(train rows, validation rows): deduplicated as ingest does, validation carved out of
-    train (correct rows only, and no training row shares a validation instruction)."""
-    from s2l_ray.demo.data import KINDS, generate_mathmix
+    """(train rows, validation rows): the demo's training rows, deduplicated as ingest does, and
+    a validation split from the same stream that none of them is in (`validation_split`)."""
+    from s2l_ray.demo.data import validation_split
 
-    rows, _ = generate_mathmix(n_train=cfg.demo.n_train, n_test_per_source=0,
-                               seed=cfg.demo.seed)
-    seen: set[tuple[str, str]] = set()
-    unique = [x for x in rows if not ((x["instruction"], x["output"]) in seen
-                                      or seen.add((x["instruction"], x["output"])))]
-    val = [x for k in KINDS for x in [y for y in unique if y["kind"] == k and not y["wrong"]]
-           [:val_per_kind]]
-    held = {x["instruction"] for x in val}
-    return [x for x in unique if x["instruction"] not in held], val
+    return validation_split(cfg.demo.n_train, val_per_kind, cfg.demo.seed)
 
 
 @dataclass
@@ -241,25 +234,26 @@ def _init_worker(cfg_args: list[str], val_per_kind: int) -> None:
     torch.set_num_threads(1)
     cfg = load_cfg(cfg_args)
     tok = AutoTokenizer.from_pretrained(resolve_model(cfg.target.model))
+    from s2l_ray.core.formats import to_example
+
     train, val = demo_rows(cfg, val_per_kind)
-    _W.update(cfg=cfg, tok=tok, enc=encode(tok, train, cfg), val=val)
+    prompts = [tok(to_example(x, template=cfg.data.template).prompt)["input_ids"] for x in val]
+    _W.update(cfg=cfg, tok=tok, enc=encode(tok, train, cfg), val=val, prompts=prompts)
 
 
 def target_trial(job: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune the target on the job's rows, then greedy exact match per kind on validation."""
     from transformers import AutoModelForCausalLM
 
-    from s2l_ray.core.formats import to_example
     from s2l_ray.demo.data import extract_final_answer
     from s2l_ray.models.tiny import resolve_model
     from s2l_ray.stages.evaluate import generate
 
-    cfg, tok, enc, val = _W["cfg"], _W["tok"], _W["enc"], _W["val"]
+    cfg, tok, enc, val, prompts = _W["cfg"], _W["tok"], _W["enc"], _W["val"], _W["prompts"]
     t0 = time.time()
     model = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.target.model))
     steps = finetune(model, enc, np.asarray(job["rows"]), cfg.target, job["seed"],
                      tok.pad_token_id)
-    prompts = [tok(to_example(x, template=cfg.data.template).prompt)["input_ids"] for x in val]
     gen = generate(model, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size,
                    tok.pad_token_id, tok.eos_token_id, "cpu")
     right: Counter[str] = Counter()
@@ -284,20 +278,22 @@ def load_cfg(overrides: list[str]) -> Any:
     return load_config(PACKAGED / "demo.yaml", ["run.output_dir=/tmp/s2l_lab", *overrides])
 
 
-def select_rows(s: Setting, budget: float, seed: int, ids: list[str], sources: list[str],
-                losses: np.ndarray | None, cfg: Any) -> np.ndarray:
+def cluster_labels(s: Setting, ids: list[str], sources: list[str], losses: np.ndarray,
+                   cfg: Any) -> np.ndarray:
+    """The cluster stage's k-means (fixed run.seed, as in a sweep: one clustering per run)."""
     from s2l_ray.core import kmeans
+
+    _, parts = (np.unique(sources, return_inverse=True) if s.per_source else (None, None))
+    return kmeans.fit(ids, losses, s.k, seed=cfg.run.seed, max_iter=cfg.cluster.max_iter,
+                      normalize=s.normalize, parts=parts).labels  # type: ignore[arg-type]
+
+
+def select_rows(s: Setting, budget: float, seed: int, ids: list[str], sources: list[str],
+                losses: np.ndarray | None, labels: np.ndarray | None, cfg: Any) -> np.ndarray:
     from s2l_ray.core.selection import select
 
     if s.method == "full":
         return np.arange(len(ids))
-    labels = None
-    if s.method == "s2l":
-        assert losses is not None
-        _, parts = (np.unique(sources, return_inverse=True) if s.per_source else (None, None))
-        fit = kmeans.fit(ids, losses, s.k, seed=cfg.run.seed, max_iter=cfg.cluster.max_iter,
-                         normalize=s.normalize, parts=parts)  # type: ignore[arg-type]
-        labels = fit.labels
     chosen = select(s.method, ids, budget, seed, labels=labels, sources=sources, losses=losses,
                     per_source=s.per_source, tiny=s.tiny,
                     noise_drop_ratio=cfg.select.noise_drop_ratio if s.noise_cap else None)
@@ -392,10 +388,12 @@ def main() -> int:
 
     jobs = []
     for s in [*settings, Setting("all data", "full")]:
+        losses = traj[s.ref] if s.ref else None
+        labels = (cluster_labels(s, ids, sources, losses, cfg)
+                  if s.method == "s2l" and losses is not None else None)
         for budget in ([1.0] if s.method == "full" else budgets):
             for seed in seeds:
-                rows = select_rows(s, budget, seed, ids, sources,
-                                   traj.get(s.ref) if s.ref else None, cfg)
+                rows = select_rows(s, budget, seed, ids, sources, losses, labels, cfg)
                 kinds = Counter(train[i]["kind"] for i in rows)
                 jobs.append({"setting": s.name, "budget": budget, "seed": seed,
                              "rows": rows.tolist(), "rows_n": len(rows), "kinds": dict(kinds),
@@ -428,9 +426,10 @@ def main() -> int:
         f"fine-tunes at a time, 1 thread each; wall time {(time.time() - t_start) / 60:.1f} min; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
         f"Data: demo.yaml's mathmix ({cfg.demo.n_train} rows, seed {cfg.demo.seed}), "
-        f"{len(train)} training rows after deduplication and the validation carve-out, "
-        f"{len(val)} validation rows ({args.val_per_kind} correct rows per kind, carved out of "
-        "the training data; the held-out split is not used). Reference "
+        f"{len(train)} training rows after deduplication (the demo's own), "
+        f"{len(val)} validation rows ({args.val_per_kind} correct rows per kind drawn from the "
+        "training stream, none among the training rows; the held-out split is not used). "
+        "Reference "
         f"{cfg.reference.model} (lr {cfg.reference.lr}, batch {cfg.reference.batch_size}); target "
         f"{cfg.target.model} ({cfg.target.epochs} epochs over each subset, lr {cfg.target.lr}, "
         f"batch {cfg.target.batch_size}); greedy exact match per kind, macro = mean over kinds. "

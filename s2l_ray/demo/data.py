@@ -35,7 +35,7 @@ import logging
 import os
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -317,6 +317,30 @@ def generate_mathmix(n_train: int = 2000, n_test_per_source: int = 50, seed: int
     logger.debug("mathmix seed=%s: %d train (%d wrong, %d duplicate), %d test", seed, n_train,
                  len(wrong), n_dup, len(test))
     return train, test
+
+
+def validation_split(n_train: int, n_val: int = 25, seed: int = 0, *, carve: bool = False,
+                     kinds: Sequence[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """(training rows, validation rows) for design studies; the held-out split is never touched.
+
+    The training rows are `generate_mathmix`'s with exact duplicates dropped (as ingest drops
+    them). The validation rows are `n_val` correct rows per kind (`kinds`, default KINDS) of the
+    TRAINING stream: by default drawn from it at twice the size (a kind's first problems do not
+    depend on n_train), so the training rows stay exactly the demo's and no validation problem
+    is among them; carve=True takes them out of the training rows instead (the small kinds then
+    train on n_val fewer rows)."""
+    rows, _ = generate_mathmix(n_train=n_train, n_test_per_source=0, seed=seed)
+    seen: set[str] = set()
+    unique = [r for r in rows if not (r["instruction"] in seen or seen.add(r["instruction"]))]
+    if carve:
+        pool = unique
+    else:
+        more, _ = generate_mathmix(n_train=2 * n_train, n_test_per_source=0, seed=seed)
+        pool = [r for r in more if r["instruction"] not in seen]
+    val = [r for k in (KINDS if kinds is None else kinds)
+           for r in [x for x in pool if x["kind"] == k and not x["wrong"]][:n_val]]
+    held = {r["instruction"] for r in val}
+    return [r for r in unique if r["instruction"] not in held], val
 
 
 def row_labels(raw: str | dict[str, Any]) -> dict[str, Any]:

@@ -291,6 +291,7 @@ class TrajectoryScorer:
                  cpus: float, out_dir: str, groups: int, key: str, sink: Any,
                  trust_remote_code: bool = False, scorer: str = "padded",
                  compile_mode: str = "off") -> None:
+        import ray
         import torch
 
         from s2l_ray.core.losses import autocast_dtype
@@ -306,8 +307,6 @@ class TrajectoryScorer:
                                   compile_mode)
         self.sink, self.expected = sink, None
         self.pending: dict[int, list[Any]] = {}  # group -> its rows seen so far (tables)
-        import ray
-
         ray.get(sink.actor_ready.remote(os.getpid()))  # counted in the report
 
     def _whole_groups(self, batch: Any) -> list[tuple[int, Any]]:

@@ -23,6 +23,7 @@ from s2l_ray.demo.data import (
     row_labels,
     solve,
     tokenizer_corpus,
+    validation_split,
     write_mathmix,
 )
 
@@ -323,3 +324,18 @@ def test_format_answer_round_trips(value: Fraction, style: str, text: str) -> No
 ])
 def test_extract_final_answer(text: str, expected: str | None) -> None:
     assert extract_final_answer(text) == expected
+
+
+@pytest.mark.parametrize("carve", [False, True])
+def test_validation_split_is_disjoint_correct_and_keeps_the_training_rows(carve: bool) -> None:
+    train, val = validation_split(600, 5, carve=carve)
+    rows, _ = generate_mathmix(n_train=600, n_test_per_source=0)
+    seen: set[str] = set()
+    unique = [r for r in rows if r["instruction"] not in seen and not seen.add(r["instruction"])]
+    assert [r["kind"] for r in val] == [k for k in KINDS for _ in range(5)]
+    assert not any(r["wrong"] for r in val)
+    assert not {r["instruction"] for r in val} & {r["instruction"] for r in train}
+    if carve:  # taken out of the training rows
+        assert len(train) == len(unique) - len(val)
+    else:  # the demo's training rows, deduplicated, all kept
+        assert train == unique
