@@ -1,12 +1,18 @@
 """Shared fixtures: one local Ray per test session, offline tiny models, the one config builder
-(`overrides`), and one small upstream run (ingest + train-ref + trajectories) published once per
-session (`upstream`) that tests copy (`copy_upstream`) and run the later stages on."""
+(`overrides`), one small upstream run (ingest + train-ref + trajectories) published once per
+session (`upstream`) that tests copy (`copy_upstream`) and run the later stages on, and one
+reduced `s2l demo` run (`demo_run`: the whole pipeline with its Tune sweep), read by the demo's
+and the sweep's tests."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,8 +92,11 @@ def make_cfg(tmp_path: Path, model: str, *overrides: str) -> S2LConfig:
 # The small run: the demo data at 300 examples, 1 reference worker trained for 12 steps (of
 # the epoch's 37: each step costs seconds on 2 CPUs, and 12 already lower the loss clearly),
 # 3 checkpoints, 4 clusters, a target fine-tune of a few steps. Sized for a 2-CPU machine (Ray
-# Data keeps 1 CPU).
+# Data keeps 1 CPU). A run in a process of its own starts its own Ray, without the dashboard
+# (run.dashboard=false: nothing there uses it, and it is a large part of a Ray's start); in
+# this process the run.* keys are ignored (the session's `ray_local`, dashboard on, is joined).
 SMALL_RUN = (
+    "run.dashboard=false",
     "demo.n_train=300", "demo.n_test_per_source=3", "data.template=plain", "data.max_length=128",
     "reference.num_workers=1", "reference.cpus_per_worker=0.5", "reference.batch_size=8",
     "reference.grad_accum=1", "reference.epochs=1", "reference.max_steps=12", "reference.lr=3e-3",
@@ -138,3 +147,49 @@ def small_run(tmp_path_factory: pytest.TempPathFactory, ray_local, tiny_ref: str
     from tests.small_run import make_small_run
 
     return make_small_run(tmp_path_factory.mktemp("small_run"), tiny_ref)
+
+
+# `s2l demo` at a reduced size: the packaged demo config (pre-trained tiny models), 240 examples,
+# S2L and random at one budget plus all data: 3 sweep trials, 2 at a time as the demo runs them.
+DEMO_RUN = ("demo.n_train=240", "demo.n_test_per_source=2", "reference.epochs=1",
+            "target.epochs=1", "reference.num_checkpoints=3", "cluster.k=4",
+            "sweep.budgets=[0.5,1.0]")
+DEMO_PRETRAIN_STEPS = 10  # the demo's pre-training, shortened: the tests check the plumbing
+
+
+@contextlib.contextmanager
+def demo_models(cache: Path) -> Any:
+    """The demo's tiny pre-trained models built in `cache` (S2L_RAY_CACHE) with the shortened
+    pre-training, as the demo run was; everything restored on exit."""
+    from s2l_ray.models.tiny import PRETRAIN
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("S2L_RAY_CACHE", str(cache))
+        for preset in PRETRAIN:
+            mp.setitem(PRETRAIN, preset, {**PRETRAIN[preset], "steps": DEMO_PRETRAIN_STEPS})
+        yield
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    cfg: S2LConfig  # the config `s2l demo` ran with
+    out: Path  # its run.output_dir
+    cache: Path  # its model cache (S2L_RAY_CACHE)
+    rc: int  # the command's exit code
+    printed: str  # what it wrote to stdout
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory, ray_local) -> DemoRun:
+    """`s2l demo` (the CLI's main, in this process, on the session's Ray) with DEMO_RUN, once
+    per test session. Read-only: the sweep's tests rerun or re-report it, nothing more."""
+    from s2l_ray import api
+    from s2l_ray.cli import main
+
+    root = tmp_path_factory.mktemp("demo")
+    out, cache = root / "demo", root / "cache"
+    args = [f"run.output_dir={out}", *DEMO_RUN]
+    printed = io.StringIO()
+    with demo_models(cache), contextlib.redirect_stdout(printed):
+        rc = main(["demo", *args])
+    return DemoRun(api.load("demo", args), out, cache, rc, printed.getvalue())

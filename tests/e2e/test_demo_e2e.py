@@ -1,35 +1,27 @@
 """`s2l demo` end to end at a reduced size: the packaged demo config (pre-trained tiny models,
 S2L vs random at one budget here, two in the demo, and all data), then its table and the
-sentence that reads it."""
+sentence that reads it. The run is the session's `demo_run` (tests/conftest.py), whose sweep
+tests/stages/test_sweep.py also checks."""
 
 from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from s2l_ray.cli import main
 from s2l_ray.demo.data import KINDS
-from s2l_ray.models.tiny import PRETRAIN, cache_name
+from s2l_ray.models.tiny import cache_name
+from tests.conftest import DEMO_PRETRAIN_STEPS, DemoRun, demo_models
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.slow]
 
 
-def test_demo_runs_end_to_end_and_tells_its_result(
-        tmp_path: Path, ray_local, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("S2L_RAY_CACHE", str(tmp_path / "cache"))
-    for preset in PRETRAIN:  # the same pre-training, shortened: this tests the plumbing
-        monkeypatch.setitem(PRETRAIN, preset, {**PRETRAIN[preset], "steps": 10})
-    out = tmp_path / "demo"
-    rc = main(["demo", f"run.output_dir={out}", "demo.n_train=240", "demo.n_test_per_source=2",
-               "reference.epochs=1", "target.epochs=1", "reference.num_checkpoints=3",
-               "cluster.k=4", "sweep.budgets=[0.5,1.0]"])
-    assert rc == 0
-    printed = capsys.readouterr().out
+def test_demo_runs_end_to_end_and_tells_its_result(demo_run: DemoRun) -> None:
+    out = demo_run.out
+    assert demo_run.rc == 0
+    printed = demo_run.printed
     # the last words: the table, then one sentence with every cell's macro exact match
     assert "| data | examples | seeds | macro EM |" in printed
     # one partial budget keeps the run short (each trial is a Ray Train start); the sentence
@@ -50,8 +42,9 @@ def test_demo_runs_end_to_end_and_tells_its_result(
     summary = (out / "sweep" / "summary.md").read_text()
     assert summary.startswith("## Result") and sentence[0] in summary
     assert (out / "report" / "accuracy_vs_budget.png").is_file()
-    built = sorted(p.name for p in (tmp_path / "cache" / "models").iterdir())
-    assert built == sorted(cache_name("tiny-pre", p) for p in ("micro", "small"))
-    info = json.loads((tmp_path / "cache" / "models" / cache_name("tiny-pre", "small") /
+    built = sorted(p.name for p in (demo_run.cache / "models").iterdir())
+    with demo_models(demo_run.cache):  # the names hash the (shortened) pre-training
+        assert built == sorted(cache_name("tiny-pre", p) for p in ("micro", "small"))
+    info = json.loads((demo_run.cache / "models" / cache_name("tiny-pre", "small") /
                        "pretraining.json").read_text())
-    assert info["steps"] == 10
+    assert info["steps"] == DEMO_PRETRAIN_STEPS

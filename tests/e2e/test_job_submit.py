@@ -86,7 +86,7 @@ cluster: {k: 5}
 select: {budget: 0.2}
 target: {model: "tiny:nano", epochs: 1, max_steps: 2, num_checkpoints: 1, batch_size: 8,
          grad_accum: 1}
-sweep: {methods: [s2l], budgets: [0.2], seeds: [0]}
+sweep: {methods: [s2l], budgets: [32], seeds: [0]}  # a count (the demo run has fractions)
 eval: {max_examples: 6, max_new_tokens: 8}
 """
 
