@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -121,15 +122,24 @@ def test_bad_configs_fail_before_training(tmp_path: Path, ray_local, tiny_ref: s
 
 
 @pytest.mark.slow
-def test_resume_after_kill(tmp_path: Path, upstream: Path, tiny_ref: str) -> None:
-    """Kill a 2-worker training run after its 2nd checkpoint; the rerun does only the rest."""
+def test_killed_run_resumes_then_survives_a_worker_death(tmp_path: Path, upstream: Path,
+                                                          tiny_ref: str) -> None:
+    """Kill a 2-worker training run (driver and its Ray) after its 2nd checkpoint; the rerun
+    does only the rest, and survives one of its Ray Train workers SIGKILLed after its first
+    checkpoint: with max_failures=1 Ray Train restarts the worker group, which resumes from that
+    checkpoint, not from step 0. (One training for both: each is a worker-group start.)"""
+    import ray
+    from ray._private import state
+
     out = copy_upstream(upstream, tmp_path / "out", ("ingest",))  # the small run's data
-    # 56 steps between the 2nd checkpoint and the 3rd: the window the kill must land in. A
-    # step takes ~0.05 s here since the worker stopped reporting every log line, and Ray Train
-    # registers a checkpoint a poll (0.2 s in tests) after it is reported; 12 steps were too
-    # few once (the killed run had passed its 3rd checkpoint when the kill landed).
-    overrides = [*_overrides(tiny_ref, out), "reference.batch_size=2",
-                 "reference.max_steps=64", "reference.checkpoint_steps=[2, 4, 60, 64]"]
+    # 56 steps after the killed run's 2nd checkpoint, and after the rerun's first, for each
+    # kill to land in. A step takes ~0.05 s here since the worker stopped reporting every log
+    # line, and Ray Train registers a checkpoint a poll (0.2 s in tests) after it is reported;
+    # 12 steps were too few once (the killed run had passed its 3rd checkpoint when the kill
+    # landed). 73 steps per epoch at batch 2: two epochs.
+    overrides = [*_overrides(tiny_ref, out), "reference.batch_size=2", "reference.epochs=2",
+                 "reference.max_failures=1", "reference.max_steps=120",
+                 "reference.checkpoint_steps=[2, 4, 60, 116, 120]"]
     cfg = load_config(None, overrides)
     cfg_file = tmp_path / "cfg.yaml"
     dump_config(cfg, cfg_file)
@@ -141,14 +151,14 @@ def test_resume_after_kill(tmp_path: Path, upstream: Path, tiny_ref: str) -> Non
     # A checkpoint counts once Ray Train's snapshot lists it (its folder appears earlier).
     snapshot = out / ".train_ref.tmp" / "ray_train" / "checkpoint_manager_snapshot.json"
 
-    def registered() -> bool:
-        return snapshot.exists() and "step_0000004" in snapshot.read_text()
+    def registered(step: int) -> bool:
+        return snapshot.exists() and f"step_{step:07d}" in snapshot.read_text()
 
     try:
         deadline = time.time() + 240
-        while not registered() and time.time() < deadline and proc.poll() is None:
+        while not registered(4) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.02)
-        assert registered(), (tmp_path / "killed_run.log").read_text()[-3000:]
+        assert registered(4), (tmp_path / "killed_run.log").read_text()[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -156,10 +166,33 @@ def test_resume_after_kill(tmp_path: Path, upstream: Path, tiny_ref: str) -> Non
         log_file.close()
     assert not (out / "train_ref").exists()
     killed_at = time.time()
+
+    killed: list[int] = []
+
+    def kill_a_worker() -> None:  # once the rerun has registered its first checkpoint
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if registered(60):
+                workers = [a["Pid"] for a in state.actors(actor_state_name="ALIVE").values()
+                           if a["ActorClassName"] == "RayTrainWorker"
+                           and a["JobID"] == ray.get_runtime_context().get_job_id()]
+                if workers:
+                    os.kill(workers[0], signal.SIGKILL)
+                    killed.append(workers[0])
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
     stage = run_stage(cfg, "train-ref")
+    killer.join(timeout=5)
+    assert killed, "no Ray Train worker was found to kill"
     manifest = load_manifest(stage.path)
-    assert [m["step"] for m in manifest] == [2, 4, 60, 64]
+    assert [m["step"] for m in manifest] == [2, 4, 60, 116, 120]
     assert [m["attempt_start_step"] for m in manifest[:2]] == [0, 0]  # from the killed run
-    assert all(m["attempt_start_step"] >= 4 for m in manifest[2:])  # resumed, not redone
+    assert manifest[2]["attempt_start_step"] == 4  # resumed, not redone
+    # The last checkpoint came from the restarted group, resumed from a checkpoint (60, or 116
+    # if training got there before the kill landed), not from step 0.
+    assert manifest[-1]["attempt_start_step"] in (60, 116)
     first = Path(manifest[0]["path"]) / "model.safetensors"
     assert first.stat().st_mtime < killed_at
