@@ -108,13 +108,11 @@ def _loopback_node_ip() -> Iterator[None]:
             os.environ[name] = old_env
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None,
-             dashboard: bool = True) -> Any:
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
     """Join a running cluster (address, or RAY_ADDRESS) or start a private local Ray.
 
     A local Ray listens on 127.0.0.1 only (LOCAL_RAY_LOOPBACK), so nothing is reachable from
-    beyond this machine. `dashboard=False` (run.dashboard) starts it without the dashboard's
-    modules: Ray still runs its head process, with only the usage-stats module and no page.
+    beyond this machine.
     """
     import ray
 
@@ -141,11 +139,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
                 "(`ray start --head`), correct the address, or unset both run.ray_address and "
                 "RAY_ADDRESS to start a local Ray") from e
     else:
-        log.info("starting a local Ray (num_cpus=%s%s)", num_cpus or "all",
-                 "" if dashboard else ", no dashboard")
+        log.info("starting a local Ray (num_cpus=%s)", num_cpus or "all")
         with _loopback_node_ip():
-            ray.init(num_cpus=num_cpus, runtime_env=env,
-                     **{**LOCAL_RAY_LOOPBACK, "include_dashboard": dashboard})
+            ray.init(num_cpus=num_cpus, runtime_env=env, **LOCAL_RAY_LOOPBACK)
     quiet_ray_data()
     return ray
 

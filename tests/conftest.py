@@ -92,11 +92,8 @@ def make_cfg(tmp_path: Path, model: str, *overrides: str) -> S2LConfig:
 # The small run: the demo data at 300 examples, 1 reference worker trained for 12 steps (of
 # the epoch's 37: each step costs seconds on 2 CPUs, and 12 already lower the loss clearly),
 # 3 checkpoints, 4 clusters, a target fine-tune of a few steps. Sized for a 2-CPU machine (Ray
-# Data keeps 1 CPU). A run in a process of its own starts its own Ray, without the dashboard
-# (run.dashboard=false: nothing there uses it, and it is a large part of a Ray's start); in
-# this process the run.* keys are ignored (the session's `ray_local`, dashboard on, is joined).
+# Data keeps 1 CPU).
 SMALL_RUN = (
-    "run.dashboard=false",
     "demo.n_train=300", "demo.n_test_per_source=3", "data.template=plain", "data.max_length=128",
     "reference.num_workers=1", "reference.cpus_per_worker=0.5", "reference.batch_size=8",
     "reference.grad_accum=1", "reference.epochs=1", "reference.max_steps=12", "reference.lr=3e-3",

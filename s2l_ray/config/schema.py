@@ -55,11 +55,6 @@ class RunConfig:
     starts a local Ray on this machine."""
     num_cpus: int | None = None
     """CPUs for a local Ray (null: all of them). Ignored when joining a cluster."""
-    dashboard: bool = True
-    """Start a local Ray with its dashboard (on 127.0.0.1; Ray prints its address): a page to
-    watch the run, and the state API Ray Train uses to clean up after a crashed run. false
-    starts Ray faster (the tests' pipeline subprocesses do); a Ray job server needs it on.
-    Ignored when joining a cluster."""
     overwrite: bool = False
     """Recompute stages whose stored config differs from this one, instead of failing."""
     storage_uri: str | None = None

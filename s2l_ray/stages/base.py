@@ -119,7 +119,7 @@ class Stage:
                 return False
         from s2l_ray.runtime import init_ray
 
-        init_ray(self.cfg.run.ray_address, self.cfg.run.num_cpus, self.cfg.run.dashboard)
+        init_ray(self.cfg.run.ray_address, self.cfg.run.num_cpus)
         return True
 
     def begin(self, *, keep_tmp: bool = False) -> Path:
