@@ -45,6 +45,6 @@ def test_demo_runs_end_to_end_and_tells_its_result(demo_run: DemoRun) -> None:
     built = sorted(p.name for p in (demo_run.cache / "models").iterdir())
     with demo_models(demo_run.cache):  # the names hash the (shortened) pre-training
         assert built == sorted(cache_name("tiny-pre", p) for p in ("micro", "small"))
-    info = json.loads((demo_run.cache / "models" / cache_name("tiny-pre", "small") /
-                       "pretraining.json").read_text())
+        small = demo_run.cache / "models" / cache_name("tiny-pre", "small")
+    info = json.loads((small / "pretraining.json").read_text())
     assert info["steps"] == DEMO_PRETRAIN_STEPS
