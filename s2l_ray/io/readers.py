@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ BLOCK_BYTES = 4 << 20  # ... or fewer, so that a block of large rows stays small
 # largest block Ray Data makes of them: read_raw sets its target_max_block_size to this)
 READ_BYTES = 1 << 20  # piece size when scanning a file (or skipping an over-large row)
 DEFAULT_MAX_ROW_BYTES = 1 << 20  # data.max_row_bytes' default, for callers without a config
+READ_TASK_CPUS: float | None = 0.0  # CPUs a file's read task holds; see read_concurrency
+CPUS_PER_READ: float | None = 8.0  # cluster CPUs per concurrent read task (at least one runs)
 MAX_DEPTH = 100  # deepest JSON nesting accepted in a row; real rows nest 3-4 levels
 BOM = b"\xef\xbb\xbf"
 
@@ -626,6 +629,26 @@ def check_allowed_roots(source: str, key: str, roots: list[str] | None) -> None:
                 "data.allowed_roots")
 
 
+def read_concurrency(n_files: int, cluster_cpus: float | None = None) -> int | None:
+    """How many files' read tasks run at once: one per CPUS_PER_READ of the cluster's CPUs, at
+    least one, at most one per file (None: Ray Data's default, as many as its budget allows).
+
+    Parsing is a small share of a row's work (ingest: ~1/20th; the normalizing map tasks do
+    the rest), so the read tasks hold no CPU slot (READ_TASK_CPUS): Ray Data gives every slot
+    to the map tasks from the first part on, and a read task paused by backpressure (its
+    blocks not yet consumed) keeps no core idle. Held to no slot, their number is capped here
+    instead of by the CPUs; a cap that grows with the cluster keeps the reads of many files
+    spread over its nodes (Ray Data schedules read tasks SPREAD)."""
+    if CPUS_PER_READ is None:
+        return None
+    if cluster_cpus is None:
+        import ray
+
+        cluster_cpus = (ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized()
+                        else float(os.cpu_count() or 1))
+    return max(1, min(n_files, math.ceil(cluster_cpus / CPUS_PER_READ)))
+
+
 def read_raw(source: str, split: str = "train",
              max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Any:
     """A Ray Dataset of raw rows (origin_file, origin_row, raw JSON | reject) for any source.
@@ -651,7 +674,8 @@ def read_raw(source: str, split: str = "train",
             fn_kwargs={"origin": f"{source}:{split}", "max_row_bytes": max_row_bytes})
     files = list_files(source)
     ds = ray.data.read_datasource(_file_rows(files, max_row_bytes),
-                                  override_num_blocks=len(files))
+                                  override_num_blocks=len(files), num_cpus=READ_TASK_CPUS,
+                                  concurrency=read_concurrency(len(files)))
     # Ray Data merges a task's output blocks up to target_max_block_size (128 MiB by default):
     # a whole file of raw rows in one block, hence in one task of the next map, whatever its
     # batch size. Blocks of a few MiB let that map cut the rows into its own batches.
