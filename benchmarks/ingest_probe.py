@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import shutil
 import sys
 import threading
@@ -39,15 +38,10 @@ class Sampler:
         self._t = threading.Thread(target=self._loop, daemon=True)
         self.t0 = time.perf_counter()
 
-    def _plasma(self) -> float | None:
-        from ray._private.internal_api import memory_summary
+    def _plasma(self) -> float:
+        from benchmarks.memwatch import store_bytes
 
-        try:
-            s = memory_summary(stats_only=True)
-        except Exception:  # a probe: a missed sample is fine
-            return None
-        m = re.search(r"Plasma memory usage (\d+) MiB", s)
-        return float(m.group(1)) if m else None
+        return store_bytes() / 2**20
 
     def _loop(self) -> None:
         import psutil
@@ -60,7 +54,8 @@ class Sampler:
                 try:
                     if p.name().startswith("ray::"):
                         mi = p.memory_info()
-                        snap["w"][p.pid] = (p.name(), mi.rss / 2**20, mi.shared / 2**20)
+                        uss = p.memory_full_info().uss / 2**20 if n % 4 == 0 else 0.0
+                        snap["w"][p.pid] = (p.name(), mi.rss / 2**20, mi.shared / 2**20, uss)
                 except psutil.Error:
                     continue
             if n % 4 == 0:
@@ -83,8 +78,13 @@ def timeline(t_start_wall: float) -> list[dict[str, Any]]:
     worker pid, from Ray's state API."""
     from ray.util.state import list_tasks
 
-    out = []
-    for t in list_tasks(detail=True, limit=10000, raise_on_missing_output=False):
+    out: list[dict[str, Any]] = []
+    try:
+        tasks = list_tasks(detail=True, limit=10000, raise_on_missing_output=False)
+    except Exception as e:  # a probe: report without the timeline
+        log.warning("no task timeline: %s", e)
+        return out
+    for t in tasks:
         name = t.name or ""
         if not t.start_time_ms or not t.end_time_ms:
             continue
@@ -136,10 +136,11 @@ def run_variant(name: str, data: Path, work: Path, tok: str, cpus: int) -> dict[
     shutil.rmtree(out, ignore_errors=True)
     peaks: dict[int, dict[str, Any]] = {}
     for snap in s.rows:
-        for pid, (pname, rss, sh) in snap["w"].items():
-            p = peaks.setdefault(pid, {"name": pname, "rss": 0.0, "private": 0.0, "shared": 0.0})
+        for pid, (pname, rss, sh, uss) in snap["w"].items():
+            p = peaks.setdefault(pid, {"name": pname, "rss": 0.0, "private": 0.0, "shared": 0.0,
+                                       "uss": 0.0})
             p["rss"], p["private"] = max(p["rss"], rss), max(p["private"], rss - sh)
-            p["shared"] = max(p["shared"], sh)
+            p["shared"], p["uss"] = max(p["shared"], sh), max(p["uss"], uss)
     plasma = [(round(x["t"]), x["plasma"]) for x in s.rows if x.get("plasma") is not None]
     kinds: dict[str, list[dict[str, Any]]] = {}
     for e in tl:
