@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import threading
@@ -103,6 +104,7 @@ VARIANTS: dict[str, tuple[Any, ...]] = {
     "capped": (0.0, 8.0, 64 << 20, 256 << 20),  # ... and the object store capped (default)
     "capped_small": (0.0, 8.0, 16 << 20, 32 << 20),  # ... capped at 32 MiB
     "cpu_reads_capped": (None, None, 64 << 20, 256 << 20),  # 1-CPU reads, capped
+    "capped_tok1": (0.0, 8.0, 64 << 20, 256 << 20),  # capped, tokenizer on one thread
 }
 
 
@@ -117,6 +119,10 @@ def run_variant(name: str, data: Path, work: Path, tok: str, cpus: int) -> dict[
 
     (readers.READ_TASK_CPUS, readers.CPUS_PER_READ, ingest.BACKLOG_BYTES_PER_CPU,
      ingest.BACKLOG_MIN_BYTES) = VARIANTS[name]
+    # workers inherit the environment of the local Ray this process starts
+    os.environ.pop("TOKENIZERS_PARALLELISM", None)
+    if name.endswith("_tok1"):
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     init_ray(num_cpus=cpus)
     time.sleep(3)
     out = work / f"out_{name}"

@@ -249,4 +249,4 @@ def test_backlog_cap_below_a_block_same_parts(tmp_path: Path, ray_local, tiny_re
                 for p in sorted((tmp_path / out / "examples").glob("part-*.parquet"))]
 
     assert parts("capped") == parts("default")
-    assert len(parts("default")) == -(-n_files * per_file // 2000)
+    assert len(parts("default")) > n_files  # several parts per file, each over the cap
