@@ -24,8 +24,8 @@ BLOCK_BYTES = 4 << 20  # ... or fewer, so that a block of large rows stays small
 # largest block Ray Data makes of them: read_raw sets its target_max_block_size to this)
 READ_BYTES = 1 << 20  # piece size when scanning a file (or skipping an over-large row)
 DEFAULT_MAX_ROW_BYTES = 1 << 20  # data.max_row_bytes' default, for callers without a config
-READ_TASK_CPUS: float | None = 0.0  # CPUs a file's read task holds; see read_concurrency
-CPUS_PER_READ: float | None = 8.0  # cluster CPUs per concurrent read task (at least one runs)
+READ_TASK_CPUS: float | None = None  # CPUs a read task holds (None: Ray Data's 1); see
+CPUS_PER_READ: float | None = None  # read_concurrency: cluster CPUs per concurrent read task
 MAX_DEPTH = 100  # deepest JSON nesting accepted in a row; real rows nest 3-4 levels
 BOM = b"\xef\xbb\xbf"
 
@@ -631,14 +631,17 @@ def check_allowed_roots(source: str, key: str, roots: list[str] | None) -> None:
 
 def read_concurrency(n_files: int, cluster_cpus: float | None = None) -> int | None:
     """How many files' read tasks run at once: one per CPUS_PER_READ of the cluster's CPUs, at
-    least one, at most one per file (None: Ray Data's default, as many as its budget allows).
+    least one, at most one per file; None (the default): Ray Data's own choice.
 
-    Parsing is a small share of a row's work (ingest: ~1/20th; the normalizing map tasks do
-    the rest), so the read tasks hold no CPU slot (READ_TASK_CPUS): Ray Data gives every slot
-    to the map tasks from the first part on, and a read task paused by backpressure (its
-    blocks not yet consumed) keeps no core idle. Held to no slot, their number is capped here
-    instead of by the CPUs; a cap that grows with the cluster keeps the reads of many files
-    spread over its nodes (Ray Data schedules read tasks SPREAD)."""
+    An option, off by default because it measured slower. With READ_TASK_CPUS=0 the read
+    tasks hold no CPU slot, so every slot goes to the normalizing tasks from the first part
+    on and a read paused by backpressure (see ingest.backlog_limit) keeps no core idle; held to
+    no slot, their number must be capped here instead (growing with the cluster, so reads of
+    many files still spread over its nodes: Ray Data schedules read tasks SPREAD). On the
+    2-core machine (262,144 JSONL rows, benchmarks/ingest_probe.py, same run) the ingest stage
+    took 81.7 s that way against 77.9 s with Ray Data's 1-CPU read tasks: parsing is only ~5%
+    of the work (7 task-seconds of 142) and a third busy process on two cores slowed the
+    normalizing tasks more than the earlier start gained."""
     if CPUS_PER_READ is None:
         return None
     if cluster_cpus is None:

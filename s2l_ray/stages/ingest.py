@@ -197,8 +197,8 @@ def _mark_losers(batch: Any, losers: dict[tuple[str, int], str]) -> Any:
 
 
 ROWS_PER_PART = 16384  # rows normalized and written per task: bounds a worker's memory
-BACKLOG_BYTES_PER_CPU: int | None = 64 << 20  # object store for raw rows, per cluster CPU ...
-BACKLOG_MIN_BYTES = 256 << 20  # ... and at least this (None above: Ray Data's default budget)
+BACKLOG_BYTES_PER_CPU: int | None = None  # object store cap per cluster CPU (None: Ray
+BACKLOG_MIN_BYTES = 256 << 20  # Data's budget, the default) ... and at least this; see below
 NORMALIZE_BATCH = 1024  # rows per tokenizer call inside a part
 
 
@@ -344,14 +344,17 @@ def origin_order(source: str, split: str) -> dict[str, int]:
 
 
 def backlog_limit(cluster_cpus: float | None = None) -> int | None:
-    """The object store bytes this stage's Ray Data pipeline may hold (None: Ray Data's default,
-    half the object store): BACKLOG_BYTES_PER_CPU per cluster CPU, at least BACKLOG_MIN_BYTES.
+    """The object store bytes this stage's Ray Data pipeline may hold: BACKLOG_BYTES_PER_CPU per
+    cluster CPU, at least BACKLOG_MIN_BYTES; None (the default): Ray Data's budget, half the
+    object store.
 
-    Parsing is far cheaper than normalizing, so without a cap the read tasks run ahead until
-    Ray Data's budget (GiBs) is full: at 1M rows every raw block sat in the object store, and
-    the shared pages counted in the workers' memory. With it, Ray Data's backpressure pauses
-    the reads once a few parts per CPU wait, so the raw rows held scale with the cluster, not
-    with the data set."""
+    Parsing is far cheaper than normalizing, so without a cap the read tasks run ahead and the
+    raw blocks of the whole input wait in the object store (262,144 JSONL rows: 168 MB at the
+    peak, drained part by part; the shared pages count in the workers' RSS). A cap bounds that
+    (84 MB there), but only with read tasks that hold no CPU slot (readers.READ_TASK_CPUS=0):
+    a 1-CPU read task paused by backpressure would keep a core idle. Off by default, because
+    that pairing measured slower on the 2-core machine (83.7 s against 77.9 s, same run; see
+    benchmarks/results/ingest_throughput_cpu.md)."""
     if BACKLOG_BYTES_PER_CPU is None:
         return None
     if cluster_cpus is None:

@@ -204,6 +204,7 @@ def test_progress_counts_parts_as_written(tmp_path: Path, ray_local, tiny_ref: s
     assert small == every and len(every) == total
 
 
+@pytest.mark.slow
 def test_backlog_cap_below_a_block_same_parts(tmp_path: Path, ray_local, tiny_ref: str,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """An object-store cap for the raw rows smaller than one block (Ray Data's backpressure
@@ -239,6 +240,7 @@ def test_backlog_cap_below_a_block_same_parts(tmp_path: Path, ray_local, tiny_re
     monkeypatch.setattr(ingest, "BACKLOG_BYTES_PER_CPU", 1)
     monkeypatch.setattr(ingest, "BACKLOG_MIN_BYTES", 64 << 10)  # a block is ~0.4 MiB
     monkeypatch.setattr(readers, "CPUS_PER_READ", 1.0)  # 2 CPUs: two files read at once
+    monkeypatch.setattr(readers, "READ_TASK_CPUS", 0.0)  # paused reads hold no CPU slot
     assert ingest.backlog_limit() == 64 << 10 and readers.read_concurrency(n_files) == 2
     capped, _ = run("capped")
     assert capped == default and capped["rows"] == n_files * per_file
