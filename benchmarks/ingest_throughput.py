@@ -104,7 +104,7 @@ def run_stage(data: Path, out: Path, tokenizer: str) -> dict[str, Any]:
                              "data.format=mathinstruct", "data.template=alpaca",
                              "data.max_length=512", f"reference.model={tokenizer}",
                              "run.progress_seconds=30"])
-    with PeakRSS() as mem:
+    with PeakRSS(object_store=True) as mem:
         t0 = time.perf_counter()
         rep = run_stage(cfg, "ingest").report()
         wall = time.perf_counter() - t0
@@ -112,7 +112,9 @@ def run_stage(data: Path, out: Path, tokenizer: str) -> dict[str, Any]:
     return {"rows": rep["rows"], "valid": rep["valid"], "rejected": rep["rejected"],
             "tokens": rep["tokens"], "seconds": wall, "rows_per_s": rep["rows"] / wall,
             "tokens_per_s": rep["tokens"] / wall, "driver_peak_mb": mem.driver / 2**20,
-            "worker_peak_mb": max(mem.workers.values(), default=0) / 2**20}
+            "worker_peak_mb": mem.worker_peak_mb(),
+            "worker_private_peak_mb": mem.worker_private_peak_mb(),
+            "store_peak_mb": mem.store / 2**20}
 
 
 def baseline(data: Path, fmt: str, tokenizer: str, cache: Path) -> dict[str, Any]:
@@ -203,12 +205,15 @@ def table(rows: list[dict[str, Any]], cpus: int) -> str:
         "baseline is one process. Tokenizer: the offline `tiny:nano` BPE; data.max_length=512, "
         "template alpaca, format mathinstruct. Rows: MathInstruct-shaped (seeded random words, "
         f"{SHARDS} files, {DUP_FRACTION:.1%} repeated rows). Peak RSS: sampled every 0.1 s "
-        "(stage) / ru_maxrss (baseline, its own process).", "",
+        "(stage) / ru_maxrss (baseline, its own process). A worker's RSS counts the "
+        "object-store pages it touched (shared memory, held once by the store): its private "
+        "peak is RSS minus shared pages; the object store peak is sampled every 1 s.", "",
         "| rows | format | stage s | stage rows/s | stage tokens/s | driver peak MB | "
-        "worker peak MB | datasets s | datasets rows/s | datasets cores used | "
-        "datasets peak MB | rows/s ratio | per-core ratio |",
+        "worker peak MB | worker private peak MB | object store peak MB | datasets s | "
+        "datasets rows/s | datasets cores used | datasets peak MB | rows/s ratio | "
+        "per-core ratio |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| ---: |"]
+        "| ---: | ---: | ---: |"]
     for r in sorted(rows, key=lambda r: (r["n"], r["fmt"])):
         s, b, n_cpus = r["stage"], r["base"], r["cpus"]
         base = "- | - | - | - | - | -"
@@ -218,10 +223,12 @@ def table(rows: list[dict[str, Any]], cpus: int) -> str:
                     f"{b['peak_mb']:,.0f} | {s['rows_per_s'] / b['rows_per_s']:.2f}x | "
                     f"{per_core:.2f}x")
         mark = " (b)" if r.get("base_earlier") else ""
+        extra = " | ".join(f"{s[k]:,.0f}" if s.get(k) else "-"
+                           for k in ("worker_private_peak_mb", "store_peak_mb"))
         lines.append(
             f"| {r['n']:,} | {r['fmt']}{mark} | {s['seconds']:.1f} | {s['rows_per_s']:,.0f} | "
             f"{s['tokens_per_s']:,.0f} | {s['driver_peak_mb']:,.0f} | "
-            f"{s['worker_peak_mb']:,.0f} | {base} |")
+            f"{s['worker_peak_mb']:,.0f} | {extra} | {base} |")
     lines += ["", "rows/s ratio = stage rows/s / datasets rows/s, both on the whole machine. "
               "per-core ratio = (stage rows/s / its CPUs) / (datasets rows/s / the cores it "
               "used: its process's CPU seconds over its wall time; the fast tokenizer encodes "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ BLOCK_BYTES = 4 << 20  # ... or fewer, so that a block of large rows stays small
 # largest block Ray Data makes of them: read_raw sets its target_max_block_size to this)
 READ_BYTES = 1 << 20  # piece size when scanning a file (or skipping an over-large row)
 DEFAULT_MAX_ROW_BYTES = 1 << 20  # data.max_row_bytes' default, for callers without a config
+READ_TASK_CPUS: float | None = None  # CPUs a read task holds (None: Ray Data's 1); see
+CPUS_PER_READ: float | None = None  # read_concurrency: cluster CPUs per concurrent read task
 MAX_DEPTH = 100  # deepest JSON nesting accepted in a row; real rows nest 3-4 levels
 BOM = b"\xef\xbb\xbf"
 
@@ -626,6 +629,29 @@ def check_allowed_roots(source: str, key: str, roots: list[str] | None) -> None:
                 "data.allowed_roots")
 
 
+def read_concurrency(n_files: int, cluster_cpus: float | None = None) -> int | None:
+    """How many files' read tasks run at once: one per CPUS_PER_READ of the cluster's CPUs, at
+    least one, at most one per file; None (the default): Ray Data's own choice.
+
+    An option, off by default because it measured slower. With READ_TASK_CPUS=0 the read
+    tasks hold no CPU slot, so every slot goes to the normalizing tasks from the first part
+    on and a read paused by backpressure (see ingest.backlog_limit) keeps no core idle; held to
+    no slot, their number must be capped here instead (growing with the cluster, so reads of
+    many files still spread over its nodes: Ray Data schedules read tasks SPREAD). On the
+    2-core machine (262,144 JSONL rows, benchmarks/ingest_probe.py, same run) the ingest stage
+    took 81.7 s that way against 77.9 s with Ray Data's 1-CPU read tasks: parsing is only ~5%
+    of the work (7 task-seconds of 142) and a third busy process on two cores slowed the
+    normalizing tasks more than the earlier start gained."""
+    if CPUS_PER_READ is None:
+        return None
+    if cluster_cpus is None:
+        import ray
+
+        cluster_cpus = (ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized()
+                        else float(os.cpu_count() or 1))
+    return max(1, min(n_files, math.ceil(cluster_cpus / CPUS_PER_READ)))
+
+
 def read_raw(source: str, split: str = "train",
              max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Any:
     """A Ray Dataset of raw rows (origin_file, origin_row, raw JSON | reject) for any source.
@@ -651,7 +677,8 @@ def read_raw(source: str, split: str = "train",
             fn_kwargs={"origin": f"{source}:{split}", "max_row_bytes": max_row_bytes})
     files = list_files(source)
     ds = ray.data.read_datasource(_file_rows(files, max_row_bytes),
-                                  override_num_blocks=len(files))
+                                  override_num_blocks=len(files), num_cpus=READ_TASK_CPUS,
+                                  concurrency=read_concurrency(len(files)))
     # Ray Data merges a task's output blocks up to target_max_block_size (128 MiB by default):
     # a whole file of raw rows in one block, hence in one task of the next map, whatever its
     # batch size. Blocks of a few MiB let that map cut the rows into its own batches.

@@ -197,6 +197,8 @@ def _mark_losers(batch: Any, losers: dict[tuple[str, int], str]) -> Any:
 
 
 ROWS_PER_PART = 16384  # rows normalized and written per task: bounds a worker's memory
+BACKLOG_BYTES_PER_CPU: int | None = None  # object store cap per cluster CPU (None: Ray
+BACKLOG_MIN_BYTES = 256 << 20  # Data's budget, the default) ... and at least this; see below
 NORMALIZE_BATCH = 1024  # rows per tokenizer call inside a part
 
 
@@ -341,6 +343,27 @@ def origin_order(source: str, split: str) -> dict[str, int]:
     return {f: i for i, f in enumerate(list_files(source))}
 
 
+def backlog_limit(cluster_cpus: float | None = None) -> int | None:
+    """The object store bytes this stage's Ray Data pipeline may hold: BACKLOG_BYTES_PER_CPU per
+    cluster CPU, at least BACKLOG_MIN_BYTES; None (the default): Ray Data's budget, half the
+    object store.
+
+    Parsing is far cheaper than normalizing, so without a cap the read tasks run ahead and the
+    raw blocks of the whole input wait in the object store (262,144 JSONL rows: 168 MB at the
+    peak, drained part by part; the shared pages count in the workers' RSS). A cap bounds that
+    (84 MB there), but only with read tasks that hold no CPU slot (readers.READ_TASK_CPUS=0):
+    a 1-CPU read task paused by backpressure would keep a core idle. Off by default, because
+    that pairing measured slower on the 2-core machine (83.7 s against 77.9 s, same run; see
+    benchmarks/results/ingest_throughput_cpu.md)."""
+    if BACKLOG_BYTES_PER_CPU is None:
+        return None
+    if cluster_cpus is None:
+        import ray
+
+        cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
+    return max(BACKLOG_MIN_BYTES, int(cluster_cpus * BACKLOG_BYTES_PER_CPU))
+
+
 def normalize_to_parts(cfg: S2LConfig, source: str, tok_path: str, out: Path,
                        rows_per_part: int = ROWS_PER_PART
                        ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -365,7 +388,11 @@ def normalize_to_parts(cfg: S2LConfig, source: str, tok_path: str, out: Path,
     raw = read_raw(source, cfg.data.split, cfg.data.max_row_bytes)
     # Blocks reach the parts in input order, so each part holds consecutive rows and the parts
     # are cut at the same rows on every run (the bundling is by row counts alone).
-    raw.context.execution_options.preserve_order = True
+    opts = raw.context.execution_options
+    opts.preserve_order = True
+    limit = backlog_limit()
+    if limit is not None:
+        opts.resource_limits = opts.resource_limits.copy(object_store_memory=limit)
     ds = raw.map_batches(
         normalize_part, batch_format="pyarrow", batch_size=rows_per_part,
         fn_kwargs={"out_dir": str(out), "origins": origin_order(source, cfg.data.split),

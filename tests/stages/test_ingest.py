@@ -202,3 +202,53 @@ def test_progress_counts_parts_as_written(tmp_path: Path, ray_local, tiny_ref: s
     (n_small, small), (n_whole, every) = rows("small"), rows("whole")
     assert (n_small, n_whole) == (total // 200, 1)  # a file's rows: one block, two parts
     assert small == every and len(every) == total
+
+
+@pytest.mark.slow
+def test_backlog_cap_below_a_block_same_parts(tmp_path: Path, ray_local, tiny_ref: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """An object-store cap for the raw rows smaller than one block (Ray Data's backpressure
+    then pauses the read tasks mid-file) with two files read at once (the later file's blocks
+    wait behind the earlier one's: the parts are cut in input order) still finishes, with the
+    very parts, rows and counts of a run under the default cap."""
+    import threading
+
+    from s2l_ray.io import readers
+    from s2l_ray.stages import ingest
+    from s2l_ray.stages.ingest import normalize_to_parts
+
+    d = tmp_path / "d"
+    d.mkdir()
+    n_files, per_file = 3, 9000  # > readers.CHUNK rows: each file streams as 3 blocks
+    for k in range(n_files):
+        (d / f"p{k}.jsonl").write_text("\n".join(json.dumps(
+            {"instruction": f"What is {i} plus {k}?", "output": f"It is {i + k}."})
+            for i in range(per_file)))
+    cfg = make_cfg(tmp_path, tiny_ref, f"data.source={d}")
+    tok = cfg.reference.model
+
+    def run(out: str) -> tuple[dict, dict]:
+        got: list = []
+        t = threading.Thread(target=lambda: got.append(normalize_to_parts(
+            cfg, str(d), tok, tmp_path / out, rows_per_part=2000)), daemon=True)
+        t.start()
+        t.join(timeout=240)
+        assert got, f"{out}: ingest did not finish (a stalled pipeline?)"
+        return got[0]
+
+    default, _ = run("default")
+    monkeypatch.setattr(ingest, "BACKLOG_BYTES_PER_CPU", 1)
+    monkeypatch.setattr(ingest, "BACKLOG_MIN_BYTES", 64 << 10)  # a block is ~0.4 MiB
+    monkeypatch.setattr(readers, "CPUS_PER_READ", 1.0)  # 2 CPUs: two files read at once
+    monkeypatch.setattr(readers, "READ_TASK_CPUS", 0.0)  # paused reads hold no CPU slot
+    assert ingest.backlog_limit() == 64 << 10 and readers.read_concurrency(n_files) == 2
+    capped, _ = run("capped")
+    assert capped == default and capped["rows"] == n_files * per_file
+
+    def parts(out: str) -> list[tuple[str, list[dict]]]:
+        return [(p.name, pq.read_table(p, columns=["origin_file", "origin_row", "id",
+                                                   "input_ids"]).to_pylist())
+                for p in sorted((tmp_path / out / "examples").glob("part-*.parquet"))]
+
+    assert parts("capped") == parts("default")
+    assert len(parts("default")) > n_files  # several parts per file, each over the cap
