@@ -27,10 +27,6 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # tiny trainings take ~2.4 s a step. Every Ray these tests start (in-process, `ray start`, the
 # pipelines run as subprocesses) inherits this environment.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-# Ray Train v2 starts one more actor (a new Python process) per worker-group start to watch for
-# node preemption, which only spot-instance clusters have; the tests start ~30 worker groups on
-# 2 cores and lose no preemption to watch on a local Ray.
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def _has_cuda() -> bool:
