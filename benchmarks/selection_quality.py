@@ -137,6 +137,9 @@ def goal_table(rows: list[dict[str, Any]], s2l_methods: list[str]) -> str:
         v = [r["macro_em"] for r in rows if r["method"] == method and r["size"] == size]
         return (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0) if v else None
 
+    def fmt(x: float | None, spec: str = ".3f") -> str:  # a missing control reads n/a
+        return "n/a" if x is None or x != x else format(x, spec)
+
     full = [r["macro_em"] for r in rows if r["method"] == "full"]
     full_m = float(np.mean(full)) if full else float("nan")
     lines = ["| budget | S2L variant | S2L | random | source_balanced | spread | beats both by "
@@ -151,9 +154,6 @@ def goal_table(rows: list[dict[str, Any]], s2l_methods: list[str]) -> str:
             others = [o for o in (rnd, sb) if o is not None]
             spread = max([s[1]] + [o[1] for o in others])
             ok = all(s[0] - o[0] > spread for o in others) if others else None
-            def fmt(x: float | None, spec: str = ".3f") -> str:
-                return "n/a" if x is None or x != x else format(x, spec)
-
             lines.append(
                 f"| {budget} | {m} | {s[0]:.3f} | {fmt(rnd[0] if rnd else None)} | "
                 f"{fmt(sb[0] if sb else None)} | {spread:.3f} | "
