@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,51 +26,33 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 log = logging.getLogger("ingest_probe")
 
+from benchmarks.memwatch import Sampling, store_bytes  # noqa: E402
 
-class Sampler:
+
+class Sampler(Sampling):
+    """Every `every` s, a snapshot: the driver's RSS and each Ray worker's (name, RSS, shared,
+    USS; USS every 4th snapshot, it is slow to read), and every 4th one the object store's MB."""
+
     def __init__(self, every: float = 0.25) -> None:
-        import psutil
-
-        self.me = psutil.Process()
-        self.every = every
+        super().__init__(every)
         self.rows: list[dict[str, Any]] = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._loop, daemon=True)
         self.t0 = time.perf_counter()
 
-    def _plasma(self) -> float:
-        from benchmarks.memwatch import store_bytes
-
-        return store_bytes() / 2**20
-
-    def _loop(self) -> None:
+    def sample(self) -> None:
         import psutil
 
-        n = 0
-        while not self._stop.is_set():
-            snap: dict[str, Any] = {"t": time.perf_counter() - self.t0,
-                                    "driver": self.me.memory_info().rss / 2**20, "w": {}}
-            for p in self.me.children(recursive=True):
-                try:
-                    if p.name().startswith("ray::"):
-                        mi = p.memory_info()
-                        uss = p.memory_full_info().uss / 2**20 if n % 4 == 0 else 0.0
-                        snap["w"][p.pid] = (p.name(), mi.rss / 2**20, mi.shared / 2**20, uss)
-                except psutil.Error:
-                    continue
-            if n % 4 == 0:
-                snap["plasma"] = self._plasma()
-            self.rows.append(snap)
-            n += 1
-            time.sleep(self.every)
-
-    def __enter__(self) -> Sampler:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
+        n = len(self.rows)
+        snap: dict[str, Any] = {"t": time.perf_counter() - self.t0,
+                                "driver": self.me.memory_info().rss / 2**20, "w": {}}
+        for p, mi in self.ray_workers():
+            try:
+                uss = p.memory_full_info().uss / 2**20 if n % 4 == 0 else 0.0
+                snap["w"][p.pid] = (p.name(), mi.rss / 2**20, mi.shared / 2**20, uss)
+            except psutil.Error:  # gone since it was listed
+                continue
+        if n % 4 == 0:
+            snap["plasma"] = store_bytes() / 2**20
+        self.rows.append(snap)
 
 
 def timeline(t_start_wall: float) -> list[dict[str, Any]]:
