@@ -1,13 +1,13 @@
 """Probe: where the ingest stage's time and worker memory go (a diagnostic, not a benchmark).
 
-Runs the ingest stage once per variant, each on a fresh local Ray (2 CPUs), and samples every
-0.25 s: each Ray worker's RSS split into private (RSS - shared) and shared pages (object-store
-pages a worker has touched count in its RSS), and the object store's use (plasma bytes). From
-Ray's task timeline it tells when each read and normalize task ran, how many ran at once, and
-the rows delivered over time.
+Runs the ingest stage once per variant (rows per range, see VARIANTS), each on a fresh local
+Ray (2 CPUs), and samples every 0.25 s: each Ray worker's RSS split into private (RSS - shared)
+and shared pages (object-store pages a worker has touched count in its RSS), and the object
+store's use (plasma bytes). From Ray's task timeline it tells when each task ran (a file range's
+read task parses and normalizes it), how many ran at once, and the rows delivered over time.
 
     python benchmarks/ingest_probe.py --data /tmp/s2l_ingest_bench/data/jsonl_262144 \
-        --variants before,capped
+        --variants ranges,ranges4k
 """
 
 from __future__ import annotations
@@ -77,29 +77,21 @@ def timeline(t_start_wall: float) -> list[dict[str, Any]]:
     return out
 
 
-# module settings per variant: (readers.READ_TASK_CPUS, readers.CPUS_PER_READ,
-# ingest.BACKLOG_BYTES_PER_CPU, ingest.BACKLOG_MIN_BYTES)
-VARIANTS: dict[str, tuple[Any, ...]] = {
-    "before": (None, None, None, 256 << 20),  # Ray Data's defaults: 1 CPU per read task
-    "free_reads": (0.0, 8.0, None, 256 << 20),  # reads hold no CPU, one at a time per 8 CPUs
-    "capped": (0.0, 8.0, 64 << 20, 256 << 20),  # ... and the object store capped (default)
-    "capped_small": (0.0, 8.0, 16 << 20, 32 << 20),  # ... capped at 32 MiB
-    "cpu_reads_capped": (None, None, 64 << 20, 256 << 20),  # 1-CPU reads, capped
-    "capped_tok1": (0.0, 8.0, 64 << 20, 256 << 20),  # capped, tokenizer on one thread
-}
+# rows per range (one task's work, ingest.ROWS_PER_PART) per variant; `_tok1`: the tokenizer on
+# one thread (TOKENIZERS_PARALLELISM=false in the workers)
+VARIANTS: dict[str, int] = {"ranges": 8192, "ranges4k": 4096, "ranges16k": 16384,
+                            "ranges_tok1": 8192}
 
 
 def run_variant(name: str, data: Path, work: Path, tok: str, cpus: int) -> dict[str, Any]:
     import ray
 
     from s2l_ray.config import load_config
-    from s2l_ray.io import readers
     from s2l_ray.runtime import init_ray
     from s2l_ray.stages import ingest
     from s2l_ray.stages.registry import run_stage
 
-    (readers.READ_TASK_CPUS, readers.CPUS_PER_READ, ingest.BACKLOG_BYTES_PER_CPU,
-     ingest.BACKLOG_MIN_BYTES) = VARIANTS[name]
+    ingest.ROWS_PER_PART = VARIANTS[name]
     # workers inherit the environment of the local Ray this process starts
     os.environ.pop("TOKENIZERS_PARALLELISM", None)
     if name.endswith("_tok1"):
@@ -130,7 +122,7 @@ def run_variant(name: str, data: Path, work: Path, tok: str, cpus: int) -> dict[
             p["shared"], p["uss"] = max(p["shared"], sh), max(p["uss"], uss)
     plasma = [(round(x["t"]), x["plasma"]) for x in s.rows if x.get("plasma") is not None]
     kinds: dict[str, list[dict[str, Any]]] = {}
-    for e in tl:
+    for e in tl:  # file ranges: a read task parses and normalizes; an HF data set: a map does
         kinds.setdefault("read" if "Read" in e["name"] else "normalize", []).append(e)
     summary = {k: {"n": len(v), "first_start": min(e["start"] for e in v),
                    "last_end": max(e["end"] for e in v),
@@ -154,7 +146,7 @@ def run_variant(name: str, data: Path, work: Path, tok: str, cpus: int) -> dict[
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
-    ap.add_argument("--variants", default="before,capped")
+    ap.add_argument("--variants", default="ranges", help=f"comma-separated: {', '.join(VARIANTS)}")
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--tokenizer", default="/tmp/s2l_ingest_bench/models/tiny-nano-68bce3b6e4")
     ap.add_argument("--work", default="/tmp/h14c_probe")

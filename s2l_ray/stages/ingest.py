@@ -306,8 +306,10 @@ def _drop_losers(out_dir: str, name: str, losers: dict[tuple[str, int], str]) ->
     kept, lost = ex.filter(valid), ex.filter(pc.invert(valid))
     rej_path = out / "rejects" / name
     old = pq.read_table(str(rej_path)) if rej_path.is_file() else None
-    _write(pa.concat_tables([t for t in (old, _columns(lost, REJECT_COLUMNS)) if t is not None]),
-           rej_path)
+    # in row order (a part holds one file's rows), as if the duplicates had been rejected
+    # where they were read: the same rows in the same order whatever the part boundaries
+    _write(pa.concat_tables([t for t in (old, _columns(lost, REJECT_COLUMNS)) if t is not None])
+           .sort_by("origin_row"), rej_path)
     if kept.num_rows:
         _write(_columns(kept, EXAMPLE_COLUMNS), out / "examples" / name)
     else:
@@ -442,7 +444,7 @@ def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
                               n_test_per_source=d.n_test_per_source, seed=d.seed)
         source = paths["train"]
     tok_path = resolve_model(tokenizer_spec(cfg), cfg)
-    stats, speed = normalize_to_parts(cfg, source, tok_path, tmp)
+    stats, speed = normalize_to_parts(cfg, source, tok_path, tmp, ROWS_PER_PART)
     if stats["valid"] == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         if stats["rows"] == 0:
