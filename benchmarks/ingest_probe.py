@@ -4,7 +4,7 @@ Runs the ingest stage once per variant (rows per range, see VARIANTS), each on a
 Ray (2 CPUs), and samples every 0.25 s: each Ray worker's RSS split into private (RSS - shared)
 and shared pages (object-store pages a worker has touched count in its RSS), and the object
 store's use (plasma bytes). From Ray's task timeline it tells when each task ran (a file range's
-read task parses and normalizes it), how many ran at once, and the rows delivered over time.
+task parses and normalizes it), how many ran at once, and the rows delivered over time.
 
     python benchmarks/ingest_probe.py --data /tmp/s2l_ingest_bench/data/jsonl_262144 \
         --variants ranges,ranges4k
@@ -70,7 +70,7 @@ def timeline(t_start_wall: float) -> list[dict[str, Any]]:
         name = t.name or ""
         if not t.start_time_ms or not t.end_time_ms:
             continue
-        if not any(k in name for k in ("Read", "MapBatches", "normalize")):
+        if not any(k in name for k in ("Read", "MapBatches", "normalize", "_range_task")):
             continue
         out.append({"name": name, "start": t.start_time_ms / 1e3 - t_start_wall,
                     "end": t.end_time_ms / 1e3 - t_start_wall, "pid": t.worker_pid})
@@ -122,8 +122,10 @@ def run_variant(name: str, data: Path, work: Path, tok: str, cpus: int) -> dict[
             p["shared"], p["uss"] = max(p["shared"], sh), max(p["uss"], uss)
     plasma = [(round(x["t"]), x["plasma"]) for x in s.rows if x.get("plasma") is not None]
     kinds: dict[str, list[dict[str, Any]]] = {}
-    for e in tl:  # file ranges: a read task parses and normalizes; an HF data set: a map does
-        kinds.setdefault("read" if "Read" in e["name"] else "normalize", []).append(e)
+    for e in tl:  # a file range's task parses and normalizes; an HF data set: read, then map
+        kind = ("range" if "_range_task" in e["name"] else "read" if "Read" in e["name"]
+                else "normalize")
+        kinds.setdefault(kind, []).append(e)
     summary = {k: {"n": len(v), "first_start": min(e["start"] for e in v),
                    "last_end": max(e["end"] for e in v),
                    "busy_s": sum(e["end"] - e["start"] for e in v)} for k, v in kinds.items()}
