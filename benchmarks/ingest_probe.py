@@ -128,7 +128,8 @@ def run_variant(name: str, data: Path, work: Path, tok: str, cpus: int) -> dict[
         kinds.setdefault(kind, []).append(e)
     summary = {k: {"n": len(v), "first_start": min(e["start"] for e in v),
                    "last_end": max(e["end"] for e in v),
-                   "busy_s": sum(e["end"] - e["start"] for e in v)} for k, v in kinds.items()}
+                   "busy_s": sum(e["end"] - e["start"] for e in v),
+                   "processes": len({e["pid"] for e in v})} for k, v in kinds.items()}
     # tasks running at once, per 5 s bin (seconds of task time in the bin / 5)
     bins = []
     for b in range(0, int(wall) + 5, 5):
