@@ -240,13 +240,19 @@ def table(rows: list[dict[str, Any]], cpus: int) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", default="262144,1000000")
-    ap.add_argument("--formats", default="jsonl,parquet")
-    ap.add_argument("--cpus", type=int, default=2)
-    ap.add_argument("--tokenizer", default="tiny:nano")
-    ap.add_argument("--work", default="/tmp/s2l_ingest_bench")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/ingest_throughput_cpu.md"))
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="262144,1000000",
+                    help="row counts to generate and ingest, comma-separated (default: "
+                         "MathInstruct's 262k and 1M)")
+    ap.add_argument("--formats", default="jsonl,parquet", help="input file formats to measure")
+    ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray the stage runs on")
+    ap.add_argument("--tokenizer", default="tiny:nano",
+                    help="model spec whose tokenizer both sides use (tiny:* builds offline)")
+    ap.add_argument("--work", default="/tmp/s2l_ingest_bench",
+                    help="scratch folder: generated data, stage outputs, saved results")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/ingest_throughput_cpu.md"),
+                    help="markdown table to write")
     ap.add_argument("--baseline-max", type=int, default=10**9,
                     help="run the datasets baseline only for sizes up to this")
     ap.add_argument("--keep", action="store_true",

@@ -4,7 +4,13 @@ cluster (run.ray_address=auto, resolved through the RAY_ADDRESS that the job ser
 writes its outputs; without the token in front the same command is refused. The head runs in
 its own processes with its own ports and temp dir, so the session's in-process `ray_local` is
 untouched; it is ended by its temp dir (not `ray stop`, which would end every Ray on the
-machine)."""
+machine).
+
+The job resumes a run whose first stages are done: the session's `upstream` (ingest, train-ref,
+trajectories of the small run) copied into its output folder, as after a run stopped there. So
+what runs on the joined cluster is what is left: cluster (Ray actors), select, a one-trial sweep
+(Ray Tune + Ray Train) and the report; the three reused stages run on a joined cluster in
+tests/e2e/test_fault_tolerance.py (trajectories) and here inside the sweep (Ray Train)."""
 
 from __future__ import annotations
 
@@ -23,7 +29,9 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
+from s2l_ray.config import dump_config, load_config
 from s2l_ray.core.selection import resolve_budget
+from tests.conftest import UPSTREAM, copy_upstream, overrides
 from tests.ray_procs import (
     REPO,
     clean_env,
@@ -77,25 +85,19 @@ def readme_submit_command() -> str:
 # The README's placeholders and what this test puts there: its head's job server, its token
 # (never the machine's own ~/.ray, which other Rays use), and a tiny config.
 PLACEHOLDERS = ("http://127.0.0.1:8265", "~/.ray/auth_token", "my.yaml")
-MY_YAML = """\
-run: {output_dir: OUT}
-demo: {n_train: 160, n_test_per_source: 1}  # what is tested is the job, not the data
-data: {template: plain, max_length: 128}
-reference: {model: "tiny:nano", epochs: 1, max_steps: 4, num_checkpoints: 3}
-cluster: {k: 5}
-select: {budget: 0.2}
-target: {model: "tiny:nano", epochs: 1, max_steps: 2, num_checkpoints: 1, batch_size: 8,
-         grad_accum: 1}
-sweep: {methods: [s2l], budgets: [32], seeds: [0]}  # a count (the demo run has fractions)
-eval: {max_examples: 6, max_new_tokens: 8}
-"""
+# Beyond the small run's sizes (tests/conftest.py SMALL_RUN, as `upstream` used them): what is
+# tested is the job, not the data.
+MY_KEYS = ("cluster.k=5", "select.budget=0.2", "target.max_steps=2", "eval.max_examples=6",
+           "eval.max_new_tokens=8", "sweep.methods=[s2l]", "sweep.budgets=[32]",
+           "sweep.seeds=[0]")  # a count (the demo run has fractions)
 
 
-def test_readme_cluster_command_runs_the_pipeline(ray_head: dict[str, Any],
-                                                  tmp_path: Path) -> None:
-    out = tmp_path / "out"
+def test_readme_cluster_command_runs_the_pipeline(ray_head: dict[str, Any], tmp_path: Path,
+                                                  upstream: Path, tiny_ref: str) -> None:
+    out = copy_upstream(upstream, tmp_path / "out")
+    reused = {name: (out / name / "_SUCCESS.json").read_text() for name in UPSTREAM}
     my_yaml = tmp_path / "my.yaml"
-    my_yaml.write_text(MY_YAML.replace("OUT", str(out)))
+    dump_config(load_config(None, overrides(out, tiny_ref, *MY_KEYS)), my_yaml)
     command = readme_submit_command()
     assert command.startswith("RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=~/.ray/auth_token ")
     for p in PLACEHOLDERS:
@@ -114,7 +116,7 @@ def test_readme_cluster_command_runs_the_pipeline(ray_head: dict[str, Any],
     assert refused.returncode != 0
     assert re.search(r"[Aa]uthentication", refused.stdout + refused.stderr), \
         (refused.stdout + refused.stderr)[-3000:]
-    assert not out.exists()
+    assert not (out / "cluster").exists()
 
     t0 = time.time()
     try:
@@ -131,6 +133,8 @@ def test_readme_cluster_command_runs_the_pipeline(ray_head: dict[str, Any],
     assert re.search(rf"Connecting to existing Ray cluster at address: [\w.-]+:"
                      rf"{ray_head['gcs_port']}\b", output), output[-4000:]
     assert "starting a local Ray" not in output
+    # the finished stages were taken as they were, the rest ran in the job
+    assert {name: (out / name / "_SUCCESS.json").read_text() for name in UPSTREAM} == reused
     marker = json.loads((out / "select" / "_SUCCESS.json").read_text())
     assert marker["stage"] == "select"
     lines = (out / "select" / "selected.jsonl").read_text().splitlines()
