@@ -305,11 +305,16 @@ def range_summaries(ranges: list[FileRange], rows_per_part: int, max_row_bytes: 
     limit = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     running = [task.remote(r, rows_per_part, max_row_bytes, shared)
                for r in itertools.islice(todo, limit)]
-    while running:
-        done, running = ray.wait(running, num_returns=1)
-        running += [task.remote(r, rows_per_part, max_row_bytes, shared)
-                    for r in itertools.islice(todo, 1)]
-        yield from ray.get(done[0])
+    try:
+        while running:
+            done, running = ray.wait(running, num_returns=1)
+            running += [task.remote(r, rows_per_part, max_row_bytes, shared)
+                        for r in itertools.islice(todo, 1)]
+            yield from ray.get(done[0])
+    except BaseException:  # a task failed (or the caller stopped): the others write no more
+        for ref in running:
+            ray.cancel(ref)
+        raise
 
 
 def _part_candidates(path: str, hashes: frozenset[int]) -> list[dict[str, Any]]:
