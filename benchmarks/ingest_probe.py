@@ -1,13 +1,13 @@
 """Probe: where the ingest stage's time and worker memory go (a diagnostic, not a benchmark).
 
-Runs the ingest stage once per variant, each on a fresh local Ray (2 CPUs), and samples every
-0.25 s: each Ray worker's RSS split into private (RSS - shared) and shared pages (object-store
-pages a worker has touched count in its RSS), and the object store's use (plasma bytes). From
-Ray's task timeline it tells when each read and normalize task ran, how many ran at once, and
-the rows delivered over time.
+Runs the ingest stage once per variant (rows per range, see VARIANTS), each on a fresh local
+Ray (2 CPUs), and samples every 0.25 s: each Ray worker's RSS split into private (RSS - shared)
+and shared pages (object-store pages a worker has touched count in its RSS), and the object
+store's use (plasma bytes). From Ray's task timeline it tells when each task ran (a file range's
+task parses and normalizes it), how many ran at once, and the rows delivered over time.
 
     python benchmarks/ingest_probe.py --data /tmp/s2l_ingest_bench/data/jsonl_262144 \
-        --variants before,capped
+        --variants ranges,ranges4k
 """
 
 from __future__ import annotations
@@ -70,36 +70,28 @@ def timeline(t_start_wall: float) -> list[dict[str, Any]]:
         name = t.name or ""
         if not t.start_time_ms or not t.end_time_ms:
             continue
-        if not any(k in name for k in ("Read", "MapBatches", "normalize")):
+        if not any(k in name for k in ("Read", "MapBatches", "normalize", "_range_task")):
             continue
         out.append({"name": name, "start": t.start_time_ms / 1e3 - t_start_wall,
                     "end": t.end_time_ms / 1e3 - t_start_wall, "pid": t.worker_pid})
     return out
 
 
-# module settings per variant: (readers.READ_TASK_CPUS, readers.CPUS_PER_READ,
-# ingest.BACKLOG_BYTES_PER_CPU, ingest.BACKLOG_MIN_BYTES)
-VARIANTS: dict[str, tuple[Any, ...]] = {
-    "before": (None, None, None, 256 << 20),  # Ray Data's defaults: 1 CPU per read task
-    "free_reads": (0.0, 8.0, None, 256 << 20),  # reads hold no CPU, one at a time per 8 CPUs
-    "capped": (0.0, 8.0, 64 << 20, 256 << 20),  # ... and the object store capped (default)
-    "capped_small": (0.0, 8.0, 16 << 20, 32 << 20),  # ... capped at 32 MiB
-    "cpu_reads_capped": (None, None, 64 << 20, 256 << 20),  # 1-CPU reads, capped
-    "capped_tok1": (0.0, 8.0, 64 << 20, 256 << 20),  # capped, tokenizer on one thread
-}
+# rows per range (one task's work, ingest.ROWS_PER_PART) per variant; `_tok1`: the tokenizer on
+# one thread (TOKENIZERS_PARALLELISM=false in the workers)
+VARIANTS: dict[str, int] = {"ranges": 8192, "ranges4k": 4096, "ranges16k": 16384,
+                            "ranges_tok1": 8192}
 
 
 def run_variant(name: str, data: Path, work: Path, tok: str, cpus: int) -> dict[str, Any]:
     import ray
 
     from s2l_ray.config import load_config
-    from s2l_ray.io import readers
     from s2l_ray.runtime import init_ray
     from s2l_ray.stages import ingest
     from s2l_ray.stages.registry import run_stage
 
-    (readers.READ_TASK_CPUS, readers.CPUS_PER_READ, ingest.BACKLOG_BYTES_PER_CPU,
-     ingest.BACKLOG_MIN_BYTES) = VARIANTS[name]
+    ingest.ROWS_PER_PART = VARIANTS[name]
     # workers inherit the environment of the local Ray this process starts
     os.environ.pop("TOKENIZERS_PARALLELISM", None)
     if name.endswith("_tok1"):
@@ -130,11 +122,14 @@ def run_variant(name: str, data: Path, work: Path, tok: str, cpus: int) -> dict[
             p["shared"], p["uss"] = max(p["shared"], sh), max(p["uss"], uss)
     plasma = [(round(x["t"]), x["plasma"]) for x in s.rows if x.get("plasma") is not None]
     kinds: dict[str, list[dict[str, Any]]] = {}
-    for e in tl:
-        kinds.setdefault("read" if "Read" in e["name"] else "normalize", []).append(e)
+    for e in tl:  # a file range's task parses and normalizes; an HF data set: read, then map
+        kind = ("range" if "_range_task" in e["name"] else "read" if "Read" in e["name"]
+                else "normalize")
+        kinds.setdefault(kind, []).append(e)
     summary = {k: {"n": len(v), "first_start": min(e["start"] for e in v),
                    "last_end": max(e["end"] for e in v),
-                   "busy_s": sum(e["end"] - e["start"] for e in v)} for k, v in kinds.items()}
+                   "busy_s": sum(e["end"] - e["start"] for e in v),
+                   "processes": len({e["pid"] for e in v})} for k, v in kinds.items()}
     # tasks running at once, per 5 s bin (seconds of task time in the bin / 5)
     bins = []
     for b in range(0, int(wall) + 5, 5):
@@ -154,7 +149,7 @@ def run_variant(name: str, data: Path, work: Path, tok: str, cpus: int) -> dict[
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
-    ap.add_argument("--variants", default="before,capped")
+    ap.add_argument("--variants", default="ranges", help=f"comma-separated: {', '.join(VARIANTS)}")
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--tokenizer", default="/tmp/s2l_ingest_bench/models/tiny-nano-68bce3b6e4")
     ap.add_argument("--work", default="/tmp/h14c_probe")

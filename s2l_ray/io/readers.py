@@ -1,20 +1,20 @@
-"""Reading any supported input into raw rows, one file or data set at a time.
+"""Reading any supported input into raw rows, one range of a file (or a data set) at a time.
 
 Parsing is our own (not pyarrow's JSON reader) so that one malformed line rejects one row, not
 the whole file; every raw row carries its origin (file, row number) for reports and for picking
-the first of duplicated rows deterministically.
+the first of duplicated rows deterministically. plan_ranges cuts the files into ranges that tasks
+parse independently (JSON Lines at line ends, Parquet at row offsets), each range knowing the
+number of its first row, so the rows and their origins are those of one pass over the file.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import math
-import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from s2l_ray.config import ConfigError
 
@@ -24,8 +24,9 @@ BLOCK_BYTES = 4 << 20  # ... or fewer, so that a block of large rows stays small
 # largest block Ray Data makes of them: read_raw sets its target_max_block_size to this)
 READ_BYTES = 1 << 20  # piece size when scanning a file (or skipping an over-large row)
 DEFAULT_MAX_ROW_BYTES = 1 << 20  # data.max_row_bytes' default, for callers without a config
-READ_TASK_CPUS: float | None = None  # CPUs a read task holds (None: Ray Data's 1); see
-CPUS_PER_READ: float | None = None  # read_concurrency: cluster CPUs per concurrent read task
+RANGE_ROWS = 8192  # rows (lines) per planned range of a file: one task's work
+RANGE_BYTES = 16 << 20  # ... or fewer, so that a range of large rows stays small too
+SCAN_BYTES = 8 << 20  # piece size when counting a JSON Lines file's lines to plan its ranges
 MAX_DEPTH = 100  # deepest JSON nesting accepted in a row; real rows nest 3-4 levels
 BOM = b"\xef\xbb\xbf"
 
@@ -155,8 +156,13 @@ def _bounded_lines(f: BinaryIO, cap: int) -> Iterator[tuple[bytes | None, int]]:
             yield line, len(line)
 
 
-def _parse_jsonl(out: _Out, f: BinaryIO, cap: int) -> Iterator[Any]:
-    for i, (line, size) in enumerate(_bounded_lines(f, cap)):
+def _parse_jsonl(out: _Out, f: BinaryIO, cap: int, first_row: int = 0,
+                 length: int | None = None) -> Iterator[Any]:
+    """JSON Lines from f's position: `length` bytes of whole lines (None: to the end), the first
+    of them line number `first_row` (lines are numbered from the file's start, blank ones too)."""
+    if length is not None and length <= 0:
+        return
+    for i, (line, size) in enumerate(_bounded_lines(f, cap), first_row):
         if line is None:
             out.reject(i, "too_large", too_large_detail(size, cap, "line"))
         else:
@@ -166,6 +172,10 @@ def _parse_jsonl(out: _Out, f: BinaryIO, cap: int) -> Iterator[Any]:
                 _json_row(out, i, line, "line")
         if out.full():
             yield out.flush()
+        if length is not None:
+            length -= size
+            if length <= 0:  # the range ends at a line's end: the next line is another's
+                return
 
 
 _ARRAY_TOKEN = re.compile(rb'[\[\]{}",]')
@@ -470,95 +480,203 @@ def _oversized(batch: Any, cap: int) -> dict[int, str]:
             for r in np.flatnonzero(sizes > cap)}
 
 
-def _parse_parquet(out: _Out, f: BinaryIO, cap: int) -> Iterator[Any]:
-    """Parquet, read a batch at a time; the sizes of a batch's rows are checked in Arrow
-    (row_bytes) and only rows within `cap` become Python objects."""
+def _parquet_rows(out: _Out, batch: Any, first: int, cap: int) -> Iterator[Any]:
+    """One Parquet batch's rows (numbered from `first`) into `out`, those over `cap` rejected."""
+    over = _oversized(batch, cap)
+    rows = batch.to_pylist() if not over else None
+    for r in range(batch.num_rows):
+        if r in over:
+            out.reject(first + r, "too_large", over[r])
+        else:
+            obj = rows[r] if rows is not None else batch.slice(r, 1).to_pylist()[0]
+            try:
+                out.add(first + r, obj)
+            except RecursionError:
+                out.reject(first + r, "too_deep", "row nests too deep")
+        if out.full():
+            yield out.flush()
+
+
+def _parse_parquet(out: _Out, f: BinaryIO, cap: int, start: int = 0,
+                   stop: int | None = None) -> Iterator[Any]:
+    """Parquet rows start..stop (None: to the end), read a batch at a time from the row groups
+    that hold them; the sizes of a batch's rows are checked in Arrow (row_bytes) and only rows
+    within `cap` become Python objects."""
     import pyarrow.parquet as pq
 
     try:
-        batches = pq.ParquetFile(f).iter_batches(batch_size=256)
-        i = 0
-        for batch in batches:
-            over = _oversized(batch, cap)
-            rows = batch.to_pylist() if not over else None
-            for r in range(batch.num_rows):
-                if r in over:
-                    out.reject(i + r, "too_large", over[r])
-                else:
-                    obj = rows[r] if rows is not None else batch.slice(r, 1).to_pylist()[0]
-                    try:
-                        out.add(i + r, obj)
-                    except RecursionError:
-                        out.reject(i + r, "too_deep", "row nests too deep")
-                if out.full():
-                    yield out.flush()
-            i += batch.num_rows
+        pf = pq.ParquetFile(f)
+        groups: list[int] | None = None  # all
+        i = 0  # the row number of the next batch's first row
+        if start or stop is not None:
+            groups, at = [], 0
+            for g in range(pf.metadata.num_row_groups):
+                n = pf.metadata.row_group(g).num_rows
+                if at + n > start and (stop is None or at < stop):
+                    if not groups:
+                        i = at
+                    groups.append(g)
+                at += n
+        for batch in pf.iter_batches(batch_size=256, row_groups=groups):
+            # the part of the batch inside the range (a range may start or end mid-group)
+            lo = max(start - i, 0)
+            hi = batch.num_rows if stop is None else min(batch.num_rows, stop - i)
+            first, i = i + lo, i + batch.num_rows
+            if lo < hi:
+                yield from _parquet_rows(out, batch.slice(lo, hi - lo), first, cap)
+            if stop is not None and i >= stop:
+                break
     except Exception as e:  # a corrupt file is one rejected "row", counted like any other
-        out.reject(-1, "unreadable_file", f"parquet reader: {e}")
+        # numbered -1 (before every row) for a read from the start, else by the range's first
+        # row: each range's part is named by its first row, so two ranges never share a name
+        out.reject(start or -1, "unreadable_file", f"parquet reader: {e}")
     yield out.flush()
 
 
+class FileRange(NamedTuple):
+    """One task's share of a file (plan_ranges): JSON Lines bytes start..stop, the first line
+    being line number first_row of the file; Parquet rows start..stop (first_row == start);
+    a whole file (0, None, 0) for the kinds that cannot be cut (JSON arrays, CSV)."""
+
+    path: str
+    start: int = 0
+    stop: int | None = None  # exclusive; None: the file's end
+    first_row: int = 0
+
+
+def _array_head(f: BinaryIO) -> bytes | None:
+    """A .json file's first piece past its opening `[` when it holds one array; None when it
+    is JSON Lines (f is then back at its start)."""
+    start = f.read(READ_BYTES).removeprefix(BOM).lstrip()
+    while not start:  # whitespace only so far
+        more = f.read(READ_BYTES)
+        if not more:
+            break
+        start = more.lstrip()
+    if start.startswith(b"["):
+        return start[1:]
+    f.seek(0)
+    return None
+
+
 def parse_file(path: str, data: bytes | None = None,
-               max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[Any]:
+               max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
+               span: FileRange | None = None) -> Iterator[Any]:
     """Yield raw-row tables for one file: (origin, JSON text) or (origin, reject reason).
 
     The file is read in pieces (`data`, when given, stands for its content): no row over
     `max_row_bytes` is ever held whole, and a UTF-8 byte-order mark at the start is skipped.
+    `span` (from plan_ranges) limits it to one range of the file, its rows numbered as in
+    the whole file's; None: the whole file.
     """
     kind = FILE_KINDS.get(Path(path).suffix.lower())
     out = _Out(path)
     cap = max_row_bytes
+    span = span or FileRange(path)
     with (io.BytesIO(data) if data is not None else open(path, "rb")) as f:
         if kind == "parquet":
-            yield from _parse_parquet(out, f, cap)
+            yield from _parse_parquet(out, f, cap, span.start, span.stop)
             return
         if kind == "csv":
             yield from _parse_csv(out, f, cap)
             return
         if kind == "json":  # one array, or JSON Lines in a .json file
-            start = f.read(READ_BYTES).removeprefix(BOM).lstrip()
-            while not start:  # whitespace only so far
-                more = f.read(READ_BYTES)
-                if not more:
-                    break
-                start = more.lstrip()
-            if start.startswith(b"["):
-                yield from _parse_json_array(out, f, cap, start[1:])
+            head = _array_head(f)
+            if head is not None:
+                yield from _parse_json_array(out, f, cap, head)
                 return
-            f.seek(0)
-        yield from _parse_jsonl(out, f, cap)
+        f.seek(span.start)
+        yield from _parse_jsonl(out, f, cap, span.first_row,
+                                None if span.stop is None else span.stop - span.start)
         yield out.flush()
 
 
-def _file_rows(files: list[str], max_row_bytes: int) -> Any:
-    """A Ray Data source of the files' raw rows: one read task per file, which streams its
-    rows out as parse_file's blocks (about CHUNK rows each) while it reads.
+def _jsonl_ranges(path: str, f: BinaryIO, rows: int, max_bytes: int) -> list[FileRange]:
+    """A JSON Lines file cut after every `rows` lines, or sooner at the first line end
+    `max_bytes` past the range's start, without parsing: only its newline bytes are counted
+    (numpy, SCAN_BYTES at a time), as _bounded_lines numbers lines (blank, over-cap ones too)."""
+    import numpy as np
 
-    A read, not a map over file names: Ray Data does not fuse a read with a map that asks for
-    batches of N rows, so that map gets the blocks re-bundled into N-row batches, however many
-    files hold them (read_raw also keeps the blocks small for that). A map over a data set of
-    file names, fused with a batch_size=N map, gathered N *file names* into one task: every
-    file in one task, one core busy, and nothing reported until it ended."""
+    out: list[FileRange] = []
+    start = first = 0  # the open range's first byte and line number
+    pos = line = 0  # bytes and lines before the current piece
+    while piece := f.read(SCAN_BYTES):
+        ends = np.flatnonzero(np.frombuffer(piece, np.uint8) == 0x0A)  # this piece's "\n"s
+        while True:
+            # ends[k] completes line `line + k`: cut after `rows` lines or max_bytes bytes
+            k = min(first + rows - line - 1,
+                    int(np.searchsorted(ends, start + max_bytes - pos - 1)))
+            if k >= len(ends):
+                break
+            stop = pos + int(ends[k]) + 1
+            out.append(FileRange(path, start, stop, first))
+            start, first = stop, line + k + 1
+        pos += len(piece)
+        line += len(ends)
+    if pos > start or not out:  # the rest (a last line without "\n"), or an empty file
+        out.append(FileRange(path, start, pos, first))
+    return out
+
+
+def _parquet_ranges(path: str, f: BinaryIO, rows: int, max_bytes: int) -> list[FileRange]:
+    """A Parquet file cut every `rows` rows (fewer where its rows are large: max_bytes by the
+    metadata's uncompressed sizes), whatever its row groups; a file whose metadata does not
+    read is one range (its reader rejects it whole)."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(f).metadata
+    except Exception:  # corrupt: parse_file says why
+        return [FileRange(path)]
+    n = meta.num_rows
+    size = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
+    step = max(1, min(rows, max_bytes * n // max(size, 1)))
+    if n <= step:
+        return [FileRange(path)]
+    return [FileRange(path, a, min(a + step, n), a) for a in range(0, n, step)]
+
+
+def plan_ranges(files: list[str], rows: int = RANGE_ROWS,
+                max_bytes: int = RANGE_BYTES) -> list[FileRange]:
+    """The files (in order) cut into ranges of about `rows` rows for tasks to read one each:
+    JSON Lines (.jsonl, and .json files that are not one array) at line ends, Parquet at row
+    offsets; JSON arrays and CSV stay whole (a cut needs a parse: quotes, nesting)."""
+    if rows < 1 or max_bytes < 1:
+        raise ValueError(f"rows and max_bytes must be >= 1, got {rows}, {max_bytes}")
+    out: list[FileRange] = []
+    for path in files:
+        kind = FILE_KINDS.get(Path(path).suffix.lower())
+        with open(path, "rb") as f:
+            if kind == "parquet":
+                out += _parquet_ranges(path, f, rows, max_bytes)
+            elif kind == "jsonl" or (kind == "json" and _array_head(f) is None):
+                out += _jsonl_ranges(path, f, rows, max_bytes)
+            else:
+                out.append(FileRange(path))
+    return out
+
+
+def range_source(ranges: list[FileRange], read: Callable[[FileRange], Iterable[Any]]) -> Any:
+    """A Ray Data source with one read task per range, which yields `read(range)`'s tables
+    (Arrow) as it makes them. A read, not a map over ranges: Ray Data would bundle many small
+    input rows into one map task."""
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
-    sizes = [os.path.getsize(f) for f in files]
-
-    class FileRows(Datasource):
+    class Ranges(Datasource):
         def estimate_inmemory_data_size(self) -> int | None:
-            return sum(sizes)
+            return None
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list[Any]:
-            def task(path: str) -> Any:
-                return lambda: parse_file(path, max_row_bytes=max_row_bytes)
+            def task(r: FileRange) -> Any:
+                return lambda: read(r)
 
-            return [ReadTask(task(f), BlockMetadata(num_rows=None, size_bytes=size,
-                                                    input_files=[f], exec_stats=None),
-                             schema=_raw_schema(), per_task_row_limit=per_task_row_limit)
-                    for f, size in zip(files, sizes)]
+            return [ReadTask(task(r), BlockMetadata(num_rows=None, size_bytes=None,
+                                                    input_files=[r.path], exec_stats=None),
+                             per_task_row_limit=per_task_row_limit) for r in ranges]
 
-    return FileRows()
+    return Ranges()
 
 
 def _hf_rows(batch: Any, origin: str, max_row_bytes: int) -> Any:
@@ -629,29 +747,6 @@ def check_allowed_roots(source: str, key: str, roots: list[str] | None) -> None:
                 "data.allowed_roots")
 
 
-def read_concurrency(n_files: int, cluster_cpus: float | None = None) -> int | None:
-    """How many files' read tasks run at once: one per CPUS_PER_READ of the cluster's CPUs, at
-    least one, at most one per file; None (the default): Ray Data's own choice.
-
-    An option, off by default because it measured slower. With READ_TASK_CPUS=0 the read
-    tasks hold no CPU slot, so every slot goes to the normalizing tasks from the first part
-    on and a read paused by backpressure (see ingest.backlog_limit) keeps no core idle; held to
-    no slot, their number must be capped here instead (growing with the cluster, so reads of
-    many files still spread over its nodes: Ray Data schedules read tasks SPREAD). On the
-    2-core machine (262,144 JSONL rows, benchmarks/ingest_probe.py, same run) the ingest stage
-    took 81.7 s that way against 77.9 s with Ray Data's 1-CPU read tasks: parsing is only ~5%
-    of the work (7 task-seconds of 142) and a third busy process on two cores slowed the
-    normalizing tasks more than the earlier start gained."""
-    if CPUS_PER_READ is None:
-        return None
-    if cluster_cpus is None:
-        import ray
-
-        cluster_cpus = (ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized()
-                        else float(os.cpu_count() or 1))
-    return max(1, min(n_files, math.ceil(cluster_cpus / CPUS_PER_READ)))
-
-
 def read_raw(source: str, split: str = "train",
              max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Any:
     """A Ray Dataset of raw rows (origin_file, origin_row, raw JSON | reject) for any source.
@@ -675,10 +770,10 @@ def read_raw(source: str, split: str = "train",
             hf, override_num_blocks=max(1, -(-len(hf) // CHUNK))).map_batches(
             _hf_rows, batch_format="pyarrow",
             fn_kwargs={"origin": f"{source}:{split}", "max_row_bytes": max_row_bytes})
-    files = list_files(source)
-    ds = ray.data.read_datasource(_file_rows(files, max_row_bytes),
-                                  override_num_blocks=len(files), num_cpus=READ_TASK_CPUS,
-                                  concurrency=read_concurrency(len(files)))
+    ranges = plan_ranges(list_files(source))
+    ds = ray.data.read_datasource(range_source(
+        ranges, lambda r: parse_file(r.path, max_row_bytes=max_row_bytes, span=r)),
+        override_num_blocks=len(ranges))
     # Ray Data merges a task's output blocks up to target_max_block_size (128 MiB by default):
     # a whole file of raw rows in one block, hence in one task of the next map, whatever its
     # batch size. Blocks of a few MiB let that map cut the rows into its own batches.

@@ -1,15 +1,19 @@
 """Stage `ingest`: instruction data -> validated, tokenized examples with stable ids (Parquet).
 
-    files / HF data set --parse (a read task per file, streaming blocks)--> raw rows
-        --normalize+tokenize+write (a task per part of ROWS_PER_PART rows, whatever the files;
-        one streaming pass)--> examples/part-*.parquet + rejects/part-*.parquet
+    files --plan (driver: JSON Lines cut at line ends by counting newlines, Parquet at row
+        offsets, JSON arrays and CSV whole)--> ranges of ~ROWS_PER_PART rows, each with the
+        number of its first row
+    a task per range: parse --> normalize+tokenize+write (parts of <= ROWS_PER_PART rows)
+        --> examples/part-*.parquet + rejects/part-*.parquet, and one summary row per part
+    (an HF data set: blocks of raw rows --> the same normalize+write, ROWS_PER_PART rows a part)
     driver: per part, its counts and 8-byte id hashes --> repeated ids --> the few parts holding
         them rewritten in place (later rows moved to rejects/, reason duplicate_id)
 
-The driver never holds the rows: its memory grows by 8 bytes per valid row (the id hashes), and
-each task holds one part (ROWS_PER_PART rows). Part files are named by their first row's origin
-(file rank, row number), so their sorted order is the input order whatever the parallelism.
-A part's counts reach the driver (and its progress line) as soon as the part is written.
+The driver never holds the rows: its memory grows by 8 bytes per valid row (the id hashes). A
+task holds one part (ROWS_PER_PART rows), and no raw row goes through the object store (a task
+parses the very rows it normalizes). Part files are named by their first row's origin (file
+rank, row number), so their sorted order is the input order whatever the parallelism or the
+ranges. A part's counts reach the driver (and its progress line) when its task ends.
 
 Every input row ends in exactly one of `examples/` or `rejects/` (with a reason code and a
 detail), and the report counts both, so nothing is dropped silently. Rows whose id repeats keep
@@ -18,16 +22,19 @@ the first occurrence (by file and row number, whatever the parallelism); the res
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from s2l_ray.config import S2LConfig
 from s2l_ray.core.hashing import hash64
 from s2l_ray.errors import S2LError
+from s2l_ray.io.readers import RANGE_ROWS, FileRange
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +203,7 @@ def _mark_losers(batch: Any, losers: dict[tuple[str, int], str]) -> Any:
                             pa.array(detail, pa.string()))
 
 
-ROWS_PER_PART = 16384  # rows normalized and written per task: bounds a worker's memory
-BACKLOG_BYTES_PER_CPU: int | None = None  # object store cap per cluster CPU (None: Ray
-BACKLOG_MIN_BYTES = 256 << 20  # Data's budget, the default) ... and at least this; see below
+ROWS_PER_PART = RANGE_ROWS  # rows per range read by one task, and at most per part file
 NORMALIZE_BATCH = 1024  # rows per tokenizer call inside a part
 
 
@@ -255,6 +260,63 @@ def normalize_part(batch: Any, out_dir: str, origins: dict[str, int], tokenizer_
                      "hashes": pa.array([hashes], pa.list_(pa.uint64()))})
 
 
+def ingest_range(span: FileRange, rows_per_part: int, max_row_bytes: int,
+                 **normalize: Any) -> Iterator[Any]:
+    """One task: parse one range of a file and normalize+write its rows as parts of at most
+    `rows_per_part` rows (normalize_part, given `normalize` as its other arguments), yielding
+    each part's summary. No raw row leaves the task."""
+    import pyarrow as pa
+
+    from s2l_ray.io.readers import parse_file
+
+    held: list[Any] = []  # raw-row blocks not yet normalized (< rows_per_part rows)
+    n = 0
+    for block in parse_file(span.path, max_row_bytes=max_row_bytes, span=span):
+        held.append(block)
+        n += block.num_rows
+        while n >= rows_per_part:
+            rows = pa.concat_tables(held)
+            yield normalize_part(rows.slice(0, rows_per_part), **normalize)
+            held, n = [rows.slice(rows_per_part)], n - rows_per_part
+    if n:
+        yield normalize_part(pa.concat_tables(held), **normalize)
+
+
+def _range_task(span: FileRange, rows_per_part: int, max_row_bytes: int,
+                normalize: dict[str, Any]) -> list[Any]:
+    return list(ingest_range(span, rows_per_part, max_row_bytes, **normalize))
+
+
+def range_summaries(ranges: list[FileRange], rows_per_part: int, max_row_bytes: int,
+                    normalize: dict[str, Any]) -> Iterator[Any]:
+    """Run ingest_range on every range, one Ray task each, and yield the part summaries as the
+    tasks end. Plain tasks, not a Ray Data read: their results are a few bytes, so there is no
+    backpressure to keep, and Ray Data's executor (its driver loop, its stats and autoscaling
+    actors: ~8 of ~150 core-seconds) made the stage slower on the 2-core machine (262,144 JSONL
+    rows, same session: 71.4-71.7 s with plain tasks, 79.1 s as a Ray Data read). Two tasks per
+    cluster CPU are in flight (the raylet starts a queued one the moment a slot frees; the
+    driver never holds more than that many results); `normalize` (with the part files'
+    origins, one entry per file) is put in the object store once."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(_range_task)
+    shared = ray.put(normalize)
+    todo = iter(ranges)
+    limit = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    running = [task.remote(r, rows_per_part, max_row_bytes, shared)
+               for r in itertools.islice(todo, limit)]
+    try:
+        while running:
+            done, running = ray.wait(running, num_returns=1)
+            running += [task.remote(r, rows_per_part, max_row_bytes, shared)
+                        for r in itertools.islice(todo, 1)]
+            yield from ray.get(done[0])
+    except BaseException:  # a task failed (or the caller stopped): the others write no more
+        for ref in running:
+            ray.cancel(ref)
+        raise
+
+
 def _part_candidates(path: str, hashes: frozenset[int]) -> list[dict[str, Any]]:
     """(id, origin_file, origin_row) of the rows of one examples part whose id hash repeats."""
     import pyarrow.parquet as pq
@@ -279,8 +341,10 @@ def _drop_losers(out_dir: str, name: str, losers: dict[tuple[str, int], str]) ->
     kept, lost = ex.filter(valid), ex.filter(pc.invert(valid))
     rej_path = out / "rejects" / name
     old = pq.read_table(str(rej_path)) if rej_path.is_file() else None
-    _write(pa.concat_tables([t for t in (old, _columns(lost, REJECT_COLUMNS)) if t is not None]),
-           rej_path)
+    # in row order (a part holds one file's rows), as if the duplicates had been rejected
+    # where they were read: the same rows in the same order whatever the part boundaries
+    _write(pa.concat_tables([t for t in (old, _columns(lost, REJECT_COLUMNS)) if t is not None])
+           .sort_by("origin_row"), rej_path)
     if kept.num_rows:
         _write(_columns(kept, EXAMPLE_COLUMNS), out / "examples" / name)
     else:
@@ -343,27 +407,6 @@ def origin_order(source: str, split: str) -> dict[str, int]:
     return {f: i for i, f in enumerate(list_files(source))}
 
 
-def backlog_limit(cluster_cpus: float | None = None) -> int | None:
-    """The object store bytes this stage's Ray Data pipeline may hold: BACKLOG_BYTES_PER_CPU per
-    cluster CPU, at least BACKLOG_MIN_BYTES; None (the default): Ray Data's budget, half the
-    object store.
-
-    Parsing is far cheaper than normalizing, so without a cap the read tasks run ahead and the
-    raw blocks of the whole input wait in the object store (262,144 JSONL rows: 168 MB at the
-    peak, drained part by part; the shared pages count in the workers' RSS). A cap bounds that
-    (84 MB there), but only with read tasks that hold no CPU slot (readers.READ_TASK_CPUS=0):
-    a 1-CPU read task paused by backpressure would keep a core idle. Off by default, because
-    that pairing measured slower on the 2-core machine (83.7 s against 77.9 s, same run; see
-    benchmarks/results/ingest_throughput_cpu.md)."""
-    if BACKLOG_BYTES_PER_CPU is None:
-        return None
-    if cluster_cpus is None:
-        import ray
-
-        cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
-    return max(BACKLOG_MIN_BYTES, int(cluster_cpus * BACKLOG_BYTES_PER_CPU))
-
-
 def normalize_to_parts(cfg: S2LConfig, source: str, tok_path: str, out: Path,
                        rows_per_part: int = ROWS_PER_PART
                        ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -371,37 +414,41 @@ def normalize_to_parts(cfg: S2LConfig, source: str, tok_path: str, out: Path,
     tasks), then reject duplicated ids in place. The driver holds only per-part summaries (a
     few numbers and 8 bytes per valid row), never the rows. Returns (stats, progress).
 
-    The files are read by one task each, streaming blocks of raw rows; the normalizing tasks
-    take them in batches of `rows_per_part` rows whatever the files (so every core works even
-    on one big file), and each part's counts reach the driver, hence the progress line, as soon
-    as that part is written."""
+    Files are cut into ranges of about `rows_per_part` rows (readers.plan_ranges: JSON Lines at
+    line ends, Parquet at row offsets; JSON arrays and CSV whole) and each range is one task
+    that parses its rows and normalizes and writes them (ingest_range, parts of at most
+    `rows_per_part` rows), so no raw row goes through the object store and every CPU slot
+    normalizes from the first task on. A Hugging Face data set is read in blocks, then
+    normalized in parts of `rows_per_part` rows. Each part's counts reach the driver, hence the
+    progress line, when its task ends (a whole-file range's several parts together)."""
     import numpy as np
     import pyarrow.compute as pc
     import ray.data
 
-    from s2l_ray.io.readers import read_raw
+    from s2l_ray.io.readers import list_files, plan_ranges, read_raw
     from s2l_ray.stages.progress import stage_progress
 
     ray.data.DataContext.get_current().max_errored_blocks = 0
     for sub in ("examples", "rejects"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    raw = read_raw(source, cfg.data.split, cfg.data.max_row_bytes)
-    # Blocks reach the parts in input order, so each part holds consecutive rows and the parts
-    # are cut at the same rows on every run (the bundling is by row counts alone).
-    opts = raw.context.execution_options
-    opts.preserve_order = True
-    limit = backlog_limit()
-    if limit is not None:
-        opts.resource_limits = opts.resource_limits.copy(object_store_memory=limit)
-    ds = raw.map_batches(
-        normalize_part, batch_format="pyarrow", batch_size=rows_per_part,
-        fn_kwargs={"out_dir": str(out), "origins": origin_order(source, cfg.data.split),
-                   "tokenizer_path": tok_path, "data_cfg": vars(cfg.data),
-                   "trust_remote_code": cfg.reference.trust_remote_code})
+    normalize = {"out_dir": str(out), "origins": origin_order(source, cfg.data.split),
+                 "tokenizer_path": tok_path, "data_cfg": vars(cfg.data),
+                 "trust_remote_code": cfg.reference.trust_remote_code}
+    if source.startswith("hf:"):
+        raw = read_raw(source, cfg.data.split, cfg.data.max_row_bytes)
+        # Blocks reach the parts in input order, so each part holds consecutive rows and the
+        # parts are cut at the same rows on every run (the bundling is by row counts alone).
+        raw.context.execution_options.preserve_order = True
+        summaries = raw.map_batches(normalize_part, batch_format="pyarrow",
+                                    batch_size=rows_per_part, fn_kwargs=normalize).iter_batches(
+            batch_size=None, batch_format="pyarrow")
+    else:
+        summaries = range_summaries(plan_ranges(list_files(source), rows_per_part),
+                                    rows_per_part, cfg.data.max_row_bytes, normalize)
     parts: dict[str, str] = {}
     hashes: dict[str, Any] = {}
     with stage_progress(cfg, "ingest", None, "rows") as progress:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in summaries:
             for i, name in enumerate(batch["part"].to_pylist()):
                 parts[name] = batch["stats"][i].as_py()
                 hashes[name] = pc.list_flatten(batch["hashes"].slice(i, 1)).to_numpy(
@@ -430,7 +477,7 @@ def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
                               n_test_per_source=d.n_test_per_source, seed=d.seed)
         source = paths["train"]
     tok_path = resolve_model(tokenizer_spec(cfg), cfg)
-    stats, speed = normalize_to_parts(cfg, source, tok_path, tmp)
+    stats, speed = normalize_to_parts(cfg, source, tok_path, tmp, ROWS_PER_PART)
     if stats["valid"] == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         if stats["rows"] == 0:

@@ -200,55 +200,64 @@ def test_progress_counts_parts_as_written(tmp_path: Path, ray_local, tiny_ref: s
         return len(parts), [r for p in parts for r in pq.read_table(p, columns=key).to_pylist()]
 
     (n_small, small), (n_whole, every) = rows("small"), rows("whole")
-    assert (n_small, n_whole) == (total // 200, 1)  # a file's rows: one block, two parts
+    assert (n_small, n_whole) == (total // 200, n_files)  # a file: two ranges, or one
     assert small == every and len(every) == total
 
 
-@pytest.mark.slow
-def test_backlog_cap_below_a_block_same_parts(tmp_path: Path, ray_local, tiny_ref: str,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """An object-store cap for the raw rows smaller than one block (Ray Data's backpressure
-    then pauses the read tasks mid-file) with two files read at once (the later file's blocks
-    wait behind the earlier one's: the parts are cut in input order) still finishes, with the
-    very parts, rows and counts of a run under the default cap."""
-    import threading
+def _write_ranged(folder: Path) -> None:
+    """Files that ranges cut: JSON Lines with blank, bad, CRLF-ended and over-cap lines, a BOM
+    and no final newline, ids repeated within and across files; Parquet in row groups of 5;
+    and the kinds read whole (a JSON array, CSV)."""
+    folder.mkdir(parents=True)
 
-    from s2l_ray.io import readers
-    from s2l_ray.stages import ingest
+    def row(i: int) -> bytes:
+        return json.dumps({"instruction": f"What is {i % 37} times 3?",  # ids repeat
+                           "output": f"It is {3 * (i % 37)}.", "source": f"s{i % 3}"}).encode()
+
+    lines = []
+    for i in range(120):
+        lines.append(b"" if i % 11 == 5 else b"{oops" if i % 13 == 0 else
+                     b'{"instruction": "' + b"w" * 3000 + b'", "output": "x"}' if i % 17 == 0
+                     else row(i))
+    (folder / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines))
+    (folder / "b.json").write_bytes(b"\r\n".join(row(i + 7) for i in range(40)) + b"\r\n")
+    pq.write_table(pa.table({"instruction": [f"What is {i} times 3?" for i in range(33)],
+                             "output": [f"It is {3 * i}." if i % 4 else None for i in range(33)]}),
+                   folder / "c.parquet", row_group_size=5)
+    (folder / "d.json").write_text(json.dumps([{"instruction": "q", "output": "a"}] * 3))
+    (folder / "e.csv").write_text("instruction,output\n" + "".join(
+        f"What is {i} times 3?,It is {3 * i}.\n" for i in range(9)))
+
+
+def test_tiny_ranges_same_examples_and_rejects(tmp_path: Path, ray_local, tiny_ref: str) -> None:
+    """The same input cut into ranges of a few rows (many tasks, a big JSON Lines file among
+    them split into several) or read one range per file: the same examples and rejects, row for
+    row in sorted-part order, and the same counts and duplicate decisions."""
+    from s2l_ray.io.readers import list_files, plan_ranges
     from s2l_ray.stages.ingest import normalize_to_parts
 
     d = tmp_path / "d"
-    d.mkdir()
-    n_files, per_file = 3, 9000  # > readers.CHUNK rows: each file streams as 3 blocks
-    for k in range(n_files):
-        (d / f"p{k}.jsonl").write_text("\n".join(json.dumps(
-            {"instruction": f"What is {i} plus {k}?", "output": f"It is {i + k}."})
-            for i in range(per_file)))
-    cfg = make_cfg(tmp_path, tiny_ref, f"data.source={d}")
+    _write_ranged(d)
+    cfg = make_cfg(tmp_path, tiny_ref, f"data.source={d}", "data.max_row_bytes=2000")
     tok = cfg.reference.model
+    tiny, _ = normalize_to_parts(cfg, str(d), tok, tmp_path / "tiny", rows_per_part=3)
+    whole, _ = normalize_to_parts(cfg, str(d), tok, tmp_path / "whole", rows_per_part=1 << 20)
+    assert tiny == whole and whole["rows"] == 120 - 11 + 40 + 33 + 3 + 9  # 11 blank lines
+    assert {"duplicate_id", "bad_json", "too_large", "missing_field"} <= set(whole["rejects"])
 
-    def run(out: str) -> tuple[dict, dict]:
-        got: list = []
-        t = threading.Thread(target=lambda: got.append(normalize_to_parts(
-            cfg, str(d), tok, tmp_path / out, rows_per_part=2000)), daemon=True)
-        t.start()
-        t.join(timeout=240)
-        assert got, f"{out}: ingest did not finish (a stalled pipeline?)"
-        return got[0]
+    def content(out: str, sub: str) -> tuple[list[str], list[dict]]:
+        parts = sorted((tmp_path / out / sub).glob("part-*.parquet"))
+        return [p.name for p in parts], [r for p in parts for r in pq.read_table(p).to_pylist()]
 
-    default, _ = run("default")
-    monkeypatch.setattr(ingest, "BACKLOG_BYTES_PER_CPU", 1)
-    monkeypatch.setattr(ingest, "BACKLOG_MIN_BYTES", 64 << 10)  # a block is ~0.4 MiB
-    monkeypatch.setattr(readers, "CPUS_PER_READ", 1.0)  # 2 CPUs: two files read at once
-    monkeypatch.setattr(readers, "READ_TASK_CPUS", 0.0)  # paused reads hold no CPU slot
-    assert ingest.backlog_limit() == 64 << 10 and readers.read_concurrency(n_files) == 2
-    capped, _ = run("capped")
-    assert capped == default and capped["rows"] == n_files * per_file
-
-    def parts(out: str) -> list[tuple[str, list[dict]]]:
-        return [(p.name, pq.read_table(p, columns=["origin_file", "origin_row", "id",
-                                                   "input_ids"]).to_pylist())
-                for p in sorted((tmp_path / out / "examples").glob("part-*.parquet"))]
-
-    assert parts("capped") == parts("default")
-    assert len(parts("default")) > n_files  # several parts per file, each over the cap
+    for sub in ("examples", "rejects"):
+        (names_tiny, rows_tiny), (names_whole, rows_whole) = content("tiny", sub), content(
+            "whole", sub)
+        assert rows_tiny == rows_whole and len(names_tiny) > len(names_whole)
+    # a.jsonl (120 lines) was planned as 40 ranges of 3 lines, each read by one task, which
+    # wrote one part named by its first row (rows cut by one task would be named otherwise:
+    # the blank lines hold no row)
+    ranges = [r for r in plan_ranges(list_files(str(d)), 3) if r.path.endswith("a.jsonl")]
+    assert [r.first_row for r in ranges] == list(range(0, 120, 3))
+    written = {*content("tiny", "examples")[0], *content("tiny", "rejects")[0]}
+    first_rows = sorted(int(n[11:23]) for n in written if n.startswith("part-00000-"))
+    assert [r // 3 for r in first_rows] == list(range(40))
