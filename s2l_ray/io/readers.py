@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
@@ -580,7 +580,9 @@ def parse_file(path: str, data: bytes | None = None,
         if kind == "csv":
             yield from _parse_csv(out, f, cap)
             return
-        if kind == "json":  # one array, or JSON Lines in a .json file
+        # one array, or JSON Lines in a .json file; a range with an end is JSON Lines already
+        # (plan_ranges looked, and never cuts an array), so its task need not look again
+        if kind == "json" and span.stop is None:
             head = _array_head(f)
             if head is not None:
                 yield from _parse_json_array(out, f, cap, head)
@@ -656,9 +658,9 @@ def plan_ranges(files: list[str], rows: int = RANGE_ROWS,
     return out
 
 
-def range_source(ranges: list[FileRange], read: Callable[[FileRange], Iterable[Any]]) -> Any:
-    """A Ray Data source with one read task per range, which yields `read(range)`'s tables
-    (Arrow) as it makes them. A read, not a map over ranges: Ray Data would bundle many small
+def _range_rows(ranges: list[FileRange], max_row_bytes: int) -> Any:
+    """A Ray Data source with one read task per range, which yields parse_file's raw-row tables
+    for it as it makes them. A read, not a map over ranges: Ray Data would bundle many small
     input rows into one map task."""
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
@@ -670,11 +672,12 @@ def range_source(ranges: list[FileRange], read: Callable[[FileRange], Iterable[A
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list[Any]:
             def task(r: FileRange) -> Any:
-                return lambda: read(r)
+                return lambda: parse_file(r.path, max_row_bytes=max_row_bytes, span=r)
 
             return [ReadTask(task(r), BlockMetadata(num_rows=None, size_bytes=None,
                                                     input_files=[r.path], exec_stats=None),
-                             per_task_row_limit=per_task_row_limit) for r in ranges]
+                             schema=_raw_schema(), per_task_row_limit=per_task_row_limit)
+                    for r in ranges]
 
     return Ranges()
 
@@ -771,9 +774,8 @@ def read_raw(source: str, split: str = "train",
             _hf_rows, batch_format="pyarrow",
             fn_kwargs={"origin": f"{source}:{split}", "max_row_bytes": max_row_bytes})
     ranges = plan_ranges(list_files(source))
-    ds = ray.data.read_datasource(range_source(
-        ranges, lambda r: parse_file(r.path, max_row_bytes=max_row_bytes, span=r)),
-        override_num_blocks=len(ranges))
+    ds = ray.data.read_datasource(_range_rows(ranges, max_row_bytes),
+                                  override_num_blocks=len(ranges))
     # Ray Data merges a task's output blocks up to target_max_block_size (128 MiB by default):
     # a whole file of raw rows in one block, hence in one task of the next map, whatever its
     # batch size. Blocks of a few MiB let that map cut the rows into its own batches.

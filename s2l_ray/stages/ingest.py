@@ -477,7 +477,7 @@ def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
                               n_test_per_source=d.n_test_per_source, seed=d.seed)
         source = paths["train"]
     tok_path = resolve_model(tokenizer_spec(cfg), cfg)
-    stats, speed = normalize_to_parts(cfg, source, tok_path, tmp, ROWS_PER_PART)
+    stats, speed = normalize_to_parts(cfg, source, tok_path, tmp)
     if stats["valid"] == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         if stats["rows"] == 0:
