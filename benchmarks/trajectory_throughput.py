@@ -12,6 +12,13 @@
       HF's block-diagonal mask), optionally compiled (`--compile`).
 The stage's scorer is whichever `trajectories.scorer` names (default shown in the table).
 
+Variants of (c)/(d) are named by suffixes: `+bf16w` casts the weights to bf16 instead of
+autocasting float32 weights (`trajectories.dtype=bf16-weights`), `+ls` takes the head's
+cross-entropy through log_softmax instead of logsumexp (`losses.token_ce`), `@N` uses N tokens
+per batch; e.g. `--methods packed-varlen,packed-varlen+bf16w,packed-varlen@16384`.
+`--profile N` then prints, per model, the CUDA kernels that took the most time while the stage's
+scorer (and its +bf16w variant) scored N examples.
+
 Models are GPT-NeoX shaped like Pythia (random weights from a config, nothing downloaded):
 pythia-70m = hidden 512 / 6 layers / 8 heads, pythia-160m = 768 / 12 / 12, vocabulary 50304;
 T checkpoints are T copies. Lengths are log-normal (sigma 0.7) with the given mean, clipped to
@@ -57,7 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "a subset is fair (default: same as --examples, at most 256)")
     p.add_argument("--methods", default="a,b,padded,packed-varlen,packed-mask",
                    help="comma-separated: a, b, padded, packed-varlen, packed-mask, and with "
-                        "--compile packed-varlen-compiled")
+                        "--compile packed-varlen-compiled; suffixes +bf16w, +ls, @N (above)")
+    p.add_argument("--profile", type=int, default=0,
+                   help="profile the stage's scorer on this many examples per model (0: off)")
     p.add_argument("--compile", default=None,
                    help="also run packed-varlen under torch.compile with this mode (default, "
                         "reduce-overhead)")
@@ -231,27 +240,62 @@ def device_name(device: Any) -> str:
 
 def make_runner(method: str, models, device, amp_dtype, args, batch_tokens: int,
                 batch_rows: int):
-    """method name -> fn(models, rows, n_prompt) -> losses (N, T)."""
+    """method name -> fn(models, rows, n_prompt) -> losses (N, T). Suffixes (module doc):
+    +bf16w (bf16 weights, no autocast), +ls (log_softmax cross-entropy), @N (batch tokens)."""
+    import torch
+
     from s2l_ray.core.packed_loss import PackedScorer
 
-    if method == "a":
+    base, _, at = method.partition("@")
+    name, *flags = base.split("+")
+    bt = int(at) if at else batch_tokens
+    if name == "a":
         return lambda ms, r, p: method_a(ms, r, p, device, amp_dtype)
-    if method == "b":
+    if name == "b":
         return lambda ms, r, p: method_b(ms, r, p, device, amp_dtype, batch_rows)
-    if method == "padded":
-        return lambda ms, r, p: method_c(ms, r, p, device, amp_dtype, batch_tokens)
-    attention = "mask" if method.startswith("packed-mask") else "varlen"
-    mode = args.compile if method.endswith("-compiled") else None
-    cache: dict[int, Any] = {}  # one scorer (and compiled graph) per model list
+    amp = None if "bf16w" in flags else amp_dtype
+    ce = "log_softmax" if "ls" in flags else "auto"
+    cache: dict[int, Any] = {}  # one scorer (and compiled graph, bf16 copy) per model list
 
-    def run(ms, r, p):
+    def scorer_for(ms):
         key = id(ms[0]) * 100 + len(ms)
         if key not in cache:
-            cache[key] = PackedScorer(ms, device, batch_tokens, attention=attention,
-                                      row_tokens=args.row_tokens, amp_dtype=amp_dtype,
-                                      compile_mode=mode).score_sorted
-        return method_c(ms, r, p, device, amp_dtype, batch_tokens, cache[key])
+            use = [copy.deepcopy(m).to(torch.bfloat16) for m in ms] if "bf16w" in flags else ms
+            if name == "padded":
+                if ce != "auto":
+                    raise ValueError("+ls applies to the packed scorers only")
+                sc = None
+            else:
+                sc = PackedScorer(use, device, bt, attention="mask" if name.startswith(
+                    "packed-mask") else "varlen", row_tokens=args.row_tokens, amp_dtype=amp,
+                    compile_mode=args.compile if name.endswith("-compiled") else None,
+                    ce=ce).score_sorted
+            cache[key] = (use, sc)
+        return cache[key]
+
+    def run(ms, r, p):
+        use, sc = scorer_for(ms)
+        return method_c(use, r, p, device, amp, bt, sc)
     return run
+
+
+def profile_scorer(method: str, models, rows, n_prompt, device, amp_dtype, args,
+                   batch_tokens: int) -> str:
+    """The CUDA kernels that took the most time while `method` scored `rows` (a table)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run = make_runner(method, models, device, amp_dtype, args, batch_tokens, 1)
+    run(models, rows[:8], n_prompt[:8])  # warm-up outside the trace
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        timed(run, device, models, rows, n_prompt)
+    avg = prof.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
+        try:
+            return avg.table(sort_by=key, row_limit=25, max_name_column_width=70)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return avg.table(row_limit=25)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,6 +373,16 @@ def main(argv: list[str] | None = None) -> int:
             res[method] = (n_m / sec, tok / sec, sec, diff)
             log.info("%s %s: %.1f ex/s, %.0f tok/s, %.1f%% of the floor", shape, method,
                      n_m / sec, tok / sec, 100 * per_token * tok * args.checkpoints / peak / sec)
+        if args.profile:
+            for method in ("packed-varlen", "packed-varlen+bf16w"):
+                try:
+                    table = profile_scorer(method, models, rows[:args.profile],
+                                           n_prompt[:args.profile], device, amp_dtype, args,
+                                           batch_tokens)
+                    log.info("profile of %s %s over %d examples:\n%s", shape, method,
+                             args.profile, table)
+                except Exception:  # a profile is extra information: never fails the run
+                    log.exception("profiling %s %s failed", shape, method)
         for method, (rate, toks, sec, diff) in res.items():
             ra = res.get("a", (float("nan"),))[0]
             rb = res.get("b", (float("nan"),))[0]

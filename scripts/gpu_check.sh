@@ -7,7 +7,7 @@
 #   bash scripts/gpu_check.sh --dry-run   # on CPU: the same steps at tiny size (gpu tests' code
 #                                         # included), so the GPU call cannot fail on typos
 #   ONLY="ray_overhead train_throughput" bash scripts/gpu_check.sh   # rerun some steps only
-#   (steps: pytest_gpu trajectory_throughput train_throughput ray_overhead pytest_gpu_e2e)
+#   (steps: pytest_gpu trajectory_throughput ray_overhead train_throughput pytest_gpu_e2e)
 #
 # Where Ray/DeepSpeed/faiss/datasets are not installed (the lent GPU machine), it installs
 # .device-bundle/ first (made by `bash ../shared/device/make-bundle.sh` from the project root).
@@ -68,6 +68,8 @@ import faiss; print('faiss', faiss.__version__, 'gpu build', hasattr(faiss, 'Sta
 } > "$OUT/environment.txt" 2>&1
 
 QUICK="not demo and not finetune and not end_to_end"  # the e2e demo run: its own step
+# the stage's scorer and its variants (benchmarks/trajectory_throughput.py's module doc)
+VARIANTS="packed-varlen+ls,packed-varlen+bf16w,packed-varlen@16384,packed-varlen+bf16w@131072"
 if [[ $DRY == 1 ]]; then
   export S2L_GPU_TESTS_ON_CPU=1 CUDA_VISIBLE_DEVICES=
   DEV=cpu
@@ -76,7 +78,8 @@ if [[ $DRY == 1 ]]; then
     -k "$QUICK" --junitxml="$OUT/pytest_gpu.xml"
   step trajectory_throughput 600 $PY benchmarks/trajectory_throughput.py --device cpu \
     --models tiny --examples 24 --examples-a 8 --max-length 128 --mean-length 60 \
-    --checkpoints 2 --batch-tokens 1024 --compile default --out "$OUT/results"
+    --checkpoints 2 --batch-tokens 1024 --compile default --profile 16 \
+    --methods "a,b,padded,packed-varlen,packed-mask,${VARIANTS//16384/512}" --out "$OUT/results"
   step train_throughput 300 $PY benchmarks/train_throughput.py --device cpu --models nano \
     --steps 3 --batch 4 --max-len 64 --zero-stages 2 0 --out "$OUT/results"
   step ray_overhead 300 $PY benchmarks/ray_overhead.py --device cpu --examples 64 --model tiny \
@@ -84,16 +87,17 @@ if [[ $DRY == 1 ]]; then
   # the e2e demo costs minutes on 2 CPU cores: tests/test_gpu_check.py checks its config
 else
   DEV=cuda
-  step pytest_gpu 120 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
+  step pytest_gpu 90 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
     -k "$QUICK" --junitxml="$OUT/pytest_gpu.xml"
-  step trajectory_throughput 150 $PY benchmarks/trajectory_throughput.py --device cuda \
-    --examples 2048 --examples-a 256 --max-length 512 --mean-length 200 --checkpoints 4 \
-    --compile default --out "$OUT/results"
-  step train_throughput 90 $PY benchmarks/train_throughput.py --device cuda \
-    --models pythia-70m pythia-160m --steps 20 --batch 16 --max-len 512 --zero-stages 2 0 \
+  step trajectory_throughput 170 $PY benchmarks/trajectory_throughput.py --device cuda \
+    --examples 2048 --examples-a 128 --max-length 512 --mean-length 200 --checkpoints 4 \
+    --methods "a,b,padded,packed-varlen,packed-mask,$VARIANTS" --profile 512 \
     --out "$OUT/results"
   step ray_overhead 80 $PY benchmarks/ray_overhead.py --device cuda --examples 20000 \
     --model pythia-70m --checkpoints 4 --out "$OUT/results"
+  step train_throughput 70 $PY benchmarks/train_throughput.py --device cuda \
+    --models pythia-70m pythia-160m --steps 20 --batch 64 --max-len 512 --zero-stages 2 \
+    --out "$OUT/results"
   # last: the longest step (over 171 s on an H200 at commit f261b79, when a step of the micro
   # model still cost ~0.5 s), its demo log in $OUT/gpu_demo.log whatever happens
   S2L_GPU_LOG_DIR="$OUT" step pytest_gpu_e2e 240 $PY -m pytest -m gpu -q -p no:cacheprovider \

@@ -84,15 +84,15 @@ def _scorers(models, batch_tokens: int):
                                         row_tokens=512, amp_dtype=amp).score_sorted}
 
 
-def _run_blocks(models, blocks, batch_tokens, scorer) -> dict[str, bytes]:
+def _run_blocks(models, blocks, batch_tokens, scorer, amp: bool = True) -> dict[str, bytes]:
     import torch
 
     from s2l_ray.core.losses import score_block
 
     out = {}
     for b in blocks:
-        table, _ = score_block(models, b, batch_tokens, torch.device(DEV), torch.bfloat16,
-                               scorer)
+        table, _ = score_block(models, b, batch_tokens, torch.device(DEV),
+                               torch.bfloat16 if amp else None, scorer)
         for i, losses in zip(table["id"].to_pylist(), table["losses"].to_pylist()):
             out[i] = np.array(losses, np.float32).tobytes()
     return out
@@ -139,6 +139,30 @@ def test_trajectories_on_gpu_equal_hf_one_example_loss() -> None:
         ours = np.stack([np.frombuffer(got[n], np.float32) for n in names])
         np.testing.assert_allclose(ours, ref_bf16, rtol=2e-2, atol=2e-2, err_msg=name)
         np.testing.assert_allclose(ours, ref_fp32, rtol=3e-2, atol=3e-2, err_msg=name)
+
+
+def test_bf16_weights_equal_hf_one_example_loss_of_the_bf16_model() -> None:
+    """trajectories.dtype=bf16-weights: the packed scorer on bf16 weights (no autocast) equals
+    HF's one-example loss of the same bf16 model, and stays near the float32 loss."""
+    import torch
+
+    from s2l_ray.core.losses import weights_dtype
+    from s2l_ray.core.packed_loss import PackedScorer
+
+    fp32 = [_model(0), _model(1)]
+    models = [m.to(weights_dtype("bf16-weights")) for m in (_model(0), _model(1))]
+    assert all(p.dtype == torch.bfloat16 for m in models for p in m.parameters())
+    ids, n_prompt = _window()
+    names = [f"e{i:03d}" for i in range(len(ids))]
+    block = scorer_block(ids, n_prompt, names, [0] * len(ids))
+    ref = np.stack([_hf(m, ids, n_prompt, amp=False) for m in models], axis=1)
+    ref_fp32 = np.stack([_hf(m, ids, n_prompt, amp=False) for m in fp32], axis=1)
+    for name, scorer in {"padded": None, "packed-varlen": PackedScorer(
+            models, DEV, 4096, attention="varlen").score_sorted}.items():
+        got = _run_blocks(models, [block], 4096, scorer, amp=False)
+        ours = np.stack([np.frombuffer(got[n], np.float32) for n in names])
+        np.testing.assert_allclose(ours, ref, rtol=2e-2, atol=2e-2, err_msg=name)
+        np.testing.assert_allclose(ours, ref_fp32, rtol=6e-2, atol=6e-2, err_msg=name)
 
 
 @pytest.mark.parametrize("name", ["padded", "packed-varlen", "packed-mask"])

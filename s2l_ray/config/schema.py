@@ -320,8 +320,10 @@ class TrajectoryConfig:
     """Model actors (each holds all checkpoints)."""
     use_gpu: bool | None = None
     """One GPU per actor; null decides from the cluster."""
-    dtype: Literal["auto", "bf16", "fp32"] = "auto"
-    """Compute dtype: 'auto' is bf16 autocast on GPU and fp32 on CPU."""
+    dtype: Literal["auto", "bf16", "bf16-weights", "fp32"] = "auto"
+    """Compute dtype: 'bf16' autocasts float32 weights to bf16; 'bf16-weights' casts the
+    weights themselves (no float32 residual stream: less memory traffic, slightly less exact);
+    'auto' is 'bf16' on GPU and 'fp32' on CPU."""
     cpus_per_actor: float = 1.0
     """CPUs reserved per actor; a CPU actor computes with that many threads (at least 1)."""
     source: str | None = None

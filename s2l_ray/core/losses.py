@@ -111,20 +111,38 @@ def response_losses(model: Any, input_ids: Any, positions: Any, targets: Any, n_
         return per_token.view(b, length).sum(dim=1) / n_terms  # (B,)
 
 
-def token_ce(head: Any, picked: Any, targets: Any, chunk_rows: int | None = None) -> Any:
+CE_METHODS = ("auto", "lse", "log_softmax")
+
+
+def token_ce(head: Any, picked: Any, targets: Any, chunk_rows: int | None = None,
+             ce: str = "auto") -> Any:
     """Cross-entropy of head(picked) against targets, float32 (K,): the output head runs on
     chunks of `chunk_rows` rows, so at most (chunk_rows, V) float32 logits exist at once.
 
     picked (K, H) hidden states, targets (K,) long. Runs under the caller's autocast.
+    ce: "log_softmax" is F.cross_entropy (writes the chunk's (c, V) log-probabilities, then
+    picks one per row); "lse" is logsumexp(logits) - logits[target], the same value without
+    that second (c, V) float32 tensor: one pass fewer over the largest tensor of the scorer.
+    "auto" takes "lse" on CUDA and "log_softmax" elsewhere (CPU results stay bitwise as
+    pinned by the selection digest tests).
     """
     import torch
     import torch.nn.functional as F
 
+    if ce not in CE_METHODS:
+        raise ValueError(f"ce must be one of {CE_METHODS}, got {ce!r}")
+    lse = ce == "lse" or (ce == "auto" and picked.is_cuda)
     if chunk_rows is None:
         chunk_rows = max(1, LOGIT_BYTES // (4 * head.weight.shape[0]))
-    parts = [F.cross_entropy(head(picked[s:s + chunk_rows]).float(),  # (c, V) -> (c,)
-                             targets[s:s + chunk_rows], reduction="none")
-             for s in range(0, picked.shape[0], chunk_rows)]
+    parts = []
+    for s in range(0, picked.shape[0], chunk_rows):
+        logits = head(picked[s:s + chunk_rows]).float()  # (c, V)
+        tgt = targets[s:s + chunk_rows]
+        if lse:
+            parts.append(torch.logsumexp(logits, -1)
+                         - logits.gather(1, tgt[:, None]).squeeze(1))  # (c,)
+        else:
+            parts.append(F.cross_entropy(logits, tgt, reduction="none"))  # (c,)
     if not parts:
         return torch.zeros(0, dtype=torch.float32, device=picked.device)
     return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -169,12 +187,27 @@ class ScoreStats:
 
 
 def autocast_dtype(dtype: str, on_gpu: bool) -> Any:
-    """None (plain float32) or the torch dtype to autocast to; 'auto' is bf16 on GPU only."""
+    """None (no autocast) or the torch dtype to autocast to; 'auto' is bf16 on GPU only.
+    'bf16-weights' autocasts nothing: the weights themselves are bf16 (`weights_dtype`)."""
     import torch
 
     if dtype == "bf16" or (dtype == "auto" and on_gpu):
         return torch.bfloat16
     return None
+
+
+def weights_dtype(dtype: str) -> Any:
+    """The dtype the scoring models' weights are cast to: bf16 for 'bf16-weights' (no fp32
+    residual stream, no per-op casts: half the activation traffic of autocast), else float32."""
+    import torch
+
+    return torch.bfloat16 if dtype == "bf16-weights" else torch.float32
+
+
+def compute_dtype_name(dtype: str, on_gpu: bool) -> str:
+    """'bf16' where matmuls run in bf16 (autocast or bf16 weights), else 'fp32'."""
+    return "bf16" if dtype == "bf16-weights" or autocast_dtype(dtype, on_gpu) is not None \
+        else "fp32"
 
 
 def score_sorted(models: Sequence[Any], values: np.ndarray, lengths: np.ndarray,

@@ -275,12 +275,13 @@ class PackedScorer:
     models: HF causal LMs (logits = head(last hidden state)), on `device`. attention "varlen"
     or "mask"; row_tokens: the row length for "mask" (at least the longest sequence).
     compile_mode: None, or a torch.compile mode ("default", "reduce-overhead", "max-autotune");
-    compiled batches have a fixed shape.
+    compiled batches have a fixed shape. ce: how the head's cross-entropy runs (`token_ce`).
     """
 
     def __init__(self, models: Sequence[Any], device: Any, batch_tokens: int,
                  attention: str = "varlen", row_tokens: int = 512, amp_dtype: Any = None,
-                 compile_mode: str | None = None, chunk_rows: int | None = None) -> None:
+                 compile_mode: str | None = None, chunk_rows: int | None = None,
+                 ce: str = "auto") -> None:
         import torch
 
         if attention not in ATTENTIONS:
@@ -288,6 +289,7 @@ class PackedScorer:
         self.models, self.device = list(models), torch.device(device)
         self.batch_tokens, self.attention, self.row_tokens = batch_tokens, attention, row_tokens
         self.amp_dtype, self.chunk_rows, self.compile_mode = amp_dtype, chunk_rows, compile_mode
+        self.ce = ce
         self.on_gpu = self.device.type == "cuda"
         self.fused_varlen = attention == "varlen" and varlen_kernel_available(self.device)
         if attention == "varlen":
@@ -361,7 +363,8 @@ class PackedScorer:
                     hidden = self._forward[t](input_ids=ids, position_ids=pos_ids,
                                               use_cache=False, **kwargs).last_hidden_state
                     picked = hidden.reshape(n_ids, -1).index_select(0, pos)  # (K, H)
-                    per_token[t].append(token_ce(self._heads[t], picked, tgt, self.chunk_rows))
+                    per_token[t].append(token_ce(self._heads[t], picked, tgt, self.chunk_rows,
+                                                    self.ce))
                     if self.on_gpu:
                         end.record()
                         events.append((t, start, end))

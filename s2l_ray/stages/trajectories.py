@@ -294,13 +294,14 @@ class TrajectoryScorer:
         import ray
         import torch
 
-        from s2l_ray.core.losses import autocast_dtype
+        from s2l_ray.core.losses import autocast_dtype, weights_dtype
 
         if not use_gpu:
             torch.set_num_threads(max(1, int(cpus)))
         self.device = torch.device("cuda" if use_gpu else "cpu")  # Ray sets CUDA_VISIBLE_DEVICES
         self.amp = autocast_dtype(dtype, use_gpu)
-        self.models = [load_checkpoint(p, trust_remote_code).to(self.device) for p in paths]
+        self.models = [load_checkpoint(p, trust_remote_code).to(self.device, weights_dtype(dtype))
+                       for p in paths]
         self.batch_tokens = batch_tokens
         self.out_dir, self.groups, self.key = Path(out_dir), groups, key
         self.scorer = make_scorer(scorer, self.models, self.device, batch_tokens, self.amp,
@@ -535,7 +536,7 @@ def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from s2l_ray.core.losses import ScoreStats, autocast_dtype
+    from s2l_ray.core.losses import ScoreStats, compute_dtype_name
     from s2l_ray.stages.given import import_trajectories
     from s2l_ray.stages.train_ref import load_manifest
 
@@ -599,5 +600,5 @@ def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
         "actors_started": started,
         "actors_used": len({m["pid"] for m in scored if m["rows"]}),
         "device": "GPU" if use_gpu else "CPU",
-        "compute_dtype": "fp32" if autocast_dtype(t.dtype, use_gpu) is None else "bf16",
+        "compute_dtype": compute_dtype_name(t.dtype, use_gpu),
         "nonfinite_losses": checked["nonfinite_losses"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import numpy as np
@@ -9,12 +10,15 @@ import pytest
 import torch
 
 from s2l_ray.core.losses import (
+    compute_dtype_name,
     pack_batch,
     padded,
     plan_batches,
     response_losses,
     score_block,
     score_sorted,
+    token_ce,
+    weights_dtype,
 )
 from s2l_ray.core.tokens import labels_for
 from tests.lm_models import llama, neox
@@ -141,6 +145,37 @@ def test_bf16_autocast_is_close(models, rows) -> None:
                              torch.device("cpu"), amp_dtype=torch.bfloat16)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, ref, rtol=0.02, atol=0.05)
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_token_ce_logsumexp_equals_log_softmax(chunk) -> None:
+    """The CUDA default ('lse': logsumexp - target logit, no (c, V) log-probabilities) gives
+    F.cross_entropy's value; checked here on CPU, where 'auto' keeps log_softmax."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, VOCAB, bias=False)
+    picked, targets = torch.randn(23, 16) * 3, torch.randint(0, VOCAB, (23,))
+    with torch.inference_mode():
+        ref = torch.nn.functional.cross_entropy(head(picked), targets, reduction="none")
+        lse = token_ce(head, picked, targets, chunk, ce="lse")
+        auto = token_ce(head, picked, targets, chunk)
+    np.testing.assert_allclose(lse.numpy(), ref.numpy(), rtol=0, atol=1e-5)
+    assert torch.equal(auto, token_ce(head, picked, targets, chunk, ce="log_softmax"))
+    with pytest.raises(ValueError, match="ce must be one of"):
+        token_ce(head, picked, targets, ce="fast")
+
+
+def test_bf16_weights_policy(models, rows) -> None:
+    """trajectories.dtype=bf16-weights: weights cast to bf16, no autocast; close to float32."""
+    assert weights_dtype("bf16-weights") == torch.bfloat16
+    assert weights_dtype("auto") == weights_dtype("bf16") == torch.float32
+    assert [compute_dtype_name(d, False) for d in ("auto", "fp32", "bf16", "bf16-weights")] == [
+        "fp32", "fp32", "bf16", "bf16"]
+    ids, n_prompt = rows
+    ref, _, _ = _ours(models, ids, n_prompt, 256)
+    got, _, _ = _ours([copy.deepcopy(m).to(weights_dtype("bf16-weights")) for m in models],
+                      ids, n_prompt, 256)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=0.03, atol=0.08)
 
 
 def test_score_block_ignores_row_order(models, rows) -> None:
