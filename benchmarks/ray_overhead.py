@@ -1,10 +1,10 @@
 """Benchmark: Ray Data overhead of the trajectory stage, against the bare scorer, same data.
 
-  stage: the stage's Ray Data pipeline (`stages.trajectories._score`): read the examples
-         Parquet, add hash groups, shuffle by group, score in a TrajectoryScorer actor (one per
-         GPU, or one CPU actor), write Parquet. Timed from the call to the written files, with
-         Ray already started (a run starts it once for every stage); the actor's start and
-         model loading count, as they do in a run.
+  stage: the stage's Ray Data pipeline (`stages.trajectories._score`): one work unit per
+         position group (planned from the Parquet footers), each read, scored and written by a
+         TrajectoryScorer actor (one per GPU, or one CPU actor). Timed from the call to the
+         written files, with Ray already started (a run starts it once for every stage); the
+         actor's start and model loading count, as they do in a run.
   bare:  the same scorer (`trajectories.scorer`) called in this process on the same rows, with
          the same groups (`with_groups` + `score_block` per group), models already loaded.
 
@@ -77,6 +77,7 @@ def bare(examples: Path, paths: list[str], groups: int, batch_tokens: int, use_g
     import torch
 
     from s2l_ray.core.losses import autocast_dtype, score_block
+    from s2l_ray.io.parquet import parquet_files
     from s2l_ray.stages.trajectories import (
         INPUT_COLUMNS,
         load_checkpoint,
@@ -90,7 +91,9 @@ def bare(examples: Path, paths: list[str], groups: int, batch_tokens: int, use_g
     amp = autocast_dtype("auto", use_gpu)
     models = [load_checkpoint(p).to(device) for p in paths]
     scorer = make_scorer(scorer_kind, models, device, batch_tokens, amp, compile_mode)
-    table = with_groups(pq.read_table(examples, columns=INPUT_COLUMNS), groups)
+    # The parts in sorted order: the global row order the stage's groups are cut from.
+    table = with_groups(pq.read_table(parquet_files(examples, "ingest"), columns=INPUT_COLUMNS),
+                        groups)
     first = table.filter(pc.equal(table["group"], 0))
     score_block(models, first.slice(0, 16), batch_tokens, device, amp, scorer)  # warm-up
     if use_gpu:
@@ -130,9 +133,9 @@ def stage(examples: Path, tmp: Path, paths: list[str], groups: int, cfg: Any,
     original, traj.TrajectoryScorer = traj.TrajectoryScorer, TimedScorer
     try:
         started = time.time()
+        plan, key = traj.examples_plan(examples, groups, n)  # footers only, as the stage does
         # No group done by an earlier run: every group is scored, as in a first run.
-        _, progress = traj._score(cfg, examples, tmp, paths, groups, {},
-                                  traj.checkpoints_key(paths), use_gpu, sink, n)
+        _, progress = traj._score(cfg, tmp, paths, plan, {}, key, use_gpu, sink, n)
         wall = progress["seconds"]
         ended = time.time()
     finally:
@@ -194,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# Ray Data overhead of the trajectory stage ({dev}, torch {torch.__version__})", "",
         f"{n} examples ({tokens} tokens, lengths 16-{args.max_length} log-normal), model "
         f"{model}, T={args.checkpoints}, scorer `{t.scorer}` (compile {t.compile}), "
-        f"{batch_tokens} tokens per batch, {groups} groups, 1 actor. Stage = read + group + "
-        "shuffle + actor start and model load + score + write, Ray already up (the second row "
+        f"{batch_tokens} tokens per batch, {groups} groups, 1 actor. Stage = plan groups (footers)"
+        " + actor start and model load + read + score + write, Ray already up (the second row "
         "starts the clock when the actor has loaded its models: the part that grows with the "
         "data); bare = the same scorer on the same groups in one process, models loaded.", "",
         "| path | seconds | examples/s | tokens/s | bare / stage |",

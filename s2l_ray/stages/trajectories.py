@@ -1,24 +1,32 @@
 """Stage `trajectories`: every example's loss under every reference checkpoint (the N x T matrix).
 
-    ingest/examples -> + group = hash(id) % G -> hash shuffle by group -> map_batches(
-        TrajectoryScorer actors, all T checkpoints on one device, each group written by the
-        actor) -> trajectories/group-GGGGG-of-NNNNN.parquet (id, source, n_response_tokens,
-        losses[T]) + manifest.json (the T checkpoints, in column order)
+    driver: ingest/examples/*.parquet footers -> G groups, each a contiguous range of rows (by
+        position over the parts in sorted order) -> one work unit per group still to score
+    Ray Data: units -> map_batches(TrajectoryScorer actors: read the group's rows (pyarrow,
+        its file slices), all T checkpoints on one device, write the group's file) ->
+        trajectories/group-GGGGG-of-NNNNN.parquet (id, source, n_response_tokens, losses[T])
+        + manifest.json (the T checkpoints, in column order)
 
 One pass: each batch crosses to the device once and goes through all T models. The math is in
 `core.losses` (Ray-free). A group is one scoring window (rows sorted by (n_tokens, id), sliced
-into batches of `batch_tokens` padded tokens), and an example's group depends on its id only: so
-which rows share a batch never depends on the number of actors or blocks, and the losses are
-bitwise the same whatever the parallelism (on the same hardware and software). The price is one
-hash shuffle of the input. Checkpoints are checked on the driver before any Ray Data work; at the
-end, per-block id digests and Parquet footers prove that no example was lost or duplicated.
+into batches of `batch_tokens` padded tokens), and an example's group depends on its position in
+ingest's output only (deterministic: row for row the same for the same input): so which rows
+share a batch never depends on the number of actors, blocks or nodes, and the losses are
+bitwise the same whatever the parallelism (on the same hardware and software). The groups are
+planned from Parquet footers (row counts), so no data moves before scoring: the actors read
+their rows themselves, and the first group is scored as soon as an actor is up (an earlier
+version hash-shuffled the examples by group, an all-to-all barrier that held back all scoring).
+Checkpoints are checked on the driver before any Ray Data work; at the end, an id digest of
+ingest's output (read on the driver, apart from the plan) against the group files' digests and
+footers proves that no example was lost or duplicated.
 
 Resume: each group's file is published atomically (written as a hidden .part, then renamed)
 with its id digest in its metadata. A rerun after a kill (driver or whole cluster lost) keeps
 the work folder, checks every group file there (`check_group`: it decodes, and its rows match
-its metadata, group and checkpoints), deletes the rest, and scores only the missing groups; the
-exactly-once check then covers all of them. A group's losses depend on its rows only, so the
-result is the same (bitwise on the same hardware) as an uninterrupted run's.
+its metadata, its group's planned row count, and the resume key: checkpoints, grouping scheme
+and ingest's parts), deletes the rest, and scores only the missing groups; the exactly-once
+check then covers all of them. A group's losses depend on its rows only, so the result is the
+same (bitwise on the same hardware) as an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ import json
 import logging
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +51,9 @@ WINDOW_BATCHES = 16  # a group holds about this many batches: enough rows to sor
 ACTOR_START_TIMEOUT_S = 900  # an autoscaler may need minutes to add GPU nodes
 MIN_GROUPS = 16  # small data sets: at least this many groups (work units for the actors)
 INPUT_COLUMNS = ["id", "source", "input_ids", "n_prompt_tokens", "n_tokens"]
+# Part of the resume key: group files made under another grouping (the earlier hash(id) % G
+# groups) hold other rows, and are never reused.
+GROUPING = "position-v1"
 
 
 class TrajectoryError(S2LError):
@@ -67,31 +80,112 @@ def id_digest(ids: list[str]) -> dict[str, int]:
     return {"rows": len(ids), "h1": h1, "h2": h2}
 
 
-def with_groups(batch: Any, groups: int) -> Any:
-    """The batch (pyarrow) plus column `group`: a hash of the id, so it ignores the layout."""
+def group_starts(rows: int, groups: int) -> list[int]:
+    """First global row of each group, plus `rows` at the end: group g is rows
+    [starts[g], starts[g + 1]). Balanced (sizes differ by one at most) rather than a fixed size
+    with a short last group, which would leave trailing groups empty whenever ceil(rows / G)
+    rows per group reach the end early (e.g. 100 rows, 16 groups of 7). At most `rows` groups,
+    so none is empty."""
+    groups = max(1, min(groups, rows))
+    return [g * rows // groups for g in range(groups + 1)]
+
+
+def plan_groups(files: list[str], counts: list[int], groups: int
+                ) -> list[list[tuple[str, int, int]]]:
+    """Each group's file slices [(file, first row in the file, rows)], from the files' row
+    counts (their Parquet footers) in the given (sorted) order: group g holds the global rows
+    [starts[g], starts[g + 1]) of `group_starts`, across file boundaries where it must. Empty
+    files are skipped; no rows, no groups."""
+    if len(files) != len(counts):
+        raise ValueError(f"{len(files)} files but {len(counts)} row counts")
+    total = sum(counts)
+    if not total:
+        return []
+    starts = group_starts(total, groups)
+    plan: list[list[tuple[str, int, int]]] = []
+    f, first = 0, 0  # the file holding the next row, and its first global row
+    for lo, hi in pairwise(starts):
+        slices = []
+        while lo < hi:
+            while first + counts[f] <= lo:  # skip files wholly before this row (or empty)
+                first += counts[f]
+                f += 1
+            take = min(hi, first + counts[f]) - lo
+            slices.append((files[f], lo - first, take))
+            lo += take
+        plan.append(slices)
+    return plan
+
+
+def with_groups(table: Any, groups: int) -> Any:
+    """The table (pyarrow, rows in global order: ingest's parts in sorted order) plus column
+    `group`: the stage's position groups, for scoring every group in one process
+    (`score_block`) as the stage does (benchmarks, tests)."""
+    import numpy as np
     import pyarrow as pa
 
-    keys = [hash128(i)[0] % groups for i in batch["id"].to_pylist()]
-    return batch.append_column("group", pa.array(keys, pa.int64()))
+    starts = group_starts(table.num_rows, groups)
+    keys = np.searchsorted(np.asarray(starts[1:]), np.arange(table.num_rows), side="right")
+    return table.append_column("group", pa.array(keys, pa.int64()))
 
 
-def _add_group(batch: Any, groups: int, sink: Any, done: frozenset[int] = frozenset()) -> Any:
-    """with_groups, reporting the block's id digest (the input side of the final check, over
-    every row), then dropping the rows of groups already scored (`done`, a resumed run)."""
+def read_slices(slices: list[tuple[str, int, int]], columns: list[str]) -> Any:
+    """A group's rows (pyarrow): each file's slice, reading only the row groups it overlaps and
+    the given columns. Raises ValueError if a file holds fewer rows than planned (it changed)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
-    import ray
+    import pyarrow.parquet as pq
 
-    digest = id_digest(batch["id"].to_pylist())
-    out = with_groups(batch, groups)
-    if done:
-        skip = pa.array(sorted(done), pa.int64())
-        out = out.filter(pc.invert(pc.is_in(out["group"], value_set=skip)))
-    # Rows per group still to score: the scorer knows a group is whole when it has them all.
-    # Sent before the shuffle ends (an all-to-all barrier), so complete when scoring starts.
-    vc = pc.value_counts(out["group"]).to_pylist()
-    ray.get(sink.add.remote("input", digest, {int(x["values"]): x["counts"] for x in vc}))
-    return out
+    parts = []
+    for path, offset, rows in slices:
+        pf = pq.ParquetFile(path)
+        wanted, start, first = [], 0, None
+        for i in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(i).num_rows
+            if start < offset + rows and start + n > offset:
+                wanted.append(i)
+                first = start if first is None else first
+            start += n
+        got = pf.read_row_groups(wanted, columns=columns).slice(offset - (first or 0), rows)
+        if got.num_rows != rows:
+            raise ValueError(f"{path}: {got.num_rows} rows from row {offset}, {rows} planned; "
+                             "the examples changed during the stage")
+        parts.append(got)
+    return pa.concat_tables(parts)
+
+
+def examples_plan(examples: Path, groups: int, valid: int
+                  ) -> tuple[list[list[tuple[str, int, int]]], str]:
+    """(the groups' file slices, the plan's key) for ingest's examples folder, from footers
+    only. The key names the grouping scheme and every part (name, rows, bytes): a group file
+    is reused only under the same plan. Raises TrajectoryError if the parts do not hold
+    ingest's `valid` rows."""
+    import pyarrow.parquet as pq
+
+    from s2l_ray.io.parquet import parquet_files
+
+    files = parquet_files(examples, "ingest")
+    counts = [pq.read_metadata(f).num_rows for f in files]
+    if sum(counts) != valid:
+        raise TrajectoryError(f"ingest's report counts {valid} valid examples, but {examples} "
+                              f"holds {sum(counts)} rows. Fix: delete the ingest folder and "
+                              "rerun `s2l ingest`")
+    plan = plan_groups(files, counts, groups)
+    h = hashlib.sha256(f"{GROUPING} {len(plan)}\0".encode())
+    for f, n in zip(files, counts):
+        h.update(f"{Path(f).name}:{n}:{Path(f).stat().st_size}\0".encode())
+    return plan, h.hexdigest()[:16]
+
+
+def input_digests(examples: Path) -> list[dict[str, Any]]:
+    """Id digest of every part of ingest's output, read on the driver apart from the plan (the
+    input side of the exactly-once check): a slicing error that read a row twice, or none, in
+    the actors cannot also be in it. One part at a time: only its id column is held."""
+    import pyarrow.parquet as pq
+
+    from s2l_ray.io.parquet import parquet_files
+
+    return [{"side": "input", **id_digest(pq.read_table(f, columns=["id"])["id"].to_pylist())}
+            for f in parquet_files(examples, "ingest")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,16 +242,19 @@ def write_group(folder: Path, group: int, groups: int, table: Any, key: str,
     return meta
 
 
-def check_group(path: Path, groups: int, key: str) -> dict[str, Any]:
+def check_group(path: Path, sizes: list[int], key: str) -> dict[str, Any]:
     """The metadata of a complete, trustworthy group file, or ValueError saying why not.
+    `sizes`: rows per group of this run's plan; `key`: the resume key (checkpoints, grouping
+    scheme and ingest's parts, so the same plan means the same rows in each group).
 
     The whole file is read (a truncated or damaged file fails to decode), and its rows must
-    match its metadata: same row count and id digest, every id in this group, the same group
-    count and checkpoints key, the same count of non-finite losses."""
+    match its metadata: same row count and id digest, the group's planned row count, the same
+    group count and key, the same count of non-finite losses."""
     import pyarrow.parquet as pq
 
+    groups = len(sizes)
     m = GROUP_FILE.fullmatch(path.name)
-    if not m or int(m.group(2)) != groups:
+    if not m or int(m.group(2)) != groups or int(m.group(1)) >= groups:
         raise ValueError(f"not a group file of this run ({groups} groups)")
     group = int(m.group(1))
     try:
@@ -168,19 +265,18 @@ def check_group(path: Path, groups: int, key: str) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise ValueError("no group metadata")
     if (meta.get("group"), meta.get("groups"), meta.get("key")) != (group, groups, key):
-        raise ValueError("made for another group, group count or checkpoints")
-    ids = table["id"].to_pylist()
-    got = id_digest(ids)
+        raise ValueError("made for another group, group count, checkpoints or examples")
+    got = id_digest(table["id"].to_pylist())
     if any(meta.get(k) != got[k] for k in ("rows", "h1", "h2")):
         raise ValueError("its rows do not match its metadata")
-    if any(hash128(i)[0] % groups != group for i in ids):
-        raise ValueError("holds ids of another group")
+    if got["rows"] != sizes[group]:
+        raise ValueError(f"holds {got['rows']} rows, its group has {sizes[group]}")
     if _nonfinite(table) != meta.get("nonfinite"):
         raise ValueError("its losses do not match its metadata")
     return meta
 
 
-def reusable_groups(folder: Path, groups: int, key: str) -> dict[int, dict[str, Any]]:
+def reusable_groups(folder: Path, sizes: list[int], key: str) -> dict[int, dict[str, Any]]:
     """Group files a killed run left complete in `folder`: {group: metadata}. Everything else
     (half-written .part files, damaged or foreign files) is deleted, so it is scored again."""
     found: dict[int, dict[str, Any]] = {}
@@ -189,7 +285,7 @@ def reusable_groups(folder: Path, groups: int, key: str) -> dict[int, dict[str, 
             f.unlink()
         elif f.suffix == ".parquet":
             try:
-                meta = check_group(f, groups, key)
+                meta = check_group(f, sizes, key)
             except ValueError as e:
                 log.warning("trajectories: scoring %s again: %s", f.name, e)
                 f.unlink()
@@ -278,14 +374,10 @@ def same_tokenizer(paths: list[str], trust_remote_code: bool, fix: str) -> str:
 
 
 class TrajectoryScorer:
-    """Ray Data callable class: all T checkpoints on one device; scores whole groups and
-    publishes each group's file itself (`write_group`). Returns one small summary row per
-    group (its metadata as JSON): only those reach the driver.
-
-    A group's rows are in one block, and Ray Data hands a block's batches to one actor call
-    in order, but a batch can hold part of a group (Ray Data needs an integer batch_size
-    when an actor asks for a GPU): rows wait in `pending` until their group is whole (its
-    row count, from the sink), and a group is scored once, whole."""
+    """Ray Data callable class: all T checkpoints on one device. Each input row is a work unit
+    (`group`, and `slices`: its file slices as JSON); the actor reads the group's rows itself,
+    scores the group whole and publishes its file (`write_group`). Returns one small summary row
+    per group (its metadata as JSON): only those reach the driver."""
 
     def __init__(self, paths: list[str], batch_tokens: int, dtype: str, use_gpu: bool,
                  cpus: float, out_dir: str, groups: int, key: str, sink: Any,
@@ -306,42 +398,23 @@ class TrajectoryScorer:
         self.out_dir, self.groups, self.key = Path(out_dir), groups, key
         self.scorer = make_scorer(scorer, self.models, self.device, batch_tokens, self.amp,
                                   compile_mode)
-        self.sink, self.expected = sink, None
-        self.pending: dict[int, list[Any]] = {}  # group -> its rows seen so far (tables)
         ray.get(sink.actor_ready.remote(os.getpid()))  # counted in the report
 
-    def _whole_groups(self, batch: Any) -> list[tuple[int, Any]]:
-        """Add the batch's rows to their groups; pop and return the groups now whole."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        import ray
-
-        if self.expected is None:
-            self.expected = ray.get(self.sink.group_rows.remote())
-        whole = []
-        for g in sorted(pc.unique(batch["group"]).to_pylist()) if batch.num_rows else []:
-            parts = self.pending.setdefault(g, [])
-            parts.append(batch.filter(pc.equal(batch["group"], g)))
-            have, want = sum(t.num_rows for t in parts), self.expected.get(g)
-            if want is None or have > want:
-                raise RuntimeError(f"group {g}: {have} rows reached the scorer, {want} were "
-                                   "read; Ray Data split or duplicated a group")
-            if have == want:
-                whole.append((g, pa.concat_tables(self.pending.pop(g))))
-        return whole
-
-    def __call__(self, block: Any) -> Any:
+    def __call__(self, units: Any) -> Any:
         import pyarrow as pa
 
         from s2l_ray.core.losses import score_block
 
         summaries = []
-        for g, rows in self._whole_groups(block):
-            # One group per score_block call: its own window, whatever else shares the block.
+        for g, slices in zip(units["group"].to_pylist(), units["slices"].to_pylist()):
+            slices = [tuple(s) for s in json.loads(slices)]
+            rows = read_slices(slices, INPUT_COLUMNS)
+            # One group per score_block call: its own window (score_block windows by `group`).
+            rows = rows.append_column("group", pa.array([g] * rows.num_rows, pa.int64()))
             out, stats = score_block(self.models, rows, self.batch_tokens, self.device,
                                      self.amp, self.scorer)
             meta = write_group(self.out_dir, g, self.groups, out, self.key, stats)
-            summaries.append(json.dumps({**meta, "pid": os.getpid(),
+            summaries.append(json.dumps({**meta, "pid": os.getpid(), "slices": len(slices),
                                          "seconds_per_checkpoint": stats.seconds_per_checkpoint}))
         return pa.table({"summary": pa.array(summaries, pa.string())})
 
@@ -359,40 +432,17 @@ def make_scorer(kind: str, models: list[Any], device: Any, batch_tokens: int, am
 
 
 class _StatsSink:
-    """Collects one digest per input block and per actor call (a few numbers each).
-
-    Keyed by content, so a block that Ray retries after a failure is counted once.
-    """
+    """Counts the scorer actors that loaded their checkpoints (a restarted actor counts again),
+    for the report: the scored groups' summaries come back through Ray Data itself."""
 
     def __init__(self) -> None:
-        self.parts: dict[tuple[Any, ...], dict[str, Any]] = {}
-        self.counts: dict[tuple[Any, ...], dict[int, int]] = {}
-        self.actors: set[int] = set()  # pids of scorer actors that loaded their checkpoints
+        self.actors: set[int] = set()  # pids
 
     def actor_ready(self, pid: int) -> None:
         self.actors.add(pid)
 
     def actors_ready(self) -> int:
         return len(self.actors)
-
-    def add(self, side: str, part: dict[str, Any], counts: dict[int, int] | None = None
-            ) -> None:
-        """counts: for an input block, its rows per group to score (after resume's drop)."""
-        key = (side, part["rows"], part["h1"], part["h2"])
-        self.parts[key] = {"side": side, **part}
-        if counts is not None:
-            self.counts[key] = counts
-
-    def get(self) -> list[dict[str, Any]]:
-        return list(self.parts.values())
-
-    def group_rows(self) -> dict[int, int]:
-        """Rows per group over every input block (each block once, however often retried)."""
-        total: dict[int, int] = {}
-        for c in self.counts.values():
-            for g, n in c.items():
-                total[g] = total.get(g, 0) + n
-        return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,7 +452,8 @@ class _StatsSink:
 def verify_output(parts: list[dict[str, Any]], valid: int, out: Path) -> dict[str, Any]:
     """Rows read = rows scored = rows in the written files = ingest's valid count, and the same
     id multiset read and scored. Input ids are unique (ingest dedupes), so the output's are too.
-    Works on per-block digests and Parquet footers: nothing is collected. Raises otherwise."""
+    Works on per-part and per-group digests and Parquet footers: nothing is collected. Raises
+    otherwise."""
     import pyarrow.parquet as pq
 
     tot = {s: {"rows": 0, "h1": 0, "h2": 0, "nonfinite": 0} for s in ("input", "output")}
@@ -427,54 +478,52 @@ def verify_output(parts: list[dict[str, Any]], valid: int, out: Path) -> dict[st
     return {"rows": n_out, "nonfinite_losses": tot["output"]["nonfinite"]}
 
 
-def _score(cfg: S2LConfig, examples: Path, tmp: Path, paths: list[str], groups: int,
+def _score(cfg: S2LConfig, tmp: Path, paths: list[str], plan: list[list[tuple[str, int, int]]],
            done: dict[int, dict[str, Any]], key: str, use_gpu: bool, sink: Any,
            total: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The Ray Data pipeline: read, group, drop the groups in `done`, shuffle, score and write
-    each group (in the actors). Returns (one summary per group scored, progress figures)."""
+    """The Ray Data pipeline: one work unit per group of `plan` not in `done`, streamed through
+    the scorer actors (each reads, scores and writes its groups). Returns (one summary per
+    group scored, progress figures)."""
     import ray
     import ray.data
 
     from s2l_ray.stages.progress import stage_progress
 
     t, trust = cfg.trajectories, cfg.reference.trust_remote_code
-    # A block that keeps failing fails the stage, never skipped (Ray Data's default, restated
+    # A unit that keeps failing fails the stage, never skipped (Ray Data's default, restated
     # in case something in this process raised it).
     ctx = ray.data.DataContext.get_current()
     ctx.max_errored_blocks = 0
     # Start scoring only once every actor has loaded its T checkpoints: otherwise the first
-    # actor up takes the blocks while the others are still loading.
+    # actor up takes the units while the others are still loading.
     ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
-    ds = ray.data.read_parquet(str(examples)).select_columns(INPUT_COLUMNS)
-    ds = ds.map_batches(_add_group, batch_format="pyarrow",
-                        fn_kwargs={"groups": groups, "sink": sink, "done": frozenset(done)})
-    ds = ds.repartition(groups, keys=["group"])  # a group's rows meet in one block
-    # An integer batch (Ray Data requires one for GPU actors) of about half a group: each
-    # bundle is then one block, so blocks spread over the actors; the scorer joins a group's
-    # batches before scoring it.
-    rows_per_batch = max(1, total // max(1, groups) // 2)
+    units = [{"group": g, "slices": json.dumps(s)} for g, s in enumerate(plan) if g not in done]
+    # One block per unit, so each is its own actor task, handed to whichever actor is free.
+    ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
     ds = ds.map_batches(
-        TrajectoryScorer, batch_size=rows_per_batch, batch_format="pyarrow",
-        # One block (a whole length group) per actor at a time: queueing several on the first
-        # actor up would leave the others idle when there are few groups.
+        TrajectoryScorer, batch_size=1, batch_format="pyarrow",
+        # One group per actor at a time: queueing several on the first actor up would leave
+        # the others idle when there are few groups. (Two in flight would only prefetch the
+        # tiny unit row, not the group's read, which runs inside the call.)
         compute=ray.data.ActorPoolStrategy(size=t.concurrency, max_tasks_in_flight_per_actor=1),
         num_cpus=t.cpus_per_actor,
         **({"num_gpus": 1} if use_gpu else {}),
         # No retry arguments: Ray Data already restarts pool actors lost with their node and
-        # reruns their blocks (max_restarts=-1, max_task_retries=-1), and the ray_remote_args
+        # reruns their units (max_restarts=-1, max_task_retries=-1), and the ray_remote_args
         # that would set them are deprecated. tests/e2e/test_fault_tolerance.py guards this.
         fn_constructor_kwargs={"paths": paths, "batch_tokens": t.batch_tokens, "dtype": t.dtype,
                                "use_gpu": use_gpu, "cpus": t.cpus_per_actor, "out_dir": str(tmp),
-                               "groups": groups, "key": key, "sink": sink,
+                               "groups": len(plan), "key": key, "sink": sink,
                                "trust_remote_code": trust,
                                "scorer": t.scorer, "compile_mode": t.compile})
     scored: list[dict[str, Any]] = []
     # Summaries stream back as groups finish: the progress count, at no extra cost.
     with stage_progress(cfg, "trajectories", total, rate_unit="ex/s") as progress:
         try:
-            for row in ds.iter_rows():
-                scored.append(json.loads(row["summary"]))
-                progress.add(scored[-1]["rows"])
+            if units:  # all reused: no actor to start
+                for row in ds.iter_rows():
+                    scored.append(json.loads(row["summary"]))
+                    progress.add(scored[-1]["rows"])
         except ray.exceptions.GetTimeoutError as e:
             raise TrajectoryError(
                 f"the {t.concurrency} scoring actors did not all start within "
@@ -485,11 +534,11 @@ def _score(cfg: S2LConfig, examples: Path, tmp: Path, paths: list[str], groups: 
 
 
 def digests(scored: list[dict[str, Any]], reused: dict[int, dict[str, Any]],
-            sink_parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The parts verify_output checks: the input digests, and one output digest per group file
-    (scored now or reused). A group reported twice with the same rows (a block Ray reran; its
+    (scored now or reused). A group reported twice with the same rows (a unit Ray reran; its
     file was replaced by the same bytes) counts once; with other rows, twice, and fails."""
-    parts, seen = list(sink_parts), set()
+    parts, seen = list(inputs), set()
     for m in [*reused.values(), *scored]:
         k = (m["group"], m["rows"], m["h1"], m["h2"])
         if k not in seen:
@@ -547,22 +596,28 @@ def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
     manifest = load_manifest(inputs["train-ref"])
     paths = [m["path"] for m in manifest]
     use_gpu = _use_gpu(cfg)
-    groups = n_groups(rep["valid"], rep["tokens"], t.batch_tokens)
-    key = checkpoints_key(paths)
-    reused = reusable_groups(tmp, groups, key)  # tmp is kept from an interrupted run
+    examples = inputs["ingest"] / "examples"
+    plan, plan_key = examples_plan(
+        examples, n_groups(rep["valid"], rep["tokens"], t.batch_tokens), rep["valid"])
+    groups = len(plan)
+    # The resume key: the checkpoints and the plan (grouping scheme, ingest's parts).
+    key = hashlib.sha256(f"{checkpoints_key(paths)} {plan_key}".encode()).hexdigest()[:16]
+    reused = reusable_groups(tmp, [sum(n for *_, n in g) for g in plan], key)  # kept from a kill
     log.info("trajectories: %d examples x %d checkpoints, %d groups (%d done by an earlier run),"
              " %d %s actors", rep["valid"], len(paths), groups, len(reused), t.concurrency,
              "GPU" if use_gpu else "CPU")
-    # On the driver's node: its digests cannot be rebuilt, so it must not die with a worker node
+    # On the driver's node: it must not die with a worker node while the actors report to it
     # (losing the driver's node ends the run anyway).
     sink = ray.remote(num_cpus=0)(_StatsSink).options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(
             ray.get_runtime_context().get_node_id(), soft=False)).remote()
     todo = rep["valid"] - sum(m["rows"] for m in reused.values())
     try:
-        scored, progress = _score(cfg, inputs["ingest"] / "examples", tmp, paths, groups,
-                                  reused, key, use_gpu, sink, todo)
-        parts = digests(scored, reused, ray.get(sink.get.remote()))
+        # The input side of the exactly-once check, read while the actors score.
+        with ThreadPoolExecutor(1) as pool:
+            read = pool.submit(input_digests, examples)
+            scored, progress = _score(cfg, tmp, paths, plan, reused, key, use_gpu, sink, todo)
+            parts = digests(scored, reused, read.result())
         started = ray.get(sink.actors_ready.remote())
     finally:
         ray.kill(sink)
@@ -593,10 +648,13 @@ def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
         "tokens_per_s": scored_tokens / wall if wall else None,
         "seconds_per_checkpoint": stats.seconds_per_checkpoint,
         "batches": stats.batches, **resume, "actors": t.concurrency,
-        "blocks_read": sum(p["side"] == "input" for p in parts),
+        # ingest's part files, and the file slices this run's actors read (a group across a
+        # part boundary reads two)
+        "parts": sum(p["side"] == "input" for p in parts),
+        "slices_read": sum(m["slices"] for m in scored),
         # actor processes that loaded the checkpoints (a restarted actor counts again), and
-        # those that scored a group: Ray Data hands each block to the least busy actor, so
-        # when groups score faster than the shuffle emits them, one actor may do them all.
+        # those that scored a group: Ray Data hands each unit to the least busy actor, so
+        # when groups score faster than an actor takes its next, one actor may do several.
         "actors_started": started,
         "actors_used": len({m["pid"] for m in scored if m["rows"]}),
         "device": "GPU" if use_gpu else "CPU",

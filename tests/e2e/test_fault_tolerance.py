@@ -65,17 +65,15 @@ def _losses(folder: Path) -> tuple[list[str], np.ndarray]:
 
 def _undisturbed(cfg) -> tuple[list[str], np.ndarray]:
     """The stage's result computed in this process without Ray: every group scored whole, as
-    one actor call would. The stage's output does not depend on actors or blocks (groups come
-    from ids), so an undisturbed run of the stage gives exactly this."""
-    import pyarrow.dataset as pads
-
+    one actor call would. The stage's output does not depend on actors or blocks (groups are
+    ranges of ingest's rows in order), so an undisturbed run of the stage gives exactly this."""
     from s2l_ray.core.losses import score_block
+    from s2l_ray.io.parquet import parquet_files
     from s2l_ray.stages.trajectories import INPUT_COLUMNS, load_checkpoint, n_groups, with_groups
 
     ingest = stage_for(cfg, "ingest")
     rep, batch_tokens = ingest.report(), cfg.trajectories.batch_tokens
-    table = pads.dataset(str(ingest.path / "examples"), format="parquet").to_table(
-        columns=INPUT_COLUMNS)
+    table = pq.read_table(parquet_files(ingest.path / "examples", "ingest"), columns=INPUT_COLUMNS)
     table = with_groups(table, n_groups(rep["valid"], rep["tokens"], batch_tokens))
     models = [load_checkpoint(m["path"]) for m in load_manifest(stage_for(cfg, "train-ref").path)]
     out, _ = score_block(models, table, batch_tokens, torch.device("cpu"))

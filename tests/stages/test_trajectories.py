@@ -1,5 +1,6 @@
 """Trajectories stage on a real local Ray: HF's losses for every checkpoint, every row exactly
-once, bitwise the same output with 1 or 2 actors and other block counts, clear checkpoint errors.
+once, bitwise the same output with 1 or 2 actors and other part files (groups across part
+boundaries), clear checkpoint errors.
 
 The reference checkpoints are built directly (perturbed copies of the tiny model, published as a
 train_ref stage) instead of trained: the stage only needs T loadable checkpoints. The stage run
@@ -9,7 +10,6 @@ HTML rows, T such checkpoints, trajectories with 1 actor), shared with the tests
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -58,28 +58,17 @@ def _copy_inputs(src_out: Path, dst_out: Path, ref: bool = True) -> None:
         shutil.copytree(src_out / name, dst_out / name)
 
 
-@contextlib.contextmanager
-def _small_blocks(max_bytes: int):
-    """Ray Data cuts blocks at max_bytes (it otherwise reads these small files as one block)."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    old, ctx.target_max_block_size = ctx.target_max_block_size, max_bytes
-    try:
-        yield
-    finally:
-        ctx.target_max_block_size = old
-
-
-def _relayout(examples: Path, n_files: int) -> None:
-    """The same rows in another order, split over n_files files: other blocks for Ray Data."""
-    table = pq.read_table(examples)
-    table = table.take(np.random.default_rng(0).permutation(table.num_rows))
-    for f in examples.glob("*.parquet"):
+def _resplit(examples: Path, sizes: list[int]) -> None:
+    """The same rows in the same order, cut into parts of `sizes` rows (the rest in a last
+    one): other part files, so groups cross part boundaries at other rows."""
+    files = sorted(examples.glob("*.parquet"))
+    table = pq.read_table(files)
+    for f in files:
         f.unlink()
-    step = -(-table.num_rows // n_files)
-    for i in range(n_files):
-        pq.write_table(table.slice(i * step, step), examples / f"part-{i}.parquet")
+    start = 0
+    for i, n in enumerate([*sizes, table.num_rows - sum(sizes)]):
+        pq.write_table(table.slice(start, n), examples / f"part-{i}.parquet")
+        start += n
 
 
 def _table(stage) -> pa.Table:
@@ -145,20 +134,21 @@ def test_same_output_whatever_the_parallelism(base, tmp_path: Path, tiny_ref: st
     cfg, _, stage = base
     other = tmp_path / "out"
     _copy_inputs(Path(cfg.run.output_dir), other)
-    _relayout(other / "ingest" / "examples", 7)
-    with _small_blocks(16 * 1024):
-        two = run_stage(_like(cfg, other, "trajectories.concurrency=2"), "trajectories")
+    # Groups are ranges of ingest's rows in order: other part files (one of a single row, one
+    # empty) hold the same groups, each read from one or several of them.
+    _resplit(other / "ingest" / "examples", [37, 1, 0, 50, 23, 61])
+    two = run_stage(_like(cfg, other, "trajectories.concurrency=2"), "trajectories")
     a, b = _table(stage), _table(two)
     assert b.num_rows == a.num_rows == stage.report()["examples"]
     assert b["id"].to_pylist() == a["id"].to_pylist()  # every id once, none lost
     assert len(set(b["id"].to_pylist())) == b.num_rows
     assert a.equals(b)  # bitwise: ids, sources, counts and every loss
     # Both actors loaded the checkpoints before any scoring began (wait_for_min_actors_s);
-    # which of them scores a group is Ray Data's choice (least busy first, ties to the same
-    # one), and a toy group scores (~10 ms) faster than the shuffle emits the next (~30 ms).
+    # which of them scores a group is Ray Data's choice (least busy first).
     assert two.report()["actors"] == two.report()["actors_started"] == 2
     assert 1 <= two.report()["actors_used"] <= 2
-    assert two.report()["blocks_read"] > stage.report()["blocks_read"]
+    assert two.report()["parts"] == 7 and stage.report()["parts"] < 7
+    assert two.report()["slices_read"] > stage.report()["slices_read"] >= stage.report()["groups"]
 
 
 def test_broken_checkpoint_fails_before_the_pipeline(base, tmp_path: Path, tiny_ref: str) -> None:

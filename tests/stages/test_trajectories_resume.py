@@ -19,7 +19,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from s2l_ray.config import dump_config
-from s2l_ray.core.hashing import hash128
 from s2l_ray.core.losses import ScoreStats
 from s2l_ray.stages.registry import run_stage
 from s2l_ray.stages.trajectories import (
@@ -111,7 +110,7 @@ def test_killed_run_resumes_with_missing_groups_only(tmp_path: Path, ray_local, 
 
 
 def _meta_file(folder: Path, group: int, groups: int, key: str = "k") -> Path:
-    ids = [f"id{i}" for i in range(400) if hash128(f"id{i}")[0] % groups == group][:5]
+    ids = [f"id{group}-{i}" for i in range(5)]
     table = pa.table({"id": ids, "losses": pa.FixedSizeListArray.from_arrays(
         pa.array([0.5] * (2 * len(ids)), pa.float32()), 2)})
     write_group(folder, group, groups, table, key, ScoreStats(tokens=7))
@@ -119,24 +118,27 @@ def _meta_file(folder: Path, group: int, groups: int, key: str = "k") -> Path:
 
 
 def test_group_files_are_checked_before_reuse(tmp_path: Path) -> None:
+    sizes = [5, 5, 5, 5]  # rows per group of the run's plan
     good = _meta_file(tmp_path, 1, 4)
-    assert check_group(good, 4, "k")["rows"] == 5
-    with pytest.raises(ValueError, match="another group, group count or checkpoints"):
-        check_group(good, 4, "other checkpoints")
+    assert check_group(good, sizes, "k")["rows"] == 5
+    with pytest.raises(ValueError, match="another group, group count, checkpoints or examples"):
+        check_group(good, sizes, "another plan or checkpoints")
     with pytest.raises(ValueError, match="not a group file"):
-        check_group(good, 8, "k")
+        check_group(good, [5] * 8, "k")
+    with pytest.raises(ValueError, match="holds 5 rows, its group has 6"):
+        check_group(good, [5, 6, 5, 5], "k")
     # Rows swapped for others with the metadata left as it was.
     bad = _meta_file(tmp_path, 2, 4)
     t = pq.read_table(bad)
     pq.write_table(t.slice(1).replace_schema_metadata(t.schema.metadata), bad)
     with pytest.raises(ValueError, match="do not match its metadata"):
-        check_group(bad, 4, "k")
+        check_group(bad, sizes, "k")
     cut = _meta_file(tmp_path, 3, 4)
     cut.write_bytes(cut.read_bytes()[:-20])
     with pytest.raises(ValueError, match="unreadable"):
-        check_group(cut, 4, "k")
+        check_group(cut, sizes, "k")
     (tmp_path / ".group-00000-of-00004.parquet.part").write_bytes(b"x")
     (tmp_path / "part-0.parquet").write_bytes(b"x")  # e.g. another writer's file
-    found = reusable_groups(tmp_path, 4, "k")
+    found = reusable_groups(tmp_path, sizes, "k")
     assert list(found) == [1]
     assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]
