@@ -14,7 +14,8 @@ The stage's scorer is whichever `trajectories.scorer` names (default shown in th
 
 Variants of (c)/(d) are named by suffixes: `+bf16w` casts the weights to bf16 instead of
 autocasting float32 weights (`trajectories.dtype=bf16-weights`), `+ls` takes the head's
-cross-entropy through log_softmax instead of logsumexp (`losses.token_ce`), `@N` uses N tokens
+cross-entropy through F.cross_entropy instead of the compiled fused reduction
+(`losses.token_ce`), `@N` uses N tokens
 per batch; e.g. `--methods packed-varlen,packed-varlen+bf16w,packed-varlen@16384`.
 `--profile N` then prints, per model, the CUDA kernels that took the most time while the stage's
 scorer (and its +bf16w variant) scored N examples.
