@@ -13,8 +13,10 @@
 The stage's scorer is whichever `trajectories.scorer` names (default shown in the table).
 
 Variants of (c)/(d) are named by suffixes: `+bf16w` casts the weights to bf16 instead of
-autocasting float32 weights (`trajectories.dtype=bf16-weights`), `+ls` takes the head's
-cross-entropy through log_softmax instead of logsumexp (`losses.token_ce`), `@N` uses N tokens
+autocasting float32 weights (`trajectories.dtype=bf16-weights`), `+dyn` compiles with dynamic
+shapes instead of padding every batch to one shape (with --compile), `+ls` takes the head's
+cross-entropy through F.cross_entropy instead of the compiled fused reduction
+(`losses.token_ce`), `@N` uses N tokens
 per batch; e.g. `--methods packed-varlen,packed-varlen+bf16w,packed-varlen@16384`.
 `--profile N` then prints, per model, the CUDA kernels that took the most time while the stage's
 scorer (and its +bf16w variant) scored N examples.
@@ -64,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "a subset is fair (default: same as --examples, at most 256)")
     p.add_argument("--methods", default="a,b,padded,packed-varlen,packed-mask",
                    help="comma-separated: a, b, padded, packed-varlen, packed-mask, and with "
-                        "--compile packed-varlen-compiled; suffixes +bf16w, +ls, @N (above)")
+                        "--compile packed-varlen-compiled; suffixes +bf16w, +dyn, +ls, @N (above)")
     p.add_argument("--profile", type=int, default=0,
                    help="profile the stage's scorer on this many examples per model (0: off)")
     p.add_argument("--compile", default=None,
@@ -269,7 +271,7 @@ def make_runner(method: str, models, device, amp_dtype, args, batch_tokens: int,
                 sc = PackedScorer(use, device, bt, attention="mask" if name.startswith(
                     "packed-mask") else "varlen", row_tokens=args.row_tokens, amp_dtype=amp,
                     compile_mode=args.compile if name.endswith("-compiled") else None,
-                    ce=ce).score_sorted
+                    ce=ce, dynamic="dyn" in flags).score_sorted
             cache[key] = (use, sc)
         return cache[key]
 
@@ -320,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     amp_dtype = autocast_dtype(args.dtype, gpu)
     dtype_name = "bf16" if amp_dtype is not None else "fp32"
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.compile and "packed-varlen-compiled" not in methods:
+    if args.compile and not any(m.startswith("packed-varlen-compiled") for m in methods):
         methods.append("packed-varlen-compiled")
     stage_scorer = S2LConfig().trajectories.scorer
     measured = matmul_peak(device, amp_dtype)
@@ -358,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                                   batch_rows)
                 # warm-up: allocator, kernels, cuBLAS/MKL setup, compilation
                 run(models[:1] if method in ("a", "b") else models, rows[:8], n_prompt[:8])
-                if method.endswith("-compiled"):  # compile the window sizes used below too
+                if "-compiled" in method:  # compile the window sizes used below too
                     run(models, rows[:n], n_prompt[:n])
                 out, sec = timed(run, device, models, rows[:n_m], n_prompt[:n_m])
             except Exception as e:  # report it in the table, go on with the other methods

@@ -69,7 +69,8 @@ import faiss; print('faiss', faiss.__version__, 'gpu build', hasattr(faiss, 'Sta
 
 QUICK="not demo and not finetune and not end_to_end"  # the e2e demo run: its own step
 # the stage's scorer and its variants (benchmarks/trajectory_throughput.py's module doc)
-VARIANTS="packed-varlen+ls,packed-varlen+bf16w,packed-varlen@16384,packed-varlen+bf16w@131072"
+VARIANTS="packed-varlen+ls,packed-varlen+bf16w,packed-varlen+bf16w@131072"
+VARIANTS+=",packed-varlen-compiled+bf16w+dyn"  # torch.compile, dynamic shapes, no padding
 if [[ $DRY == 1 ]]; then
   export S2L_GPU_TESTS_ON_CPU=1 CUDA_VISIBLE_DEVICES=
   DEV=cpu
@@ -79,7 +80,7 @@ if [[ $DRY == 1 ]]; then
   step trajectory_throughput 600 $PY benchmarks/trajectory_throughput.py --device cpu \
     --models tiny --examples 24 --examples-a 8 --max-length 128 --mean-length 60 \
     --checkpoints 2 --batch-tokens 1024 --compile default --profile 16 \
-    --methods "a,b,padded,packed-varlen,packed-mask,${VARIANTS//16384/512}" --out "$OUT/results"
+    --methods "a,b,padded,packed-varlen,packed-mask,$VARIANTS" --out "$OUT/results"
   step train_throughput 300 $PY benchmarks/train_throughput.py --device cpu --models nano \
     --steps 3 --batch 4 --max-len 64 --zero-stages 2 0 --out "$OUT/results"
   step ray_overhead 300 $PY benchmarks/ray_overhead.py --device cpu --examples 64 --model tiny \
@@ -90,8 +91,8 @@ else
   step pytest_gpu 90 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
     -k "$QUICK" --junitxml="$OUT/pytest_gpu.xml"
   step trajectory_throughput 170 $PY benchmarks/trajectory_throughput.py --device cuda \
-    --examples 2048 --examples-a 128 --max-length 512 --mean-length 200 --checkpoints 4 \
-    --methods "a,b,padded,packed-varlen,packed-mask,$VARIANTS" --profile 512 \
+    --examples 2048 --examples-a 64 --max-length 512 --mean-length 200 --checkpoints 4 \
+    --methods "a,b,padded,packed-varlen,packed-mask,$VARIANTS" --compile default --profile 512 \
     --out "$OUT/results"
   step ray_overhead 80 $PY benchmarks/ray_overhead.py --device cuda --examples 20000 \
     --model pythia-70m --checkpoints 4 --out "$OUT/results"

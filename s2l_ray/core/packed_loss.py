@@ -22,7 +22,8 @@ mean cross-entropy over the response tokens), computed differently:
   float64, in the example's own token order: the reduction never mixes in a neighbour.
 * Optional `torch.compile` of the backbone (`compile_mode`): batches are then padded to a fixed
   shape (one trailing padding sequence, never attended by a real token), so one graph serves
-  the whole run; "reduce-overhead" adds CUDA graphs.
+  the whole run; "reduce-overhead" adds CUDA graphs. With `dynamic=True` the graph takes any
+  length instead (no padding; no CUDA graphs).
 
 Which rows share a batch depends on the group's rows only (as in `core.losses`), so the same
 group gives bitwise the same losses whatever the Ray block layout.
@@ -275,13 +276,14 @@ class PackedScorer:
     models: HF causal LMs (logits = head(last hidden state)), on `device`. attention "varlen"
     or "mask"; row_tokens: the row length for "mask" (at least the longest sequence).
     compile_mode: None, or a torch.compile mode ("default", "reduce-overhead", "max-autotune");
-    compiled batches have a fixed shape. ce: how the head's cross-entropy runs (`token_ce`).
+    compiled batches have a fixed shape, or any shape with dynamic=True. ce: how the head's
+    cross-entropy runs (`token_ce`).
     """
 
     def __init__(self, models: Sequence[Any], device: Any, batch_tokens: int,
                  attention: str = "varlen", row_tokens: int = 512, amp_dtype: Any = None,
                  compile_mode: str | None = None, chunk_rows: int | None = None,
-                 ce: str = "auto") -> None:
+                 ce: str = "auto", dynamic: bool = False) -> None:
         import torch
 
         if attention not in ATTENTIONS:
@@ -289,7 +291,7 @@ class PackedScorer:
         self.models, self.device = list(models), torch.device(device)
         self.batch_tokens, self.attention, self.row_tokens = batch_tokens, attention, row_tokens
         self.amp_dtype, self.chunk_rows, self.compile_mode = amp_dtype, chunk_rows, compile_mode
-        self.ce = ce
+        self.ce, self.dynamic = ce, dynamic and compile_mode is not None
         self.on_gpu = self.device.type == "cuda"
         self.fused_varlen = attention == "varlen" and varlen_kernel_available(self.device)
         if attention == "varlen":
@@ -299,7 +301,7 @@ class PackedScorer:
         if compile_mode is not None:
             # Shapes are fixed (see score_sorted) except cu_seqlens' length: dynamic=None lets
             # dynamo mark that one dimension dynamic after its first change.
-            self._forward = [torch.compile(b, mode=compile_mode, dynamic=None)
+            self._forward = [torch.compile(b, mode=compile_mode, dynamic=True if dynamic else None)
                              for b in self._backbones]
         else:
             self._forward = self._backbones
@@ -321,7 +323,7 @@ class PackedScorer:
         varlen = self.attention == "varlen"
         plan = plan_packs(lengths, self.batch_tokens, None if varlen else self.row_tokens)
         fixed_rows = fixed_len = None
-        if self.compile_mode is not None:  # one shape for every batch: one graph
+        if self.compile_mode is not None and not self.dynamic:  # one shape, one graph
             if varlen:
                 fixed_rows, fixed_len = 1, padded(max(self.batch_tokens, int(lengths.max())))
             else:
