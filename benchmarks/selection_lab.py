@@ -208,7 +208,7 @@ def trajectories(cfg: Any, enc: Encoded, ref: RefSetting, pad_id: int) -> np.nda
         if step in steps:
             model.eval()
             losses, _, _ = score_sorted([model], values, lengths, n_prompt,
-                                        cfg.trajectories.batch_tokens, "cpu")
+                                        cfg.trajectories.tokens_per_batch(False), "cpu")
             col = np.empty(n, np.float32)
             col[order] = losses[:, 0]
             cols.append(col)

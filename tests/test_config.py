@@ -76,10 +76,20 @@ def test_wrong_types_name_the_key(override: str, key: str) -> None:
     ("cluster.k=0", "cluster.k"),
     ("data.max_length=4", "data.max_length"),
     ("sweep.methods=[s2l, magic]", "sweep.methods"),
+    ("trajectories.batch_tokens=32", "trajectories.batch_tokens"),
 ])
 def test_bad_values_name_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=rf"'{key}'.*Fix:"):
         load_config(None, [override])
+
+
+def test_trajectory_batch_tokens_default_per_device() -> None:
+    """null: 65536 tokens per batch on a GPU, 16384 on CPU; a number is taken as given."""
+    t = load_config(None, []).trajectories
+    assert t.batch_tokens is None
+    assert (t.tokens_per_batch(True), t.tokens_per_batch(False)) == (65536, 16384)
+    t = load_config(None, ["trajectories.batch_tokens=512"]).trajectories
+    assert (t.tokens_per_batch(True), t.tokens_per_batch(False)) == (512, 512)
 
 
 def test_budget_int_is_count_float_is_fraction() -> None:

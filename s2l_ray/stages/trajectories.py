@@ -398,7 +398,23 @@ class TrajectoryScorer:
         self.out_dir, self.groups, self.key = Path(out_dir), groups, key
         self.scorer = make_scorer(scorer, self.models, self.device, batch_tokens, self.amp,
                                   compile_mode)
+        # On a GPU: the CUDA context, cuBLAS and the fused cross-entropy's compilation are paid
+        # here, at the actor's start, not inside the first group's time (on CPU: milliseconds).
+        self._warm_up()
         ray.get(sink.actor_ready.remote(os.getpid()))  # counted in the report
+
+    def _warm_up(self) -> None:
+        """Score two synthetic rows once; the result is dropped."""
+        import pyarrow as pa
+
+        from s2l_ray.core.losses import score_block
+
+        rows = pa.table({"id": ["warm-up-0", "warm-up-1"], "source": pa.nulls(2, pa.string()),
+                         "input_ids": pa.array([list(range(1, 9))] * 2, pa.list_(pa.int32())),
+                         "n_prompt_tokens": pa.array([2, 3], pa.int32()),
+                         "n_tokens": pa.array([8, 8], pa.int32()),
+                         "group": pa.array([0, 0], pa.int64())})
+        score_block(self.models, rows, self.batch_tokens, self.device, self.amp, self.scorer)
 
     def __call__(self, units: Any) -> Any:
         import pyarrow as pa
@@ -511,7 +527,8 @@ def _score(cfg: S2LConfig, tmp: Path, paths: list[str], plan: list[list[tuple[st
         # No retry arguments: Ray Data already restarts pool actors lost with their node and
         # reruns their units (max_restarts=-1, max_task_retries=-1), and the ray_remote_args
         # that would set them are deprecated. tests/e2e/test_fault_tolerance.py guards this.
-        fn_constructor_kwargs={"paths": paths, "batch_tokens": t.batch_tokens, "dtype": t.dtype,
+        fn_constructor_kwargs={"paths": paths, "batch_tokens": t.tokens_per_batch(use_gpu),
+                               "dtype": t.dtype,
                                "use_gpu": use_gpu, "cpus": t.cpus_per_actor, "out_dir": str(tmp),
                                "groups": len(plan), "key": key, "sink": sink,
                                "trust_remote_code": trust,
@@ -598,7 +615,8 @@ def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
     use_gpu = _use_gpu(cfg)
     examples = inputs["ingest"] / "examples"
     plan, plan_key = examples_plan(
-        examples, n_groups(rep["valid"], rep["tokens"], t.batch_tokens), rep["valid"])
+        examples, n_groups(rep["valid"], rep["tokens"], t.tokens_per_batch(use_gpu)),
+        rep["valid"])
     groups = len(plan)
     # The resume key: the checkpoints and the plan (grouping scheme, ingest's parts).
     key = hashlib.sha256(f"{checkpoints_key(paths)} {plan_key}".encode()).hexdigest()[:16]
