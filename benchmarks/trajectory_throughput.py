@@ -348,6 +348,27 @@ def main(argv: list[str] | None = None) -> int:
         "| model | method | examples/s | tokens/s | s | vs (a) | vs (b) | % of FLOP floor | "
         "max abs diff vs (a) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    path = Path(args.out) / f"trajectory_throughput_{'gpu' if gpu else 'cpu'}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(table_lines: list[str]) -> str:
+        table = "\n".join(table_lines) + "\n"
+        path.write_text(table, encoding="utf-8")
+        return table
+
+    def table_rows(shape: str, res: dict[str, tuple[float, float, float, str]],
+                   per_token: int) -> list[str]:
+        out = []
+        for method, (rate, toks, sec, diff) in res.items():
+            ra = res.get("a", (float("nan"),))[0]
+            rb = res.get("b", (float("nan"),))[0]
+            vs_a = f"{rate / ra:.1f}x" if method not in ("a",) and ra == ra else ""
+            vs_b = f"{rate / rb:.2f}x" if method not in ("a", "b") and rb == rb else ""
+            floor = 100 * per_token * toks * args.checkpoints / peak if toks == toks else 0.0
+            out.append(f"| {shape} | {method} | {rate:.2f} | {toks:.0f} | {sec:.2f} | {vs_a} | "
+                       f"{vs_b} | {floor:.1f}% | {diff} |")
+        return out
+
     for shape in args.models.split(","):
         models, params = build_models(shape.strip(), args.checkpoints, device)
         per_token = 2 * (params["non_embedding"] + VOCAB * params["hidden"])
@@ -375,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             res[method] = (n_m / sec, tok / sec, sec, diff)
             log.info("%s %s: %.1f ex/s, %.0f tok/s, %.1f%% of the floor", shape, method,
                      n_m / sec, tok / sec, 100 * per_token * tok * args.checkpoints / peak / sec)
+            save(lines + table_rows(shape, res, per_token))  # a step cut short keeps these
         if args.profile:
             for method in ("packed-varlen", "packed-varlen+bf16w"):
                 try:
@@ -385,23 +407,11 @@ def main(argv: list[str] | None = None) -> int:
                              args.profile, table)
                 except Exception:  # a profile is extra information: never fails the run
                     log.exception("profiling %s %s failed", shape, method)
-        for method, (rate, toks, sec, diff) in res.items():
-            ra = res.get("a", (float("nan"),))[0]
-            rb = res.get("b", (float("nan"),))[0]
-            vs_a = f"{rate / ra:.1f}x" if method not in ("a",) and ra == ra else ""
-            vs_b = f"{rate / rb:.2f}x" if method not in ("a", "b") and rb == rb else ""
-            floor = 100 * per_token * toks * args.checkpoints / peak if toks == toks else 0.0
-            lines.append(f"| {shape} | {method} | {rate:.2f} | {toks:.0f} | {sec:.2f} | {vs_a} | "
-                         f"{vs_b} | {floor:.1f}% | {diff} |")
+        lines += table_rows(shape, res, per_token)
         del models
         if gpu:
             torch.cuda.empty_cache()
-    table = "\n".join(lines) + "\n"
-    sys.stdout.write("\n" + table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"trajectory_throughput_{'gpu' if gpu else 'cpu'}.md"
-    path.write_text(table, encoding="utf-8")
+    sys.stdout.write("\n" + save(lines))
     log.info("wrote %s", path)
     return 0
 

@@ -91,6 +91,7 @@ else
   step pytest_gpu 90 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
     -k "$QUICK" --junitxml="$OUT/pytest_gpu.xml"
   step trajectory_throughput 170 $PY benchmarks/trajectory_throughput.py --device cuda \
+    --models pythia-160m,pythia-70m \
     --examples 2048 --examples-a 64 --max-length 512 --mean-length 200 --checkpoints 4 \
     --methods "a,b,padded,packed-varlen,packed-mask,$VARIANTS" --compile default --profile 512 \
     --out "$OUT/results"
