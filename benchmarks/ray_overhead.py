@@ -76,7 +76,7 @@ def bare(examples: Path, paths: list[str], groups: int, batch_tokens: int, use_g
     import pyarrow.parquet as pq
     import torch
 
-    from s2l_ray.core.losses import autocast_dtype, score_block
+    from s2l_ray.core.losses import autocast_dtype, score_block, scoring_dtype, weights_dtype
     from s2l_ray.io.parquet import parquet_files
     from s2l_ray.stages.trajectories import (
         INPUT_COLUMNS,
@@ -88,8 +88,9 @@ def bare(examples: Path, paths: list[str], groups: int, batch_tokens: int, use_g
     device = torch.device("cuda" if use_gpu else "cpu")
     if not use_gpu:
         torch.set_num_threads(threads)
-    amp = autocast_dtype("auto", use_gpu)
-    models = [load_checkpoint(p).to(device) for p in paths]
+    dtype = scoring_dtype("auto", use_gpu)  # as the stage's actor resolves it
+    amp = autocast_dtype(dtype, use_gpu)
+    models = [load_checkpoint(p).to(device, weights_dtype(dtype)) for p in paths]
     scorer = make_scorer(scorer_kind, models, device, batch_tokens, amp, compile_mode)
     # The parts in sorted order: the global row order the stage's groups are cut from.
     table = with_groups(pq.read_table(parquet_files(examples, "ingest"), columns=INPUT_COLUMNS),

@@ -237,6 +237,16 @@ def weights_dtype(dtype: str) -> Any:
     return torch.bfloat16 if dtype == "bf16-weights" else torch.float32
 
 
+def scoring_dtype(dtype: str, on_gpu: bool) -> str:
+    """trajectories.dtype with 'auto' resolved: 'bf16-weights' on GPU, 'fp32' on CPU. On a GPU
+    the reference checkpoints are bf16 already (DeepSpeed's bf16 engine saves them so), and
+    bf16 weights scored 1.18-1.21x the rate of autocast on an H200 (less memory traffic: no
+    float32 residual stream, no per-op casts)."""
+    if dtype != "auto":
+        return dtype
+    return "bf16-weights" if on_gpu else "fp32"
+
+
 def compute_dtype_name(dtype: str, on_gpu: bool) -> str:
     """'bf16' where matmuls run in bf16 (autocast or bf16 weights), else 'fp32'."""
     return "bf16" if dtype == "bf16-weights" or autocast_dtype(dtype, on_gpu) is not None \

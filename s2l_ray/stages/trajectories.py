@@ -386,11 +386,12 @@ class TrajectoryScorer:
         import ray
         import torch
 
-        from s2l_ray.core.losses import autocast_dtype, weights_dtype
+        from s2l_ray.core.losses import autocast_dtype, scoring_dtype, weights_dtype
 
         if not use_gpu:
             torch.set_num_threads(max(1, int(cpus)))
         self.device = torch.device("cuda" if use_gpu else "cpu")  # Ray sets CUDA_VISIBLE_DEVICES
+        dtype = scoring_dtype(dtype, use_gpu)
         self.amp = autocast_dtype(dtype, use_gpu)
         self.models = [load_checkpoint(p, trust_remote_code).to(self.device, weights_dtype(dtype))
                        for p in paths]
@@ -437,14 +438,17 @@ class TrajectoryScorer:
 
 def make_scorer(kind: str, models: list[Any], device: Any, batch_tokens: int, amp: Any,
                 compile_mode: str = "off") -> Any:
-    """None (score_block's padded default) or the packed scorer's `score_sorted`."""
+    """None (score_block's padded default) or the packed scorer's `score_sorted`. A compiled
+    scorer takes any batch length (dynamic shapes; padding every batch to one shape measured
+    slower than eager on an H200), except under 'reduce-overhead', whose CUDA graphs need one
+    shape."""
     if kind == "padded":
         return None
     from s2l_ray.core.packed_loss import PackedScorer, auto_attention
 
     return PackedScorer(models, device, batch_tokens, attention=auto_attention(device),
                         amp_dtype=amp, compile_mode=None if compile_mode == "off" else
-                        compile_mode).score_sorted
+                        compile_mode, dynamic=compile_mode != "reduce-overhead").score_sorted
 
 
 class _StatsSink:
@@ -602,7 +606,7 @@ def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from s2l_ray.core.losses import ScoreStats, compute_dtype_name
+    from s2l_ray.core.losses import ScoreStats, compute_dtype_name, scoring_dtype
     from s2l_ray.stages.given import import_trajectories
     from s2l_ray.stages.train_ref import load_manifest
 
@@ -676,5 +680,5 @@ def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
         "actors_started": started,
         "actors_used": len({m["pid"] for m in scored if m["rows"]}),
         "device": "GPU" if use_gpu else "CPU",
-        "compute_dtype": compute_dtype_name(t.dtype, use_gpu),
+        "compute_dtype": compute_dtype_name(scoring_dtype(t.dtype, use_gpu), use_gpu),
         "nonfinite_losses": checked["nonfinite_losses"]}

@@ -17,6 +17,7 @@ from s2l_ray.core.losses import (
     response_losses,
     score_block,
     score_sorted,
+    scoring_dtype,
     token_ce,
     weights_dtype,
 )
@@ -167,6 +168,8 @@ def test_token_ce_fused_equals_log_softmax(chunk) -> None:
 
 def test_bf16_weights_policy(models, rows) -> None:
     """trajectories.dtype=bf16-weights: weights cast to bf16, no autocast; close to float32."""
+    assert [scoring_dtype("auto", gpu) for gpu in (True, False)] == ["bf16-weights", "fp32"]
+    assert scoring_dtype("bf16", True) == "bf16"
     assert weights_dtype("bf16-weights") == torch.bfloat16
     assert weights_dtype("auto") == weights_dtype("bf16") == torch.float32
     assert [compute_dtype_name(d, False) for d in ("auto", "fp32", "bf16", "bf16-weights")] == [
