@@ -51,7 +51,7 @@ step() {  # step NAME LIMIT_S CMD...: CMD under min(LIMIT_S, what is left), log 
 
 if ! python3 -c "import ray, deepspeed, faiss" 2>/dev/null; then
   if [[ -f .device-bundle/install.sh ]]; then
-    step install 240 bash .device-bundle/install.sh
+    ONLY="" step install 240 bash .device-bundle/install.sh  # whatever ONLY names
     export PYTHONPATH=$PWD:/tmp/site
   else
     echo "Ray/DeepSpeed/faiss missing and no .device-bundle/: run make-bundle.sh first" >&2
