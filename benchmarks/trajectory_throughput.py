@@ -4,9 +4,9 @@
       `model(ids, labels=labels).loss` (a host sync per example);
   (b) a plain batched HF loop: padded batches in data order (no length bucketing), one checkpoint
       at a time, full (B, L, V) logits in float32, per-row mean response loss;
-  (c) `padded`: `core.losses.score_block` with its default scorer (hash groups, length-sorted
-      windows, token-budget padded batches, every checkpoint per batch, response-only chunked
-      output head, one pinned copy per batch);
+  (c) `padded`: `core.losses.score_block` with its default scorer (the stage's position groups,
+      length-sorted windows, token-budget padded batches, every checkpoint per batch,
+      response-only chunked output head, one pinned copy per batch);
   (d) `packed`: the same `score_block` with `core.packed_loss.PackedScorer` (no padding,
       per-sequence attention: "varlen" = one packed row + varlen attention, "mask" = rows with
       HF's block-diagonal mask), optionally compiled (`--compile`).
@@ -185,7 +185,7 @@ def method_b(models, rows, n_prompt, device, amp_dtype, batch_rows: int) -> np.n
 
 def method_c(models, rows, n_prompt, device, amp_dtype, batch_tokens: int,
              scorer: Any = None) -> np.ndarray:
-    """The actor's own function on one block: hash groups, sorted windows, all checkpoints;
+    """The actor's own function on one block: the stage's groups, sorted windows, all checkpoints;
     `scorer` None is the padded default, else e.g. PackedScorer(...).score_sorted."""
     import pyarrow as pa
 

@@ -26,7 +26,7 @@ mean cross-entropy over the response tokens), computed differently:
   length instead (no padding; no CUDA graphs).
 
 Which rows share a batch depends on the group's rows only (as in `core.losses`), so the same
-group gives bitwise the same losses whatever the Ray block layout.
+group gives bitwise the same losses whatever the Ray layout (blocks, actors).
 """
 
 from __future__ import annotations
