@@ -162,3 +162,18 @@ def test_build_pack_layout_and_fixed_shape() -> None:
 def test_segment_means_empty_is_nan() -> None:
     out = segment_means(np.array([1.0, 3.0, 5.0]), np.array([2, 0, 1]))
     assert out[0] == 2.0 and np.isnan(out[1]) and out[2] == 5.0
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_compiled_scorer_equals_hf(models, window, dynamic) -> None:
+    """torch.compile of the backbone (trajectories.compile): for any batch length (dynamic, as
+    the stage compiles) or padded to one shape (reduce-overhead's CUDA graphs need one); the
+    padding never changes a loss."""
+    ids, n_prompt = window
+    scorer = PackedScorer([models[0]], "cpu", 200, compile_mode="default", dynamic=dynamic)
+    np.testing.assert_allclose(_score(scorer, ids, n_prompt)[:, 0], _hf(models[0], ids, n_prompt),
+                               rtol=1e-5, atol=1e-5)
+    _, _, stats = scorer.score_sorted(np.concatenate(ids), np.array([len(r) for r in ids]),
+                                      np.array(n_prompt))
+    # padded: every batch is 200 tokens (one shape); dynamic: only each batch's own tokens
+    assert (stats.padded_tokens == stats.batches * 200) != dynamic
