@@ -130,7 +130,7 @@ def stage(examples: Path, tmp: Path, paths: list[str], groups: int, cfg: Any,
             with open(ready, "a") as f:
                 f.write(f"{time.time()}\n")
 
-    sink = ray.remote(num_cpus=0)(traj._StatsSink).remote()
+    sink = ray.remote(num_cpus=0)(traj._ActorCount).remote()
     original, traj.TrajectoryScorer = traj.TrajectoryScorer, TimedScorer
     try:
         started = time.time()

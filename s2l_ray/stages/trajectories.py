@@ -451,7 +451,7 @@ def make_scorer(kind: str, models: list[Any], device: Any, batch_tokens: int, am
                         compile_mode, dynamic=compile_mode != "reduce-overhead").score_sorted
 
 
-class _StatsSink:
+class _ActorCount:
     """Counts the scorer actors that loaded their checkpoints (a restarted actor counts again),
     for the report: the scored groups' summaries come back through Ray Data itself."""
 
@@ -630,7 +630,7 @@ def run(cfg: S2LConfig, inputs: dict[str, Path], tmp: Path) -> dict[str, Any]:
              "GPU" if use_gpu else "CPU")
     # On the driver's node: it must not die with a worker node while the actors report to it
     # (losing the driver's node ends the run anyway).
-    sink = ray.remote(num_cpus=0)(_StatsSink).options(
+    sink = ray.remote(num_cpus=0)(_ActorCount).options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(
             ray.get_runtime_context().get_node_id(), soft=False)).remote()
     todo = rep["valid"] - sum(m["rows"] for m in reused.values())
