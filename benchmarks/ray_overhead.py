@@ -69,18 +69,18 @@ def write_inputs(folder: Path, n: int, model: str, max_len: int, seed: int) -> t
 
 
 def bare(examples: Path, paths: list[str], groups: int, batch_tokens: int, use_gpu: bool,
-         scorer_kind: str, compile_mode: str, threads: int) -> tuple[float, int]:
+         scorer_kind: str, compile_mode: str, dtype: str, threads: int) -> tuple[float, int]:
     """Seconds to score every group in this process (models loaded before the clock); on CPU
     with the actor's thread count (trajectories.cpus_per_actor)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
     import torch
 
-    from s2l_ray.core.losses import autocast_dtype, score_block, scoring_dtype, weights_dtype
+    from s2l_ray.core.losses import score_block
     from s2l_ray.io.parquet import parquet_files
     from s2l_ray.stages.trajectories import (
         INPUT_COLUMNS,
-        load_checkpoint,
+        load_scoring_models,
         make_scorer,
         with_groups,
     )
@@ -88,9 +88,7 @@ def bare(examples: Path, paths: list[str], groups: int, batch_tokens: int, use_g
     device = torch.device("cuda" if use_gpu else "cpu")
     if not use_gpu:
         torch.set_num_threads(threads)
-    dtype = scoring_dtype("auto", use_gpu)  # as the stage's actor resolves it
-    amp = autocast_dtype(dtype, use_gpu)
-    models = [load_checkpoint(p).to(device, weights_dtype(dtype)) for p in paths]
+    models, amp = load_scoring_models(paths, dtype, device)  # as the stage's actor loads them
     scorer = make_scorer(scorer_kind, models, device, batch_tokens, amp, compile_mode)
     # The parts in sorted order: the global row order the stage's groups are cut from.
     table = with_groups(pq.read_table(parquet_files(examples, "ingest"), columns=INPUT_COLUMNS),
@@ -188,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet_ray_data()
         s_wall, s_warm, s_rows = stage(examples, work / "out", paths, groups, cfg, gpu, n)
         b_wall, b_rows = bare(examples, paths, groups, batch_tokens, gpu, t.scorer, t.compile,
-                              max(1, int(t.cpus_per_actor)))
+                              t.dtype, max(1, int(t.cpus_per_actor)))
         if not s_rows == b_rows == n:
             raise RuntimeError(f"rows: stage {s_rows}, bare {b_rows}, expected {n}")
     finally:

@@ -308,6 +308,19 @@ def load_checkpoint(path: str, trust_remote_code: bool = False) -> Any:
             "and rerun `s2l train-ref` to recreate them")
 
 
+def load_scoring_models(paths: list[str], dtype: str, device: Any,
+                        trust_remote_code: bool = False) -> tuple[list[Any], Any]:
+    """(the T checkpoints on `device`, the autocast dtype or None) under trajectories.dtype
+    (`core.losses.scoring_dtype`: 'auto' is bf16 weights on GPU, float32 on CPU)."""
+    from s2l_ray.core.losses import autocast_dtype, scoring_dtype, weights_dtype
+
+    on_gpu = device.type == "cuda"
+    dtype = scoring_dtype(dtype, on_gpu)
+    models = [load_checkpoint(p, trust_remote_code).to(device, weights_dtype(dtype))
+              for p in paths]
+    return models, autocast_dtype(dtype, on_gpu)
+
+
 def tokenizer_fingerprint(path: str, trust_remote_code: bool = False) -> str:
     """Hash of vocabulary, merges and special tokens: equal means the same token ids."""
     from transformers import AutoTokenizer
@@ -386,15 +399,10 @@ class TrajectoryScorer:
         import ray
         import torch
 
-        from s2l_ray.core.losses import autocast_dtype, scoring_dtype, weights_dtype
-
         if not use_gpu:
             torch.set_num_threads(max(1, int(cpus)))
         self.device = torch.device("cuda" if use_gpu else "cpu")  # Ray sets CUDA_VISIBLE_DEVICES
-        dtype = scoring_dtype(dtype, use_gpu)
-        self.amp = autocast_dtype(dtype, use_gpu)
-        self.models = [load_checkpoint(p, trust_remote_code).to(self.device, weights_dtype(dtype))
-                       for p in paths]
+        self.models, self.amp = load_scoring_models(paths, dtype, self.device, trust_remote_code)
         self.batch_tokens = batch_tokens
         self.out_dir, self.groups, self.key = Path(out_dir), groups, key
         self.scorer = make_scorer(scorer, self.models, self.device, batch_tokens, self.amp,
